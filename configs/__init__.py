@@ -1,0 +1,1 @@
+"""YAML presets for real checkpoints; shipped in the wheel as `attn_pipelines.configs`."""

@@ -1,0 +1,137 @@
+"""What every diffusion variant shares: the token layout of one attention call, the context a
+variant sees, the plan it contributes to, and the Variant base class.
+
+Variants know nothing about model classes; adapters build a `TokenLayout` and an `AttnContext`
+for each attention call and execute the `AttnPlan` the variants produce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = ["TokenLayout", "AttnContext", "AttnPlan", "Variant", "check_range"]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens of one (joint) attention sequence sit.
+
+    grid: (frames, height, width) of visual tokens after patchify (images: frames = 1).
+    text_len: text tokens in the joint sequence (0 for pure visual self-attention).
+    text_first: True for [text, visual] (CogVideoX, FLUX), False for [visual, text]
+        (HunyuanVideo, SD3).
+    family: the adapter's name ("wan", "hunyuan_video", "cogvideox", "ltx_video", "flux", "sd3").
+    """
+
+    grid: tuple[int, int, int]
+    text_len: int = 0
+    text_first: bool = False
+    family: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.grid) != 3 or any(int(g) < 1 for g in self.grid):
+            raise ValueError(f"TokenLayout.grid must be 3 positive ints (frames, height, width), got {self.grid}")
+        if self.text_len < 0:
+            raise ValueError(f"TokenLayout.text_len must be >= 0, got {self.text_len}")
+
+    @property
+    def frames(self) -> int:
+        return self.grid[0]
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid[1] * self.grid[2]
+
+    @property
+    def num_visual(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_visual + self.text_len
+
+    @property
+    def visual_slice(self) -> slice:
+        start = self.text_len if self.text_first else 0
+        return slice(start, start + self.num_visual)
+
+    @property
+    def text_slice(self) -> slice:
+        start = 0 if self.text_first else self.num_visual
+        return slice(start, start + self.text_len)
+
+
+@dataclass
+class AttnContext:
+    """Everything a variant may look at for one attention call."""
+
+    layer: int
+    num_layers: int
+    step: int
+    timestep: float | None
+    layout: TokenLayout
+    batch: int
+    heads: int
+    head_dim: int
+    device: torch.device
+    dtype: torch.dtype
+    state: dict = field(default_factory=dict)
+
+
+@dataclass
+class AttnPlan:
+    """What the adapter's processor executes for one call; variants fill it in turn."""
+
+    layout: Any = None  # attn_kernels.BlockLayout on the (permuted) sequence; None = dense
+    perm: torch.Tensor | None = None  # int64 [N]; attention runs on x[:, :, perm], output un-permuted
+    modifiers: tuple = ()
+    tile_stats: Any = None  # attn_kernels.TileStats
+    after: list[Callable[..., None]] = field(default_factory=list)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.layout is None and self.perm is None and not self.modifiers and self.tile_stats is None
+
+
+def check_range(
+    name: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    kind: type | tuple = (int, float),
+) -> None:
+    """Raise a ValueError/TypeError naming `name` and the allowed range when `value` is outside it."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        raise TypeError(f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+
+
+class Variant:
+    """Base class of diffusion variants (subclasses are dataclasses validated in __post_init__).
+
+    role: "sparsity" (at most one per `apply`), "modifier" (fused score/output modifiers) or
+    "guidance" (adds a perturbed pass). families: adapter names it supports (None = all).
+    """
+
+    name: ClassVar[str] = ""
+    role: ClassVar[str] = "modifier"
+    families: ClassVar[tuple[str, ...] | None] = None
+
+    def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
+        """Contribute to the plan of one attention call; return the (possibly new) plan."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget per-generation state (called by the handle at the start of a new generation)."""
+
+    def options(self) -> dict[str, Any]:
+        """The variant's options and their current values (for `attnplug list` and metadata)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} if hasattr(self, "__dataclass_fields__") else {}
