@@ -1,0 +1,412 @@
+"""Block layouts: for each (batch, head, query block), the key blocks the kernel visits.
+
+Stored CSR-style so the kernel does no work for skipped blocks:
+
+* ``row_ptr`` int32 ``[Bl*Hl*nqb + 1]`` and ``col_idx`` int32 ``[nnz]`` (sorted within a row);
+  row ``r = (b*Hl + h)*nqb + qb``.
+* ``partial`` int32 ``[nnz]``: -1 for a fully visible block, else an index into ``elem_mask``.
+* ``elem_mask`` int32 ``[n_partial, block_q, ceil(block_k/32)]``: bit ``j`` of word ``w`` is key
+  ``w*32 + j`` of the block (element-level mask inside partially visible blocks).
+
+``Bl`` is 1 or the batch size and ``Hl`` 1 or the number of heads: a layout with ``Bl == 1`` or
+``Hl == 1`` is shared across batch / heads without copies. Tokens past ``q_len`` / ``k_len`` in
+tail blocks are always masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["BlockLayout", "VALID_BLOCK_SIZES"]
+
+VALID_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_block(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in VALID_BLOCK_SIZES:
+        raise ValueError(f"{name} must be one of {VALID_BLOCK_SIZES}, got {value!r}")
+    return value
+
+
+def _check_len(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool [..., block_k] -> int32 [..., ceil(block_k/32)] (bit j of word w = column w*32+j)."""
+    bk = mask.shape[-1]
+    words = _cdiv(bk, 32)
+    pad = words * 32 - bk
+    if pad:
+        mask = torch.nn.functional.pad(mask, (0, pad))
+    m = mask.reshape(*mask.shape[:-1], words, 32).to(torch.int64)
+    weights = torch.ones(32, dtype=torch.int64, device=mask.device) << torch.arange(32, device=mask.device)
+    packed = (m * weights).sum(-1)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def _unpack_bits(words: torch.Tensor, block_k: int) -> torch.Tensor:
+    """int32 [..., W] -> bool [..., block_k]."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(32, device=words.device, dtype=torch.int64)
+    bits = (w.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*words.shape[:-1], words.shape[-1] * 32)[..., :block_k].bool()
+
+
+class BlockLayout:
+    """Which key blocks each (batch, head, query block) visits; see the module docstring."""
+
+    def __init__(
+        self,
+        row_ptr: torch.Tensor,
+        col_idx: torch.Tensor,
+        *,
+        q_len: int,
+        k_len: int,
+        block_q: int = 128,
+        block_k: int = 128,
+        batch: int = 1,
+        heads: int = 1,
+        partial: torch.Tensor | None = None,
+        elem_mask: torch.Tensor | None = None,
+    ) -> None:
+        self.q_len = _check_len("q_len", q_len)
+        self.k_len = _check_len("k_len", k_len)
+        self.block_q = _check_block("block_q", block_q)
+        self.block_k = _check_block("block_k", block_k)
+        self.batch = _check_len("batch", batch)
+        self.heads = _check_len("heads", heads)
+        nrows = self.batch * self.heads * self.num_q_blocks
+        for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1:
+                raise TypeError(f"BlockLayout.{name} must be a 1-D int32 tensor, got {_describe(t)}")
+        if row_ptr.numel() != nrows + 1:
+            raise ValueError(
+                f"BlockLayout.row_ptr must have batch*heads*num_q_blocks + 1 = {nrows + 1} entries, "
+                f"got {row_ptr.numel()}"
+            )
+        nnz = col_idx.numel()
+        rp = row_ptr.cpu()
+        if int(rp[0]) != 0 or int(rp[-1]) != nnz or bool((rp[1:] < rp[:-1]).any()):
+            raise ValueError(f"BlockLayout.row_ptr must be non-decreasing from 0 to nnz={nnz}")
+        if nnz and (int(col_idx.min()) < 0 or int(col_idx.max()) >= self.num_k_blocks):
+            raise ValueError(
+                f"BlockLayout.col_idx entries must be in [0, {self.num_k_blocks}) (num_k_blocks), "
+                f"got range [{int(col_idx.min())}, {int(col_idx.max())}]"
+            )
+        if (partial is None) != (elem_mask is None):
+            raise ValueError("BlockLayout.partial and BlockLayout.elem_mask must be given together")
+        if partial is not None:
+            if partial.dtype != torch.int32 or partial.shape != (nnz,):
+                raise TypeError(f"BlockLayout.partial must be int32 [nnz={nnz}], got {_describe(partial)}")
+            words = _cdiv(self.block_k, 32)
+            if elem_mask.dtype != torch.int32 or elem_mask.dim() != 3 or elem_mask.shape[1:] != (self.block_q, words):
+                raise TypeError(
+                    f"BlockLayout.elem_mask must be int32 [n_partial, {self.block_q}, {words}], got {_describe(elem_mask)}"
+                )
+            if nnz and (int(partial.min()) < -1 or int(partial.max()) >= elem_mask.shape[0]):
+                raise ValueError(f"BlockLayout.partial entries must be in [-1, {elem_mask.shape[0]})")
+        self.row_ptr = row_ptr
+        self.col_idx = col_idx
+        self.partial = partial
+        self.elem_mask = elem_mask
+        self._transpose: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def dense(cls, q_len: int, k_len: int, block_q: int = 128, block_k: int = 128) -> BlockLayout:
+        """Every query block visits every key block (shared across batch and heads)."""
+        _check_len("q_len", q_len), _check_len("k_len", k_len)
+        mask = torch.ones(
+            1,
+            1,
+            _cdiv(q_len, _check_block("block_q", block_q)),
+            _cdiv(k_len, _check_block("block_k", block_k)),
+            dtype=torch.bool,
+        )
+        return cls.from_block_mask(mask, q_len, k_len, block_q, block_k)
+
+    @classmethod
+    def from_block_mask(
+        cls, block_mask: torch.Tensor, q_len: int, k_len: int, block_q: int = 128, block_k: int = 128
+    ) -> BlockLayout:
+        """From a boolean block mask ``[Bl, Hl, nqb, nkb]`` (``[nqb, nkb]`` means shared)."""
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+            raise TypeError(f"block_mask must be a bool tensor, got {_describe(block_mask)}")
+        if block_mask.dim() == 2:
+            block_mask = block_mask[None, None]
+        if block_mask.dim() != 4:
+            raise ValueError(
+                f"block_mask must be [Bl, Hl, nqb, nkb] or [nqb, nkb], got shape {tuple(block_mask.shape)}"
+            )
+        nqb = _cdiv(_check_len("q_len", q_len), _check_block("block_q", block_q))
+        nkb = _cdiv(_check_len("k_len", k_len), _check_block("block_k", block_k))
+        if block_mask.shape[2:] != (nqb, nkb):
+            raise ValueError(
+                f"block_mask must have nqb x nkb = {nqb} x {nkb} blocks for q_len={q_len}, k_len={k_len}, "
+                f"block_q={block_q}, block_k={block_k}; got {tuple(block_mask.shape[2:])}"
+            )
+        bm = block_mask.cpu()
+        counts = bm.reshape(-1, nkb).sum(-1)
+        row_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int32)
+        row_ptr[1:] = counts.cumsum(0).to(torch.int32)
+        col_idx = bm.reshape(-1, nkb).nonzero()[:, 1].to(torch.int32)  # row-major: sorted per row
+        return cls(
+            row_ptr.to(block_mask.device),
+            col_idx.to(block_mask.device),
+            q_len=q_len,
+            k_len=k_len,
+            block_q=block_q,
+            block_k=block_k,
+            batch=bm.shape[0],
+            heads=bm.shape[1],
+        )
+
+    @classmethod
+    def from_indices(
+        cls, indices: Sequence, q_len: int, k_len: int, block_q: int = 128, block_k: int = 128
+    ) -> BlockLayout:
+        """From nested lists ``indices[b][h][qb] -> key block ids`` (``indices[qb]`` = shared)."""
+        nqb = _cdiv(_check_len("q_len", q_len), _check_block("block_q", block_q))
+        nkb = _cdiv(_check_len("k_len", k_len), _check_block("block_k", block_k))
+        if len(indices) == nqb and all(
+            isinstance(r, (list, tuple)) and all(isinstance(x, int) for x in r) for r in indices
+        ):
+            indices = [[indices]]
+        mask = torch.zeros(len(indices), len(indices[0]), nqb, nkb, dtype=torch.bool)
+        for b, per_b in enumerate(indices):
+            if len(per_b) != mask.shape[1]:
+                raise ValueError("indices must have the same number of heads for every batch entry")
+            for h, rows in enumerate(per_b):
+                if len(rows) != nqb:
+                    raise ValueError(f"indices[{b}][{h}] must list {nqb} query blocks, got {len(rows)}")
+                for qb, cols in enumerate(rows):
+                    for c in cols:
+                        if not 0 <= int(c) < nkb:
+                            raise ValueError(f"indices[{b}][{h}][{qb}] has key block {c}, allowed range [0, {nkb})")
+                        mask[b, h, qb, int(c)] = True
+        return cls.from_block_mask(mask, q_len, k_len, block_q, block_k)
+
+    @classmethod
+    def from_mask_mod(
+        cls,
+        mask_mod: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        q_len: int,
+        k_len: int,
+        *,
+        B: int = 1,
+        H: int = 1,
+        block_q: int = 128,
+        block_k: int = 128,
+        element_mask: bool = True,
+        device: torch.device | str | None = None,
+    ) -> BlockLayout:
+        """From a vectorised ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (FlexAttention's convention).
+
+        Evaluated one query-block row at a time (memory ``B*H*block_q*k_len``). Blocks with some
+        but not all pairs allowed become partial and carry an element mask (unless
+        ``element_mask=False``, which keeps them whole).
+        """
+        nqb = _cdiv(_check_len("q_len", q_len), _check_block("block_q", block_q))
+        nkb = _cdiv(_check_len("k_len", k_len), _check_block("block_k", block_k))
+        _check_len("B", B), _check_len("H", H)
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        b_idx = torch.arange(B, device=dev).view(B, 1, 1, 1)
+        h_idx = torch.arange(H, device=dev).view(1, H, 1, 1)
+        kv = torch.arange(nkb * block_k, device=dev)
+        kv_valid = kv < k_len
+        kv_idx = kv.clamp(max=k_len - 1).view(1, 1, 1, -1)
+        block_rows, partial_rows, bits = [], [], []
+        n_partial = 0
+        for qb in range(nqb):
+            q = torch.arange(qb * block_q, (qb + 1) * block_q, device=dev)
+            q_valid = q < q_len
+            m = mask_mod(b_idx, h_idx, q.clamp(max=q_len - 1).view(1, 1, -1, 1), kv_idx)
+            m = torch.as_tensor(m, device=dev).bool().expand(B, H, block_q, nkb * block_k)
+            valid = q_valid.view(1, 1, -1, 1) & kv_valid.view(1, 1, 1, -1)
+            m = m & valid
+            m = m.reshape(B, H, block_q, nkb, block_k).permute(0, 1, 3, 2, 4)  # [B,H,nkb,bq,bk]
+            anyb = m.flatten(-2).any(-1)
+            fullb = (m | ~valid.reshape(block_q, nkb, block_k).permute(1, 0, 2)).flatten(-2).all(-1) & anyb
+            block_rows.append(anyb)
+            if element_mask:
+                part = anyb & ~fullb
+                pidx = torch.full(anyb.shape, -1, dtype=torch.int32, device=dev)
+                npart = int(part.sum())
+                if npart:
+                    pidx[part] = torch.arange(n_partial, n_partial + npart, dtype=torch.int32, device=dev)
+                    bits.append(_pack_bits(m[part]))
+                    n_partial += npart
+                partial_rows.append(pidx)
+        block_mask = torch.stack(block_rows, 2)  # [B,H,nqb,nkb]
+        layout = cls.from_block_mask(block_mask, q_len, k_len, block_q, block_k)
+        if element_mask and n_partial:
+            pdense = torch.stack(partial_rows, 2)
+            partial = pdense[block_mask].to(torch.int32)  # row-major order == CSR order
+            elem = torch.cat(bits, 0)
+            layout = cls(
+                layout.row_ptr,
+                layout.col_idx,
+                q_len=q_len,
+                k_len=k_len,
+                block_q=block_q,
+                block_k=block_k,
+                batch=B,
+                heads=H,
+                partial=partial,
+                elem_mask=elem,
+            )
+        return layout
+
+    @classmethod
+    def from_token_mask(cls, mask: torch.Tensor, block_q: int = 128, block_k: int = 128) -> BlockLayout:
+        """From a dense boolean token mask ``[Bl, Hl, Nq, Nk]`` or ``[Nq, Nk]`` (small sizes)."""
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {_describe(mask)}")
+        if mask.dim() == 2:
+            mask = mask[None, None]
+        if mask.dim() != 4:
+            raise ValueError(f"mask must be [Bl, Hl, Nq, Nk] or [Nq, Nk], got shape {tuple(mask.shape)}")
+        B, H, nq, nk = mask.shape
+        return cls.from_mask_mod(
+            lambda b, h, q, k: mask[b, h, q, k],
+            nq,
+            nk,
+            B=B,
+            H=H,
+            block_q=block_q,
+            block_k=block_k,
+            device=mask.device,
+        )
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_q_blocks(self) -> int:
+        return _cdiv(self.q_len, self.block_q)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return _cdiv(self.k_len, self.block_k)
+
+    @property
+    def nnz(self) -> int:
+        return self.col_idx.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.col_idx.device
+
+    @property
+    def has_element_mask(self) -> bool:
+        return self.partial is not None
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockLayout(q_len={self.q_len}, k_len={self.k_len}, block=({self.block_q}, {self.block_k}), "
+            f"batch={self.batch}, heads={self.heads}, nnz={self.nnz}, block_density={self.block_density:.3f}, "
+            f"element_mask={self.has_element_mask})"
+        )
+
+    def to(self, device: torch.device | str) -> BlockLayout:
+        """A copy on `device` (self when already there)."""
+        device = torch.device(device)
+        if self.col_idx.device == device and self.row_ptr.device == device:
+            return self
+        return BlockLayout(
+            self.row_ptr.to(device),
+            self.col_idx.to(device),
+            q_len=self.q_len,
+            k_len=self.k_len,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            batch=self.batch,
+            heads=self.heads,
+            partial=None if self.partial is None else self.partial.to(device),
+            elem_mask=None if self.elem_mask is None else self.elem_mask.to(device),
+        )
+
+    def _row_of_entries(self) -> torch.Tensor:
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+
+    def to_block_mask(self) -> torch.Tensor:
+        """Dense bool ``[Bl, Hl, nqb, nkb]``: True where the block is visited."""
+        nqb, nkb = self.num_q_blocks, self.num_k_blocks
+        out = torch.zeros(self.batch * self.heads * nqb, nkb, dtype=torch.bool, device=self.device)
+        out[self._row_of_entries(), self.col_idx.long()] = True
+        return out.view(self.batch, self.heads, nqb, nkb)
+
+    def partial_index(self) -> torch.Tensor:
+        """Dense int32 ``[Bl, Hl, nqb, nkb]``: element-mask index of partial blocks, -1 elsewhere."""
+        nqb, nkb = self.num_q_blocks, self.num_k_blocks
+        out = torch.full((self.batch * self.heads * nqb, nkb), -1, dtype=torch.int32, device=self.device)
+        if self.partial is not None:
+            out[self._row_of_entries(), self.col_idx.long()] = self.partial
+        return out.view(self.batch, self.heads, nqb, nkb)
+
+    def row_token_mask(self, qb: int) -> torch.Tensor:
+        """Token mask of query block ``qb``: bool ``[Bl, Hl, block_q, k_len]`` (tails masked)."""
+        bm = self.to_block_mask()[:, :, qb]  # [Bl,Hl,nkb]
+        tok = bm.unsqueeze(-2).repeat_interleave(self.block_k, -1).expand(-1, -1, self.block_q, -1).clone()
+        if self.partial is not None:
+            pidx = self.partial_index()[:, :, qb]  # [Bl,Hl,nkb]
+            sel = pidx >= 0
+            if bool(sel.any()):
+                bits = _unpack_bits(self.elem_mask[pidx[sel].long()], self.block_k)  # [n, bq, bk]
+                b, h, kb = sel.nonzero(as_tuple=True)
+                view = tok.view(self.batch, self.heads, self.block_q, self.num_k_blocks, self.block_k)
+                view[b, h, :, kb, :] = bits
+        rows = torch.arange(qb * self.block_q, (qb + 1) * self.block_q, device=self.device) < self.q_len
+        tok &= rows.view(1, 1, -1, 1)
+        return tok[..., : self.k_len]
+
+    def to_token_mask(self, b: int = 0, h: int = 0) -> torch.Tensor:
+        """Dense bool ``[q_len, k_len]`` for batch entry ``b`` and head ``h`` (small sizes)."""
+        bl = 0 if self.batch == 1 else b
+        hl = 0 if self.heads == 1 else h
+        rows = [self.row_token_mask(qb)[bl, hl] for qb in range(self.num_q_blocks)]
+        return torch.cat(rows, 0)[: self.q_len]
+
+    @property
+    def block_density(self) -> float:
+        """Fraction of (query block, key block) pairs visited."""
+        return self.nnz / (self.batch * self.heads * self.num_q_blocks * self.num_k_blocks)
+
+    @property
+    def density(self) -> float:
+        """Fraction of (query, key) token pairs visited, element masks and tails included."""
+        total = 0
+        for qb in range(self.num_q_blocks):
+            total += int(self.row_token_mask(qb).sum())
+        return total / (self.batch * self.heads * self.q_len * self.k_len)
+
+    def transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CSC view for the backward pass (cached): ``(col_ptr [Bl*Hl*nkb+1], row_idx [nnz],
+        entry [nnz])`` where ``entry`` is the CSR position of each entry (to find its partial mask)."""
+        if self._transpose is None:
+            nqb, nkb = self.num_q_blocks, self.num_k_blocks
+            rows = self._row_of_entries()
+            bh = rows // nqb
+            qb = rows % nqb
+            key = (bh * nkb + self.col_idx.long()) * nqb + qb
+            order = torch.argsort(key, stable=True)
+            counts = torch.bincount(bh * nkb + self.col_idx.long(), minlength=self.batch * self.heads * nkb)
+            col_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=self.device)
+            col_ptr[1:] = counts.cumsum(0).to(torch.int32)
+            self._transpose = (col_ptr, qb[order].to(torch.int32), order.to(torch.int32))
+        return self._transpose
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

@@ -1,0 +1,128 @@
+"""Fused score / output modifiers and LiteAttention's tile statistics.
+
+A modifier is a small frozen dataclass with a reference implementation (used by the PyTorch
+reference and as the test oracle) and the arguments the Triton kernel needs. Score modifiers
+act on the scaled logits ``s = q.k * scale`` before the softmax; output modifiers act on the
+normalised output row. Adding one means adding a class here plus its branch in the kernel's
+modifier hook; the kernel's main loop does not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["LogitDecay", "OutputMix", "TileStats", "check_modifiers"]
+
+
+def _per_head(name: str, value: float | torch.Tensor, heads: int, lo: float, hi: float | None) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32)
+    if t.dim() == 0:
+        t = t.expand(heads)
+    if t.shape != (heads,):
+        raise ValueError(f"{name} must be a float or a tensor of shape [H]=[{heads}], got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()) or bool((t < lo).any()) or (hi is not None and bool((t > hi).any())):
+        raise ValueError(f"{name} values must be in [{lo}, {'inf' if hi is None else hi}], got {t.tolist()}")
+    return t
+
+
+@dataclass(frozen=True)
+class LogitDecay:
+    """UltraViCo: for ``|q_pos - k_pos| > threshold`` and ``s > 0``: ``s <- factor * s``.
+
+    factor: float or fp32 ``[H]`` in [0, 1]; threshold: token distance (>= 0).
+    q_pos / k_pos: int positions ``[Nq]`` / ``[Nk]`` (default ``arange``); a negative position
+    marks an exempt token (e.g. text) that is never decayed.
+    """
+
+    factor: float | torch.Tensor
+    threshold: int
+    q_pos: torch.Tensor | None = None
+    k_pos: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold < 0:
+            raise ValueError(f"LogitDecay.threshold must be an int >= 0, got {self.threshold!r}")
+        for name in ("q_pos", "k_pos"):
+            p = getattr(self, name)
+            if p is not None and (not isinstance(p, torch.Tensor) or p.dim() != 1 or p.is_floating_point()):
+                raise TypeError(f"LogitDecay.{name} must be a 1-D integer tensor, got {p!r}")
+
+    def factors(self, heads: int) -> torch.Tensor:
+        return _per_head("LogitDecay.factor", self.factor, heads, 0.0, 1.0)
+
+    def positions(self, nq: int, nk: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        qp = torch.arange(nq, device=device) if self.q_pos is None else self.q_pos.to(device)
+        kp = torch.arange(nk, device=device) if self.k_pos is None else self.k_pos.to(device)
+        if qp.numel() != nq or kp.numel() != nk:
+            raise ValueError(
+                f"LogitDecay.q_pos/k_pos must have Nq={nq} / Nk={nk} entries, got {qp.numel()} / {kp.numel()}"
+            )
+        return qp.to(torch.int32), kp.to(torch.int32)
+
+    def reference_scores(
+        self, s: torch.Tensor, qp_rows: torch.Tensor, kp: torch.Tensor, factors: torch.Tensor
+    ) -> torch.Tensor:
+        """s: fp32 ``[B, H, rows, Nk]``; qp_rows / kp: positions of those rows / all keys; factors [H]."""
+        qp_rows, kp = qp_rows.long(), kp.long()
+        far = ((qp_rows[:, None] - kp[None, :]).abs() > self.threshold) & (qp_rows[:, None] >= 0) & (kp[None, :] >= 0)
+        f = factors.to(s.device).view(1, -1, 1, 1)
+        return torch.where(far & (s > 0), s * f, s)
+
+
+@dataclass(frozen=True)
+class OutputMix:
+    """SoftPAG: ``out_i <- (1 - u_h) * attn_i + u_h * v_i`` (needs Nq == Nk).
+
+    u: float or fp32 ``[H]`` in [0, 1] (0 = plain attention, 1 = identity map).
+    """
+
+    u: float | torch.Tensor
+
+    def weights(self, heads: int) -> torch.Tensor:
+        return _per_head("OutputMix.u", self.u, heads, 0.0, 1.0)
+
+    def reference_output(self, o: torch.Tensor, v_rows: torch.Tensor, heads: int) -> torch.Tensor:
+        u = self.weights(heads).to(o.device).view(1, heads, 1, 1)
+        return (1 - u) * o + u * v_rows
+
+
+@dataclass
+class TileStats:
+    """LiteAttention feedback: ask the kernel which visited tiles were needed.
+
+    A visited (query block, key block) tile is *needed* when some valid row has
+    ``(tile_rowmax - running_rowmax_before_tile) * log2(e) > threshold`` on the scaled logits
+    (tiles visited in ascending key-block order). After the call ``needed`` holds uint8
+    ``[B, H, nqb, nkb]`` (0 for skippable or unvisited tiles). Inference only.
+    """
+
+    threshold: float = -10.0
+    needed: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or self.threshold >= 0:
+            raise ValueError(f"TileStats.threshold must be a negative number (log2 domain), got {self.threshold!r}")
+
+
+def check_modifiers(modifiers: tuple, nq: int, nk: int, heads: int) -> tuple[LogitDecay | None, OutputMix | None]:
+    """Validate a modifier tuple; returns (decay, mix) (each at most once)."""
+    decay = mix = None
+    for m in modifiers:
+        if isinstance(m, LogitDecay):
+            if decay is not None:
+                raise ValueError("modifiers: LogitDecay given twice")
+            m.factors(heads)
+            m.positions(nq, nk, torch.device("cpu"))
+            decay = m
+        elif isinstance(m, OutputMix):
+            if mix is not None:
+                raise ValueError("modifiers: OutputMix given twice")
+            if nq != nk:
+                raise ValueError(f"OutputMix needs self-attention (Nq == Nk), got Nq={nq}, Nk={nk}")
+            m.weights(heads)
+            mix = m
+        else:
+            raise TypeError(f"modifiers: unknown modifier {type(m).__name__}; expected LogitDecay or OutputMix")
+    return decay, mix
