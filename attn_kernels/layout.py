@@ -111,7 +111,8 @@ class BlockLayout:
             words = _cdiv(self.block_k, 32)
             if elem_mask.dtype != torch.int32 or elem_mask.dim() != 3 or elem_mask.shape[1:] != (self.block_q, words):
                 raise TypeError(
-                    f"BlockLayout.elem_mask must be int32 [n_partial, {self.block_q}, {words}], got {_describe(elem_mask)}"
+                    f"BlockLayout.elem_mask must be int32 [n_partial, {self.block_q}, {words}], "
+                    f"got {_describe(elem_mask)}"
                 )
             if nnz and (int(partial.min()) < -1 or int(partial.max()) >= elem_mask.shape[0]):
                 raise ValueError(f"BlockLayout.partial entries must be in [-1, {elem_mask.shape[0]})")

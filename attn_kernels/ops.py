@@ -63,7 +63,8 @@ def _validate(q, k, v, layout, scale, backend) -> None:
     B, H, nq, d = q.shape
     if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
         raise ValueError(
-            f"attention: batch and heads must match (no GQA): q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            f"attention: batch and heads must match (no GQA): q {tuple(q.shape)}, k {tuple(k.shape)}, "
+            f"v {tuple(v.shape)}"
         )
     if k.shape[3] != d:
         raise ValueError(f"attention: q and k head dims differ ({d} vs {k.shape[3]})")

@@ -54,7 +54,6 @@ def reference_attention(
     outs, lses = [], []
     for i, r0 in enumerate(starts):
         r1 = min(r0 + step, nq)
-        rows = torch.arange(r0, r1, device=q.device)
         s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, r0:r1].float(), kf) * scale
         if decay is not None:
             s = decay.reference_scores(s, qpos[r0:r1], kpos, factors)
