@@ -19,7 +19,7 @@ __all__ = ["LogitDecay", "OutputMix", "TileStats", "check_modifiers"]
 def _per_head(name: str, value: float | torch.Tensor, heads: int, lo: float, hi: float | None) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=torch.float32)
     if t.dim() == 0:
-        t = t.expand(heads)
+        t = t.expand(heads).contiguous()
     if t.shape != (heads,):
         raise ValueError(f"{name} must be a float or a tensor of shape [H]=[{heads}], got shape {tuple(t.shape)}")
     if not bool(torch.isfinite(t).all()) or bool((t < lo).any()) or (hi is not None and bool((t > hi).any())):

@@ -90,6 +90,5 @@ def _tile_needed(s: torch.Tensor, layout: BlockLayout, threshold: float) -> torc
     # running max before each tile, tiles visited in ascending key-block order
     run = torch.cummax(tile_max, dim=-1).values
     before = torch.cat([torch.full_like(run[..., :1], float("-inf")), run[..., :-1]], -1)
-    diff = (tile_max - before) * _LOG2E
-    need_row = torch.isfinite(tile_max) & ((before == float("-inf")) | (diff > threshold))
+    need_row = tile_max * _LOG2E > before * _LOG2E + threshold  # False for -inf tiles, True after -inf
     return need_row.any(2).to(torch.uint8)
