@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .layout import BlockLayout
-from .modifiers import LogitDecay, OutputMix, TileStats, check_modifiers
+from .modifiers import TileStats, check_modifiers
 
 __all__ = ["SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "triton_attention_backward", "triton_attention_forward"]
 
