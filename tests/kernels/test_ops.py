@@ -1,0 +1,85 @@
+"""The `attention` entry point: backend selection, errors, custom op and torch.compile."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from attn_kernels import BlockLayout, OutputMix, attention
+
+
+def _qkv(nq=32, nk=32, d=16):
+    return torch.randn(1, 2, nq, d), torch.randn(1, 2, nk, d), torch.randn(1, 2, nk, d)
+
+
+def test_registered_as_custom_op():
+    assert hasattr(torch.ops.attnplug, "block_sparse_attention")
+
+
+def test_compile_fullgraph_traces_through():
+    q, k, v = _qkv()
+    lay = BlockLayout.from_token_mask(torch.rand(32, 32) < 0.5, 16, 16)
+    fn = torch.compile(
+        lambda a, b, c: attention(a, b, c, lay, backend="reference") * 2, fullgraph=True, backend="eager"
+    )
+    torch.testing.assert_close(fn(q, k, v), 2 * attention(q, k, v, lay))
+
+
+def test_compile_backward():
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    fn = torch.compile(lambda a, b, c: attention(a, b, c).sum(), fullgraph=True, backend="aot_eager")
+    fn(q, k, v).backward()
+    ref = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    attention(q, k, v).sum().backward()
+    for a, t in zip(ref, (q, k, v)):
+        torch.testing.assert_close(a, t.grad)
+
+
+def test_explicit_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _qkv()
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(RuntimeError, match="backend='triton'.*cannot run.*cpu"):
+        attention(q, k, v, backend="triton")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter only")
+def test_unsupported_head_dim_is_a_clear_error():
+    q, k, v = _qkv(d=24)
+    with pytest.raises(RuntimeError, match=r"head dim 24/24 is not one of the supported \(16, 32, 64, 128\)"):
+        attention(q, k, v, backend="triton")
+    assert attention(q, k, v, backend="reference").shape == (1, 2, 32, 24)  # the reference takes any
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda q, k, v: attention(q[0], k, v), ValueError, "q must be a 4-D tensor"),
+        (lambda q, k, v: attention(q, k.half(), v), TypeError, "must share a dtype"),
+        (lambda q, k, v: attention(q, k[:, :1], v), ValueError, "no GQA"),
+        (lambda q, k, v: attention(q, k, v, backend="cuda"), ValueError, "backend must be one of"),
+        (lambda q, k, v: attention(q, k, v, scale=-1.0), ValueError, "scale must be a positive float"),
+        (lambda q, k, v: attention(q, k, v, BlockLayout.dense(16, 32, 16, 16)), ValueError, "layout is for q_len=16"),
+        (lambda q, k, v: attention(q, k[:, :, :20], v[:, :, :20], modifiers=(OutputMix(0.5),)), ValueError, "Nq == Nk"),
+        (
+            lambda q, k, v: attention(q, k, v, modifiers=(OutputMix(1.5),)),
+            ValueError,
+            r"OutputMix.u values must be in \[0",
+        ),
+        (lambda q, k, v: attention(q, k, v, modifiers=("x",)), TypeError, "unknown modifier"),
+    ],
+)
+def test_errors_name_the_parameter(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(*_qkv())
+
+
+def test_cross_attention_lengths_differ():
+    q, k, v = _qkv(nq=20, nk=51)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
