@@ -390,6 +390,70 @@ class BlockLayout:
             total += int(self.row_token_mask(qb).sum())
         return total / (self.batch * self.heads * self.q_len * self.k_len)
 
+    def with_key_mask(self, key_valid: torch.Tensor) -> BlockLayout:
+        """This layout restricted to valid keys: ``key_valid`` bool ``[B, k_len]`` (e.g. text padding).
+
+        Returns a layout with one row set per batch entry; blocks with no valid key are dropped,
+        blocks with some invalid keys get (or AND into) an element mask. O(nnz) work.
+        """
+        if not isinstance(key_valid, torch.Tensor) or key_valid.dtype != torch.bool or key_valid.dim() != 2:
+            raise TypeError(f"key_valid must be a bool tensor [B, k_len], got {_describe(key_valid)}")
+        B, nk = key_valid.shape
+        if nk != self.k_len or self.batch not in (1, B):
+            raise ValueError(
+                f"key_valid must be [B, k_len={self.k_len}] with B matching the layout batch {self.batch}; "
+                f"got {tuple(key_valid.shape)}"
+            )
+        dev = self.device
+        bq, bk, nkb = self.block_q, self.block_k, self.num_k_blocks
+        kv = torch.nn.functional.pad(key_valid.to(dev), (0, nkb * bk - nk)).view(B, nkb, bk)
+        beyond = (torch.arange(nkb * bk, device=dev) >= nk).view(nkb, bk)
+        any_v = kv.any(-1)
+        all_v = (kv | beyond).all(-1)
+        key_bits = _pack_bits(kv)  # [B, nkb, words]
+        words = key_bits.shape[-1]
+        per_b = self.heads * self.num_q_blocks
+        rp = self.row_ptr.long()
+        ones = torch.full((bq, words), -1, dtype=torch.int32, device=dev)
+        counts, cols, parts, elems = [], [], [], []
+        n_elem = 0
+        for b in range(B):
+            bl = 0 if self.batch == 1 else b
+            lo, hi = int(rp[bl * per_b]), int(rp[(bl + 1) * per_b])
+            col = self.col_idx[lo:hi].long()
+            rows = self._row_of_entries()[lo:hi] - bl * per_b
+            keep = any_v[b, col]
+            part = self.partial[lo:hi] if self.partial is not None else torch.full_like(col, -1, dtype=torch.int32)
+            col, rows, part = col[keep], rows[keep], part[keep]
+            needs = ~all_v[b, col] | (part >= 0)
+            new_part = torch.full_like(part, -1)
+            nneed = int(needs.sum())
+            if nneed:
+                base = ones.expand(nneed, bq, words)
+                if self.partial is not None:
+                    old = part[needs]
+                    base = torch.where((old >= 0).view(-1, 1, 1), self.elem_mask[old.clamp(min=0).long()], base)
+                elems.append(base & key_bits[b, col[needs]].unsqueeze(1))
+                new_part[needs] = torch.arange(n_elem, n_elem + nneed, dtype=torch.int32, device=dev)
+                n_elem += nneed
+            counts.append(torch.bincount(rows, minlength=per_b))
+            cols.append(col.to(torch.int32))
+            parts.append(new_part)
+        row_ptr = torch.zeros(B * per_b + 1, dtype=torch.int32, device=dev)
+        row_ptr[1:] = torch.cat(counts).cumsum(0).to(torch.int32)
+        return BlockLayout(
+            row_ptr,
+            torch.cat(cols),
+            q_len=self.q_len,
+            k_len=self.k_len,
+            block_q=bq,
+            block_k=bk,
+            batch=B,
+            heads=self.heads,
+            partial=torch.cat(parts) if n_elem else None,
+            elem_mask=torch.cat(elems) if n_elem else None,
+        )
+
     def transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CSC view for the backward pass (cached): ``(col_ptr [Bl*Hl*nkb+1], row_idx [nnz],
         entry [nnz])`` where ``entry`` is the CSR position of each entry (to find its partial mask)."""

@@ -92,3 +92,20 @@ def test_validation_messages():
     with pytest.raises(TypeError, match="row_ptr must be a 1-D int32 tensor"):
         BlockLayout(torch.tensor([0, 1]), torch.tensor([0], dtype=torch.int32), q_len=16, k_len=16, block_q=16,
                     block_k=16)  # fmt: skip
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_with_key_mask_equals_token_mask_and(shared):
+    B, H, nq, nk = 2, 2, 40, 45
+    tm = torch.rand(1 if shared else B, H, nq, nk) < 0.5
+    lay = BlockLayout.from_token_mask(tm, 16, 16)
+    valid = torch.ones(B, nk, dtype=torch.bool)
+    valid[0, 30:] = False  # text padding: a suffix of keys
+    valid[1, 10:20] = False
+    out = lay.with_key_mask(valid)
+    assert out.batch == B
+    for b in range(B):
+        for h in range(H):
+            want = tm[0 if shared else b, h] & valid[b][None, :]
+            assert torch.equal(out.to_token_mask(b, h), want)
+    assert not out.to_block_mask()[0, :, :, 2].any()  # keys 32..44 all invalid for b=0: block dropped
