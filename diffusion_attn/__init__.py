@@ -1,0 +1,33 @@
+"""diffusers side of attnplug: `apply(pipe, *variants)` hooks attention variants into a
+pipeline's transformer through one adapter per model family; `handle.remove()` undoes it."""
+
+from __future__ import annotations
+
+from .adapters.base import ADAPTERS, Adapter, AttnRuntime, find_adapter
+from .hooks import AttnHandle, apply
+from .variants import *  # noqa: F403
+from .variants import __all__ as _variant_names
+from .variants.base import AttnContext, AttnPlan, TokenLayout, Variant
+
+
+def _load_adapters() -> dict:
+    from .adapters import cogvideox, flux, hunyuan_video, ltx_video, sd3, wan  # noqa: F401
+
+    return ADAPTERS
+
+
+_load_adapters()
+
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "AttnContext",
+    "AttnHandle",
+    "AttnPlan",
+    "AttnRuntime",
+    "TokenLayout",
+    "Variant",
+    "apply",
+    "find_adapter",
+    *[n for n in _variant_names if n not in ("AttnContext", "AttnPlan", "TokenLayout", "Variant")],
+]

@@ -1,0 +1,56 @@
+"""CogVideoX (`CogVideoXTransformer3DModel`): joint attention `attn1` of every block.
+
+Sequence [text, video] (text first); RoPE on the video part; patchify (patch_size_t, p, p)
+on a [B, F, C, H, W] latent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .base import Adapter, SparseProcessor, hidden_states_arg, register_adapter
+
+
+class CogVideoXSparseProcessor(SparseProcessor):
+    """`CogVideoXAttnProcessor2_0` with the attention call replaced by attnplug's."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None:  # the model never passes one; keep exact semantics if a user does
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        n_txt = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        B = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        hd = key.shape[-1] // attn.heads
+        query, key, value = (t.view(B, -1, attn.heads, hd).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query[:, :, n_txt:] = apply_rotary_emb(query[:, :, n_txt:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, n_txt:] = apply_rotary_emb(key[:, :, n_txt:], image_rotary_emb)
+        out = self.attend(*(t.transpose(1, 2) for t in (query, key, value)), text_len=n_txt, text_first=True)
+        hidden_states = out.reshape(B, -1, attn.heads * hd)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        encoder_hidden_states, hidden_states = hidden_states.split([n_txt, hidden_states.size(1) - n_txt], dim=1)
+        return hidden_states, encoder_hidden_states
+
+
+@register_adapter
+class CogVideoXAdapter(Adapter):
+    name = "cogvideox"
+    model_classes = ("CogVideoXTransformer3DModel",)
+    processor_cls = CogVideoXSparseProcessor
+
+    def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.transformer_blocks)]
+
+    def grid(self, model, args, kwargs):
+        _, f, _, h, w = hidden_states_arg(args, kwargs).shape
+        p, pt = model.config.patch_size, model.config.patch_size_t or 1
+        return (-(-f // pt), h // p, w // p)

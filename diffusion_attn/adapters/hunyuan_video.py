@@ -1,0 +1,90 @@
+"""HunyuanVideo (`HunyuanVideoTransformer3DModel`): joint attention of the dual-stream and
+single-stream blocks.
+
+Sequence [video, text] (text appended after the video tokens); RoPE on the video part only;
+padded text tokens are masked as keys (the model's [B, 1, 1, N] mask), which attnplug turns
+into a key mask on the block layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .base import Adapter, SparseProcessor, hidden_states_arg, register_adapter
+
+
+class HunyuanVideoSparseProcessor(SparseProcessor):
+    """`HunyuanVideoAttnProcessor2_0` with the attention call replaced by attnplug's."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        single = attn.add_q_proj is None
+        if single and encoder_hidden_states is not None:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        n_txt = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        if image_rotary_emb is not None:
+            if single and n_txt:
+                query = torch.cat(
+                    [apply_rotary_emb(query[:, :-n_txt], image_rotary_emb, sequence_dim=1), query[:, -n_txt:]], dim=1
+                )
+                key = torch.cat(
+                    [apply_rotary_emb(key[:, :-n_txt], image_rotary_emb, sequence_dim=1), key[:, -n_txt:]], 1
+                )
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        if not single and encoder_hidden_states is not None:
+            eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query, key, value = (torch.cat([a, b], dim=1) for a, b in ((query, eq), (key, ek), (value, ev)))
+        key_mask = None
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[2] != 1:
+                raise ValueError(
+                    "attnplug[hunyuan_video]: expected the model's boolean key-padding mask [B, 1, 1, N], got "
+                    f"{attention_mask.dtype} {tuple(attention_mask.shape)}"
+                )
+            key_mask = attention_mask[:, 0, 0]
+        out = self.attend(
+            query, key, value, text_len=n_txt, text_first=False, key_mask=key_mask, dense_mask=attention_mask
+        )
+        hidden_states = out.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, :-n_txt], hidden_states[:, -n_txt:]
+            if getattr(attn, "to_out", None) is not None:
+                hidden_states = attn.to_out[0](hidden_states)
+                hidden_states = attn.to_out[1](hidden_states)
+            if getattr(attn, "to_add_out", None) is not None:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+@register_adapter
+class HunyuanVideoAdapter(Adapter):
+    name = "hunyuan_video"
+    model_classes = ("HunyuanVideoTransformer3DModel",)
+    processor_cls = HunyuanVideoSparseProcessor
+
+    def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        mods = [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(model.transformer_blocks)]
+        mods += [(f"single_transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(model.single_transformer_blocks)]
+        return mods
+
+    def grid(self, model, args, kwargs):
+        _, _, f, h, w = hidden_states_arg(args, kwargs).shape
+        p, pt = model.config.patch_size, model.config.patch_size_t
+        return (f // pt, h // p, w // p)

@@ -1,0 +1,51 @@
+"""LTX-Video (`LTXVideoTransformer3DModel`): self-attention `attn1` of every block.
+
+Packed latents [B, N, C] with N = num_frames x height x width (the forward's arguments);
+text enters through the cross-attention `attn2`, left untouched. RoPE on q and k.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .base import Adapter, SparseProcessor, hidden_states_arg, register_adapter
+
+
+class LTXVideoSparseProcessor(SparseProcessor):
+    """`LTXVideoAttnProcessor` (self-attention) with the attention call replaced by attnplug's."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
+
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(hidden_states))
+        value = attn.to_v(hidden_states)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb)
+            key = apply_rotary_emb(key, image_rotary_emb)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        out = self.attend(query, key, value, text_len=0, text_first=False)
+        hidden_states = out.flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+@register_adapter
+class LTXVideoAdapter(Adapter):
+    name = "ltx_video"
+    model_classes = ("LTXVideoTransformer3DModel",)
+    processor_cls = LTXVideoSparseProcessor
+
+    def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.transformer_blocks)]
+
+    def grid(self, model, args, kwargs):
+        n = hidden_states_arg(args, kwargs).shape[1]
+        f, h, w = (kwargs.get(k) for k in ("num_frames", "height", "width"))
+        if None in (f, h, w) or f * h * w != n:
+            raise ValueError(
+                f"attnplug[ltx_video]: cannot read the token grid: num_frames x height x width = {f} x {h} x {w} "
+                f"must equal the {n} packed tokens (pass them to the transformer as keyword arguments)"
+            )
+        return (int(f), int(h), int(w))
