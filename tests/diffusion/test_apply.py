@@ -1,0 +1,181 @@
+"""diffusion_attn.apply on tiny instances of every supported family: exact q/k/v, exact
+restore, step tracking, composition checks, backends, batch/CFG, accelerate offload."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+import torch
+
+import diffusion_attn as da
+from attn_kernels import BlockLayout
+from diffusion_attn.variants.base import Variant
+
+from .tiny import BUILDERS, VIDEO_FAMILIES, run, save_load
+
+
+class ForceKernel(Variant):
+    """Test-only: every call through attnplug's kernel with a dense layout (proves q/k/v equality)."""
+
+    name: ClassVar[str] = "force_kernel"
+    role: ClassVar[str] = "sparsity"
+
+    def plan(self, ctx, plan):
+        plan.layout = BlockLayout.dense(ctx.layout.seq_len, ctx.layout.seq_len, 16, 16)
+        return plan
+
+
+class Recorder(Variant):
+    """Test-only: records (step, layer, layout) of every call; leaves the plan dense."""
+
+    name: ClassVar[str] = "recorder"
+    role: ClassVar[str] = "modifier"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, da.TokenLayout]] = []
+        self.resets = 0
+
+    def plan(self, ctx, plan):
+        self.seen.append((ctx.step, ctx.layer, ctx.layout))
+        ctx.state["n"] = ctx.state.get("n", 0) + 1
+        return plan
+
+    def reset(self):
+        self.resets += 1
+
+
+class Other(ForceKernel):
+    name: ClassVar[str] = "other_sparse"
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_kernel_path_equals_model_and_remove_is_exact(family, tmp_path):
+    model, inputs = BUILDERS[family]()
+    model = save_load(model, tmp_path / family)  # loaded back with from_pretrained
+    ref = run(model, inputs)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    procs = {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+    handle = da.apply(model, ForceKernel())
+    out = run(model, inputs)
+    assert handle.attention_calls == len(handle.adapter.attention_modules(model))  # every layer went through
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    handle.remove()
+    assert torch.equal(run(model, inputs), ref)
+    assert all(m.processor is procs[n] for n, m in model.named_modules() if hasattr(m, "processor"))
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    assert not hasattr(model, "_diffusers_hook") and "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_token_layout_seen_by_variants(family):
+    model, inputs = BUILDERS[family]()
+    rec = Recorder()
+    with da.apply(model, rec):
+        run(model, inputs)
+    layouts = {lay for _, _, lay in rec.seen}
+    assert {lay.family for lay in layouts} == {family}
+    expected_grid = {"wan": (3, 4, 6), "hunyuan_video": (3, 4, 4), "cogvideox": (3, 4, 4), "ltx_video": (3, 4, 6)}
+    assert {lay.grid for lay in layouts} == {expected_grid[family]}
+    text = {"wan": {0}, "hunyuan_video": {9}, "cogvideox": {6}, "ltx_video": {0}}[family]
+    assert {lay.text_len for lay in layouts} == text
+    if family == "cogvideox":
+        assert all(lay.text_first for lay in layouts)
+
+
+def test_step_tracking_with_cfg_double_calls_and_new_generation():
+    model, inputs = BUILDERS["wan"]()
+    rec = Recorder()
+    handle = da.apply(model, rec)
+    for _gen in range(2):
+        for t in (999.0, 800.0, 500.0):
+            for _ in range(2):  # cond + uncond at the same timestep
+                run(model, {**inputs, "timestep": torch.tensor([t])})
+    steps = [s for s, layer, _ in rec.seen if layer == 0]
+    assert steps == [0, 0, 1, 1, 2, 2] * 2
+    assert {layer for _, layer, _ in rec.seen} == {0, 1}
+    assert rec.resets == 1  # the rising timestep started generation 2
+    assert handle.runtimes[0].states[(0, 1)]["n"] == 6  # per-(variant, layer) state cleared on reset
+    handle.set_step(7)
+    run(model, inputs)
+    assert rec.seen[-1][0] == 7
+    handle.remove()
+
+
+def test_batch_and_cfg_batches():
+    model, inputs = BUILDERS["hunyuan_video"](batch=2)
+    inputs["encoder_attention_mask"][1, 4:] = 0  # different padding per batch entry
+    ref = run(model, inputs)
+    with da.apply(model, ForceKernel()):
+        out = run(model, inputs)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_apply_on_pipeline_like_object_and_context_manager():
+    model, inputs = BUILDERS["wan"]()
+
+    class Pipe:
+        transformer = model
+        transformer_2 = None
+
+    ref = run(model, inputs)
+    with da.apply(Pipe(), ForceKernel()) as handle:
+        assert len(handle.runtimes) == 1
+        run(model, inputs)
+    assert torch.equal(run(model, inputs), ref)
+
+
+def test_refusals_happen_before_patching():
+    model, inputs = BUILDERS["wan"]()
+    procs = [m.processor for m in model.modules() if hasattr(m, "processor")]
+    with pytest.raises(ValueError, match="at most one sparsity"):
+        da.apply(model, ForceKernel(), Other())
+    with pytest.raises(ValueError, match="at least one variant"):
+        da.apply(model)
+    with pytest.raises(TypeError, match="not a diffusion_attn variant"):
+        da.apply(model, "radial")
+    assert [m.processor for m in model.modules() if hasattr(m, "processor")] == procs
+    assert not hasattr(model, "_diffusers_hook")
+
+
+def test_unsupported_model_lists_families():
+    with pytest.raises(ValueError, match=r"no adapter for Linear; supported model families: .*flux.*wan"):
+        da.apply(torch.nn.Linear(2, 2), ForceKernel())
+    with pytest.raises(TypeError, match="expected a diffusers pipeline"):
+        da.apply(object(), ForceKernel())
+
+
+def test_apply_twice_refused_and_remove_twice_noop_and_reapply():
+    model, inputs = BUILDERS["wan"]()
+    ref = run(model, inputs)
+    h = da.apply(model, ForceKernel())
+    with pytest.raises(RuntimeError, match="already has attnplug variants applied"):
+        da.apply(model, ForceKernel())
+    h.remove()
+    h.remove()
+    h2 = da.apply(model, ForceKernel())
+    torch.testing.assert_close(run(model, inputs), ref, atol=2e-5, rtol=1e-4)
+    h2.remove()
+    assert torch.equal(run(model, inputs), ref)
+
+
+def test_untouched_and_dense_calls_keep_set_attention_backend():
+    model, inputs = BUILDERS["wan"]()
+    model.set_attention_backend("_native_math")
+    with da.apply(model, Recorder()):
+        for block in model.blocks:
+            assert str(block.attn1.processor._attention_backend) == str(block.attn2.processor._attention_backend)
+            assert "NATIVE_MATH" in str(block.attn1.processor._attention_backend)
+        run(model, inputs)
+    assert "NATIVE_MATH" in str(model.blocks[0].attn1.processor._attention_backend)
+
+
+def test_accelerate_cpu_offload_hooks():
+    accelerate = pytest.importorskip("accelerate")
+    model, inputs = BUILDERS["wan"]()
+    ref = run(model, inputs)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    with da.apply(model, ForceKernel()) as handle:
+        out = run(model, inputs)
+        assert handle.attention_calls > 0
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
