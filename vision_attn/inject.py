@@ -25,6 +25,9 @@ def get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     return parent, name
 
 
+_MISSING = object()
+
+
 @dataclass
 class _Replacement:
     parent: nn.Module
@@ -44,6 +47,8 @@ class InjectionHandle:
     model: nn.Module
     variant: Any = None
     replacements: list[_Replacement] = field(default_factory=list)
+    added: list[tuple[nn.Module, str, Any]] = field(default_factory=list)  # (parent, name, previous attr)
+    hooks: list[Any] = field(default_factory=list)  # torch RemovableHandles
     removed: bool = False
 
     def replace(self, parent: nn.Module, name: str, new: nn.Module) -> None:
@@ -63,14 +68,41 @@ class InjectionHandle:
         self.replace(parent, name, seq)
         return seq
 
+    def set_child(self, parent: nn.Module, name: str, new: nn.Module) -> None:
+        """Put `new` at `parent.<name>` where there is no module yet (missing, None or nn.Identity).
+
+        timm blocks keep optional attention in such a slot (`se = None` / `nn.Identity()`), so the
+        new parameters get timm's own names (e.g. `layer1.0.se.conv.weight` as in ecaresnet).
+        """
+        if name in parent._modules and parent._modules[name] is not None:
+            self.replace(parent, name, new)
+            return
+        previous = parent.__dict__.get(name, _MISSING)
+        if previous is not _MISSING:
+            del parent.__dict__[name]
+        parent.add_module(name, new)
+        self.added.append((parent, name, previous))
+
+    def add_forward_hook(self, module: nn.Module, hook: Any) -> None:
+        """Register `hook(module, args, output)` on `module`; removed by `remove()`."""
+        self.hooks.append(module.register_forward_hook(hook))
+
     @property
     def new_modules(self) -> list[nn.Module]:
-        return [r.new for r in self.replacements]
+        return [r.new for r in self.replacements] + [p._modules[n] for p, n, _ in self.added if n in p._modules]
 
     def remove(self) -> nn.Module:
         """Undo every replacement, last first. Calling it twice is a no-op."""
         if self.removed:
             return self.model
+        for h in reversed(self.hooks):
+            h.remove()
+        self.hooks.clear()
+        for parent, name, previous in reversed(self.added):
+            parent._modules.pop(name, None)
+            if previous is not _MISSING:
+                parent.__dict__[name] = previous
+        self.added.clear()
         for r in reversed(self.replacements):
             if r.parent._modules.get(r.name) is not r.new:
                 raise RuntimeError(
@@ -106,7 +138,7 @@ def inject(model: nn.Module, variant: VisionVariant) -> InjectionHandle:
     except BaseException:
         handle.remove()
         raise
-    if not handle.replacements:
+    if not (handle.replacements or handle.added):
         handle.removed = True
         raise ValueError(
             f"inject(): variant {getattr(variant, 'name', type(variant).__name__)!r} found no place to go "

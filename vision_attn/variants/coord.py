@@ -1,0 +1,60 @@
+"""Coordinate attention (Hou et al., CVPR 2021): pool along H and along W, shared 1x1 conv + BN +
+h-swish, split, two 1x1 convs + gate, ``x · a_h · a_w``.
+
+Built on timm's `timm.layers.CoordAttn` (same parameter names: conv1, bn1, conv_h, conv_w) with
+the paper's sizes by default: mip = max(8, C / reduction), reduction 32, convs with bias,
+Hardswish. Mode "identity" (default) uses 2·sigmoid gates with zero-initialised conv_h/conv_w so
+the injected model's output is unchanged at injection time; "original" is the paper's sigmoid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch.nn as nn
+from timm.layers.coord_attn import CoordAttn
+
+from ._gates import TwoSigmoid, check_mode
+
+__all__ = ["CoordAttention", "make_coord"]
+
+
+def make_coord(channels: int, reduction: int = 32, mode: str = "identity", min_channels: int = 8) -> CoordAttn:
+    """timm `CoordAttn` with the paper's bottleneck width max(min_channels, C // reduction)."""
+    check_mode("CoordAttention", mode)
+    mip = max(min_channels, channels // reduction)
+    m = CoordAttn(
+        channels, rd_channels=mip, bias=True, act_layer=nn.Hardswish,
+        gate_layer=TwoSigmoid if mode == "identity" else "sigmoid",
+    )  # fmt: skip
+    if mode == "identity":
+        for conv in (m.conv_h, m.conv_w):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+    return m
+
+
+@dataclass
+class CoordAttention:
+    """Coordinate attention injected into timm CNN blocks (see `vision_attn.adapters.cnn`).
+
+    reduction: >= 1 (bottleneck width max(8, C // reduction)); mode: "identity" or "original".
+    """
+
+    name: ClassVar[str] = "coord"
+    reduction: int = 32
+    mode: str = "identity"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reduction, bool) or not isinstance(self.reduction, int) or self.reduction < 1:
+            raise ValueError(f"CoordAttention.reduction must be an int >= 1, got {self.reduction!r}")
+        check_mode("CoordAttention", self.mode)
+
+    def build(self, channels: int) -> nn.Module:
+        return make_coord(channels, self.reduction, self.mode)
+
+    def inject(self, model: nn.Module, handle) -> None:
+        from ..adapters.cnn import inject_channel_attention
+
+        inject_channel_attention(model, handle, self, kind="coord")

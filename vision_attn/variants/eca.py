@@ -1,0 +1,69 @@
+"""ECA (Wang et al., CVPR 2020): GAP -> Conv1d(1, 1, k, no bias) over channels -> gate -> rescale.
+
+Built on timm's own `timm.layers.EcaModule` so parameter names (`conv.weight`) and the kernel
+rule k = |log2(C)/2 + 1/2|_odd (min 3) match timm, and weights interchange with timm's ECA
+models. What timm lacks and this adds: injection into pretrained CNNs and an identity start
+(mode "identity": 2·sigmoid gate with a zero-initialised conv, so the injected model's output is
+unchanged until the new parameters are trained).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch.nn as nn
+from timm.layers import EcaModule
+
+from ._gates import TwoSigmoid, check_mode
+
+__all__ = ["ECA", "make_eca", "eca_kernel_size"]
+
+
+def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int:
+    """The paper's adaptive kernel size (timm's formula): odd, at least 3."""
+    import math
+
+    t = int(abs(math.log(channels, 2) + beta) / gamma)
+    return max(t if t % 2 else t + 1, 3)
+
+
+def make_eca(channels: int, kernel_size: int | None = None, mode: str = "identity") -> EcaModule:
+    """A timm `EcaModule`; mode "identity" uses a 2·sigmoid gate and a zero conv (exact identity)."""
+    check_mode("ECA", mode)
+    k = eca_kernel_size(channels) if kernel_size is None else kernel_size
+    m = EcaModule(kernel_size=k, gate_layer=TwoSigmoid if mode == "identity" else "sigmoid")
+    if mode == "identity":
+        nn.init.zeros_(m.conv.weight)
+    return m
+
+
+@dataclass
+class ECA:
+    """Efficient channel attention injected into timm CNN blocks (see `vision_attn.adapters.cnn`).
+
+    kernel_size: odd int >= 1, or None for the paper's rule per block width.
+    mode: "identity" (default, output unchanged at injection) or "original" (sigmoid gate, timm init).
+    """
+
+    name: ClassVar[str] = "eca"
+    kernel_size: int | None = None
+    mode: str = "identity"
+
+    def __post_init__(self) -> None:
+        if self.kernel_size is not None and (
+            isinstance(self.kernel_size, bool)
+            or not isinstance(self.kernel_size, int)
+            or self.kernel_size < 1
+            or self.kernel_size % 2 == 0
+        ):
+            raise ValueError(f"ECA.kernel_size must be an odd int >= 1 or None (paper rule), got {self.kernel_size!r}")
+        check_mode("ECA", self.mode)
+
+    def build(self, channels: int) -> nn.Module:
+        return make_eca(channels, self.kernel_size, self.mode)
+
+    def inject(self, model: nn.Module, handle) -> None:
+        from ..adapters.cnn import inject_channel_attention
+
+        inject_channel_attention(model, handle, self, kind="eca")
