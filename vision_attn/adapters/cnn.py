@@ -83,7 +83,7 @@ def inject_channel_attention(model: nn.Module, handle, variant, *, kind: str) ->
             if mode == "slot" and _empty(getattr(block, where, None)):
                 handle.set_child(block, where, module)
                 continue
-            anchor = getattr(block, "se") if mode == "slot" else getattr(block, where)
+            anchor = block.se if mode == "slot" else getattr(block, where)
             if hasattr(block, kind):
                 raise ValueError(f"{type(variant).__name__}: block already has a child named {kind!r}")
             handle.set_child(block, kind, module)

@@ -62,7 +62,8 @@ def _load_local(model: nn.Module, file: str, new_keys: set[str]) -> None:
     bad_missing = [k for k in missing if k not in new_keys and k not in head_mismatch]
     if bad_missing or unexpected:
         raise RuntimeError(
-            f"checkpoint {file} does not fit {type(model).__name__}: missing {bad_missing[:5]}, unexpected {unexpected[:5]}"
+            f"checkpoint {file} does not fit {type(model).__name__}: missing {bad_missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
         )
 
 
