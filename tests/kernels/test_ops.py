@@ -83,3 +83,22 @@ def test_cross_attention_lengths_differ():
     q, k, v = _qkv(nq=20, nk=51)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(attention(q, k, v), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_bench_smoke_writes_json_and_plot(tmp_path):
+    """The benchmark script's code path runs (tiny shapes, interpreter); real numbers need a GPU."""
+    import json
+    import sys
+    from pathlib import Path
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter or CUDA")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import kernel_bench
+
+    report = kernel_bench.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "kernel_bench_smoke.json").read_text())
+    assert data["results"]["smoke"]["max_err_vs_fp32"] < 1e-4
+    assert set(data["results"]["smoke"]["sparse"]) == {"1.0", "0.5", "0.25", "0.1"}
+    assert (tmp_path / "kernel_bench_smoke.png").stat().st_size > 1000
+    assert report["versions"]["torch"] == torch.__version__
