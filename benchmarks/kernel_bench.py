@@ -109,13 +109,13 @@ def bench_shape(name: str, B: int, H: int, N: int, D: int, *, dtype, device, blo
         bm = _block_mask(H, nb, density, device)
         lay = BlockLayout.from_block_mask(bm, N, N, block, block)
         entry: dict = {"block_density": lay.block_density}
-        entry["ms"] = _time(lambda: attention(q, k, v, lay, backend=backend), smoke)
+        entry["ms"] = _time(lambda lay=lay: attention(q, k, v, lay, backend=backend), smoke)
         entry["ratio_time_over_density_dense"] = entry["ms"] / (max(lay.block_density, 1e-9) * res["dense_ms"])
         if flex is not None:
             counts = bm.sum(-1).to(torch.int32)
             idx = torch.argsort(bm.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
             bmask = BlockMask.from_kv_blocks(counts, idx, BLOCK_SIZE=block, seq_lengths=(N, N))
-            entry["flex_ms"] = _time(lambda: flex(q, k, v, block_mask=bmask), smoke)
+            entry["flex_ms"] = _time(lambda bmask=bmask: flex(q, k, v, block_mask=bmask), smoke)
             entry["ratio_vs_flex"] = entry["flex_ms"] / entry["ms"]
         res["sparse"][str(density)] = entry
     mods = (LogitDecay(0.9, N // 4), OutputMix(torch.full((H,), 0.25)))
