@@ -1,0 +1,30 @@
+"""Diffusion attention variants: what is computed (see docs/internal-api.md section 2).
+
+`VARIANTS` maps registry names to variant classes; "neighborhood" is an alias of "gna".
+"""
+
+from __future__ import annotations
+
+from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range
+from .lite import LiteAttention
+from .neighborhood import Neighborhood
+from .radial import Radial
+
+__all__ = [
+    "AttnContext",
+    "AttnPlan",
+    "TokenLayout",
+    "Variant",
+    "check_range",
+    "Radial",
+    "Neighborhood",
+    "LiteAttention",
+    "VARIANTS",
+]
+
+VARIANTS: dict[str, type[Variant]] = {
+    "radial": Radial,
+    "gna": Neighborhood,
+    "neighborhood": Neighborhood,
+    "lite": LiteAttention,
+}

@@ -1,0 +1,188 @@
+"""LiteAttention (moonmath-ai/LiteAttention): skip decisions that evolve across denoising steps.
+
+During attention the kernel reports, per visited (query block, key block) tile, whether some
+row's tile maximum came within `threshold` (log2 domain) of that row's running maximum
+(`attn_kernels.TileStats`). Tiles that were visited but not needed are added to the layer's
+skip set; later calls visit only the surviving tiles, so the skipped set only grows (until
+`reset`, a new generation, or a recalibration). There is no separate profiling pass.
+
+Our choices (the official code is an FA3 fork with per-instance state):
+* State lives in `ctx.state` (per layer; the adapter clears it on reset) as a bool skip set
+  [B, H, nqb, nkb] per batch size, so CFG batches keep one set per sample and head.
+* `warmup_steps` (default 1): steps before it visit every tile; the stats of the last warm-up
+  step seed the skip set (with 1, step 0 is dense and seeds it, like the official first call).
+* `recalibrate_every` (None = never): every that many steps after warm-up, all tiles are visited
+  again and the skip set is rebuilt from that call's stats.
+* Text: every block containing a text token (as query or key) is always visited.
+* `must_do` / `must_skip`: half-open ranges [start, end) on the KEY axis (like the official
+  must_do_list / must_skip_list), in visual frames (`range_unit="frame"`, default) or visual
+  tokens (`"token"`). Key blocks overlapping a must-do range are never skipped; key blocks lying
+  entirely inside must-skip ranges (and holding no text) are never visited, warm-up included
+  (the official code also drops blocks that only partly overlap a must-skip range; we keep them so
+  no key outside the range is ever dropped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range
+
+__all__ = ["LiteAttention"]
+
+_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _check_ranges(name: str, ranges: Any) -> tuple[tuple[int, int], ...]:
+    if ranges is None:
+        return ()
+    if not isinstance(ranges, (tuple, list)):
+        raise TypeError(f"LiteAttention.{name} must be a sequence of (start, end) pairs, got {ranges!r}")
+    out = []
+    for i, r in enumerate(ranges):
+        if not (isinstance(r, (tuple, list)) and len(r) == 2 and all(isinstance(x, int) for x in r)):
+            raise TypeError(f"LiteAttention.{name}[{i}] must be an (start, end) int pair, got {r!r}")
+        start, end = int(r[0]), int(r[1])
+        if not 0 <= start < end:
+            raise ValueError(f"LiteAttention.{name}[{i}] must satisfy 0 <= start < end, got {r!r}")
+        out.append((start, end))
+    return tuple(out)
+
+
+@dataclass
+class LiteAttention(Variant):
+    """Evolutionary tile skipping: tiles found negligible stay skipped for the rest of the generation.
+
+    threshold: log2-domain skip threshold (< 0; official default -10, integrations use -6);
+    warmup_steps: leading steps that visit every tile (>= 1); recalibrate_every: revisit all tiles
+    every that many steps (None = never); must_do / must_skip: key ranges, see module docstring;
+    block_size: tile size of the kernel.
+    """
+
+    name: ClassVar[str] = "lite"
+    role: ClassVar[str] = "sparsity"
+    families: ClassVar[tuple[str, ...] | None] = None
+
+    threshold: float = -10.0
+    warmup_steps: int = 1
+    recalibrate_every: int | None = None
+    must_do: tuple = ()
+    must_skip: tuple = ()
+    range_unit: str = "frame"
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        check_range("LiteAttention.threshold", self.threshold, None, -1e-9)
+        self.threshold = float(self.threshold)
+        check_range("LiteAttention.warmup_steps", self.warmup_steps, 1, None, kind=int)
+        if self.recalibrate_every is not None:
+            check_range("LiteAttention.recalibrate_every", self.recalibrate_every, 1, None, kind=int)
+        self.must_do = _check_ranges("must_do", self.must_do)
+        self.must_skip = _check_ranges("must_skip", self.must_skip)
+        if self.range_unit not in ("frame", "token"):
+            raise ValueError(f"LiteAttention.range_unit must be 'frame' or 'token', got {self.range_unit!r}")
+        if self.block_size not in _BLOCK_SIZES:
+            raise ValueError(f"LiteAttention.block_size must be one of {_BLOCK_SIZES}, got {self.block_size!r}")
+
+    # -- static parts -----------------------------------------------------------------------
+    def _key_ranges(self, layout: TokenLayout, ranges: tuple[tuple[int, int], ...], name: str) -> torch.Tensor:
+        """bool [N]: sequence positions covered by visual key ranges."""
+        n = layout.seq_len
+        unit = layout.tokens_per_frame if self.range_unit == "frame" else 1
+        limit = layout.frames if self.range_unit == "frame" else layout.num_visual
+        cover = torch.zeros(n, dtype=torch.bool)
+        v0 = layout.visual_slice.start
+        for i, (a, b) in enumerate(ranges):
+            if b > limit:
+                raise ValueError(
+                    f"LiteAttention.{name}[{i}] = ({a}, {b}) must lie in [0, {limit}] {self.range_unit}s of this layout"
+                )
+            cover[v0 + a * unit : v0 + b * unit] = True
+        return cover
+
+    def static_masks(self, layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(always [nqb, nkb], never [nqb, nkb], key_text [nkb]) block masks of the layout.
+
+        always: blocks with text (row or column) or a must-do key; never: key blocks inside must-skip
+        (unless they hold text or must-do keys)."""
+        n, b = layout.seq_len, self.block_size
+        nb = -(-n // b)
+        pad = nb * b - n
+        text = torch.zeros(n, dtype=torch.bool)
+        text[layout.text_slice] = True
+        text_blk = torch.nn.functional.pad(text, (0, pad)).view(nb, b).any(1)
+        do = self._key_ranges(layout, self.must_do, "must_do")
+        do_blk = torch.nn.functional.pad(do, (0, pad)).view(nb, b).any(1)
+        skip = self._key_ranges(layout, self.must_skip, "must_skip")
+        skip_blk = torch.nn.functional.pad(skip, (0, pad), value=True).view(nb, b).all(1)
+        always = text_blk[:, None] | (text_blk | do_blk)[None, :]
+        never = (skip_blk & ~text_blk & ~do_blk)[None, :].expand(nb, nb) & ~text_blk[:, None]
+        return always, never.clone(), text_blk
+
+    # -- per call ---------------------------------------------------------------------------
+    def _visit_all(self, ctx: AttnContext) -> bool:
+        if ctx.step < self.warmup_steps:
+            return True
+        if self.recalibrate_every is not None:
+            return (ctx.step - self.warmup_steps + 1) % self.recalibrate_every == 0 and ctx.step >= self.warmup_steps
+        return False
+
+    def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
+        from attn_kernels import BlockLayout, TileStats
+
+        layout = ctx.layout
+        key = ("lite", layout, ctx.batch, ctx.heads, self.block_size)
+        st = ctx.state.get(key)
+        if st is None:
+            always, never, _ = self.static_masks(layout)
+            nb = always.shape[0]
+            st = ctx.state[key] = {
+                "always": always.to(ctx.device),
+                "never": never.to(ctx.device),
+                "skip": torch.zeros(ctx.batch, ctx.heads, nb, nb, dtype=torch.bool, device=ctx.device),
+                "has_never": bool(never.any()),
+                "updates": 0,
+            }
+        visit_all = self._visit_all(ctx)
+        if visit_all:
+            visit = (~st["never"]).expand_as(st["skip"])
+        else:
+            visit = ~st["skip"] & ~st["never"]
+        visit = visit | st["always"]
+        update = ctx.step >= self.warmup_steps - 1  # early warm-up steps neither mark nor need stats
+        if not update and not st["has_never"]:
+            return plan  # plain dense call (the adapter may use the model's own attention)
+        n = layout.seq_len
+        plan.layout = BlockLayout.from_block_mask(
+            visit.contiguous(), n, n, block_q=self.block_size, block_k=self.block_size
+        )
+        if not update:
+            return plan
+        stats = TileStats(threshold=self.threshold)
+        plan.tile_stats = stats
+        rebuild = visit_all
+
+        def after(out: Any, p: AttnPlan, st: dict = st, visit: torch.Tensor = visit) -> None:
+            needed = stats.needed
+            if needed is None:
+                raise RuntimeError("LiteAttention: the kernel did not fill TileStats.needed")
+            needed = needed.to(device=visit.device).bool()
+            newly = visit & ~needed & ~st["always"]
+            if rebuild:
+                st["skip"] = newly
+            else:
+                st["skip"] = st["skip"] | newly
+            st["updates"] += 1
+
+        plan.after.append(after)
+        return plan
+
+    def skip_set(self, ctx_state: dict) -> list[torch.Tensor]:
+        """The current skip sets (bool [B, H, nqb, nkb]) stored in a layer's state dict."""
+        return [v["skip"] for k, v in ctx_state.items() if isinstance(k, tuple) and k and k[0] == "lite"]
+
+    def reset(self) -> None:
+        """State lives in ctx.state, which the handle clears on reset."""

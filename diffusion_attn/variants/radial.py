@@ -1,0 +1,237 @@
+"""Radial attention (Li et al. 2025, mit-han-lab/radial-attention) as a static block-sparse mask.
+
+The mask follows the official `radial_attn/attn_mask.py` rules (our own code):
+
+* s = visual tokens per frame, d = |i - j| for latent frames i, j, g = d.bit_length(),
+  L = 2**bitlen(s) / 2**g.
+* Frame pair (i, j): dense when d <= 1 (and, for Wan, every query frame -> frame 0, the attention
+  sink); otherwise a band |k - l| <= w over the in-frame token indices k, l with
+  w = max(L * decay_factor, block_size).
+* Far frame pairs are thinned: when L < block_size the pair is kept only if
+  d % int(block_size / L) == 0 (applied to every pair except the Wan sink, as in the official code).
+* Each frame pair's token mask is reduced to blocks on its own, exactly like the official
+  `shrinkMaskStrict`: the pair is placed at its in-block offset inside ceil(s / block_size) blocks;
+  a block is kept when > 60% of its non-empty columns have density > 1/3; the block masks of all
+  pairs are OR-ed. Text rows and columns (from the block holding the first text token on) are dense.
+  A block row the rule leaves empty (only when frames have fewer than ~block_size / 3 tokens)
+  keeps its diagonal block, so no query is left without keys (our guard, not in the official code).
+
+Differences from the official code (which needs token counts that are multiples of 128): any
+token count and resolution (tail blocks are partial and masked by the kernel), any block size in
+{16, 32, 64, 128} (the official 128 is used for both the minimum band width and the thinning
+threshold), and text placed before the visual tokens is moved behind them with `AttnPlan.perm`
+so the mask is the official [visual, text] one.
+
+Schedule: the first `dense_steps` denoising steps, the first `dense_layers` layers and
+optionally the last `dense_last_steps` steps run dense. Defaults (None) come from the layout's
+family: Wan2.1 (1 layer, 12 steps, decay 0.2, sink), HunyuanVideo (0 layers, 12 steps, decay 0.95).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range
+
+__all__ = ["Radial", "radial_block_mask", "RADIAL_DEFAULTS"]
+
+#: Official settings per adapter family: (dense_layers, dense_steps, decay_factor, attention_sink).
+RADIAL_DEFAULTS: dict[str, tuple[int, int, float, bool]] = {
+    "wan": (1, 12, 0.2, True),  # Wan2.1-14B 768x1280x69f, scripts/wan_t2v_inference.sh
+    "hunyuan_video": (0, 12, 0.95, False),  # HunyuanVideo 117f, scripts/hunyuan_t2v_inference.sh
+}
+#: Families without official settings use HunyuanVideo's (no attention sink).
+_FALLBACK_DEFAULTS = RADIAL_DEFAULTS["hunyuan_video"]
+_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def _pair_rule(i: int, j: int, s: int, decay: float, block: int, sink: bool) -> float | None:
+    """Band half-width of frame pair (i, j) (math.inf = dense), or None when the pair is dropped."""
+    if sink and j == 0:
+        return math.inf
+    d = abs(i - j)
+    g = d.bit_length()
+    length = 2 ** s.bit_length() / 2**g  # official `decay_length` without decay factor
+    if length < block and d % int(block / length) != 0:
+        return None  # official get_diagonal_split_mask -> zeros
+    if d <= 1:
+        return math.inf
+    return max(length * decay, block)
+
+
+def _frame_pair_blocks(rr: int, rc: int, s: int, width: float, block: int) -> torch.Tensor:
+    """Official per-pair shrink: the s x s band placed at offsets (rr, rc) in nbs x nbs blocks."""
+    nbs = -(-s // block)
+    w = s if math.isinf(width) else min(int(math.floor(width)), s)
+    # rows of row-block R in local coordinates: [R*b - rr, R*b - rr + b) ∩ [0, s)
+    starts = torch.arange(nbs) * block - rr
+    r_lo = starts.clamp(min=0).view(nbs, 1)
+    r_hi = (starts + block).clamp(max=s).view(nbs, 1)  # exclusive
+    cols = torch.arange(nbs * block) - rc  # local column index of each padded column
+    c = cols.view(1, -1)
+    lo = torch.maximum(r_lo, c - w)
+    hi = torch.minimum(r_hi, c + w + 1)
+    count = (hi - lo).clamp(min=0)
+    count = torch.where((c >= 0) & (c < s), count, torch.zeros_like(count))  # [nbs, nbs*b]
+    count = count.view(nbs, nbs, block)
+    nonzero = (count > 0).sum(-1)
+    high = (count * 3 > block).sum(-1)  # density > 1/3
+    return high * 5 > nonzero * 3  # > 60% of the non-empty columns (0 non-empty -> False)
+
+
+def radial_block_mask(
+    grid: tuple[int, int, int],
+    text_len: int = 0,
+    *,
+    decay_factor: float,
+    attention_sink: bool,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Block mask [nb, nb] (bool, CPU) of radial attention on the sequence [visual, text].
+
+    `grid` = (frames, height, width) of visual tokens; nb = ceil((visual + text) / block_size).
+    """
+    frames = int(grid[0])
+    s = int(grid[1]) * int(grid[2])
+    nv = frames * s
+    n = nv + text_len
+    b = block_size
+    nb = -(-n // b)
+    out = torch.zeros(nb, nb, dtype=torch.bool)
+    if text_len > 0:
+        border = nv // b  # official: the block holding the video/text border is dense too
+        out[border:] = True
+        out[:, border:] = True
+    memo: dict[tuple[int, int, float], torch.Tensor] = {}
+    nbs = -(-s // b)
+    for i in range(frames):
+        r0 = (i * s) // b
+        rr = (i * s) % b
+        for j in range(frames):
+            width = _pair_rule(i, j, s, decay_factor, b, attention_sink)
+            if width is None:
+                continue
+            rc = (j * s) % b
+            key = (rr, rc, width)
+            blk = memo.get(key)
+            if blk is None:
+                blk = memo[key] = _frame_pair_blocks(rr, rc, s, width, b)
+            c0 = (j * s) // b
+            r1, c1 = min(r0 + nbs, nb), min(c0 + nbs, nb)
+            out[r0:r1, c0:c1] |= blk[: r1 - r0, : c1 - c0]
+    # Guard (not in the official code): with frames much smaller than a block (< ~block/3 tokens)
+    # the density rule can drop a whole block row, leaving its queries without any key. Such a row
+    # keeps its diagonal block. Never triggers where the official mask has no empty row.
+    empty = ~out.any(1)
+    if bool(empty.any()):
+        idx = torch.nonzero(empty).flatten()
+        out[idx, idx] = True
+    return out
+
+
+@dataclass
+class Radial(Variant):
+    """Radial attention: static O(n log n) spatio-temporal block mask with dense warm-up.
+
+    decay_factor: band width multiplier (> 0); dense_steps: first denoising steps run dense;
+    dense_layers: first hooked layers run dense; dense_last_steps: last steps run dense (needs
+    `num_steps`, the generation's number of denoising steps); attention_sink: every query sees
+    frame 0 (Wan). None picks the family default (see RADIAL_DEFAULTS).
+    """
+
+    name: ClassVar[str] = "radial"
+    role: ClassVar[str] = "sparsity"
+    families: ClassVar[tuple[str, ...] | None] = None
+
+    decay_factor: float | None = None
+    dense_steps: int | None = None
+    dense_layers: int | None = None
+    dense_last_steps: int = 0
+    num_steps: int | None = None
+    attention_sink: bool | None = None
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        self._cache: dict = {}  # static plans per (layout, device); not a dataclass field
+        if self.decay_factor is not None:
+            check_range("Radial.decay_factor", self.decay_factor, 1e-6, None)
+            self.decay_factor = float(self.decay_factor)
+        for name in ("dense_steps", "dense_layers", "num_steps"):
+            val = getattr(self, name)
+            if val is not None:
+                check_range(f"Radial.{name}", val, 0 if name != "num_steps" else 1, None, kind=int)
+        check_range("Radial.dense_last_steps", self.dense_last_steps, 0, None, kind=int)
+        if self.attention_sink is not None and not isinstance(self.attention_sink, bool):
+            raise TypeError(f"Radial.attention_sink must be bool or None, got {self.attention_sink!r}")
+        if self.block_size not in _BLOCK_SIZES:
+            raise ValueError(f"Radial.block_size must be one of {_BLOCK_SIZES}, got {self.block_size!r}")
+
+    # -- resolved settings ------------------------------------------------------------------
+    def resolved(self, family: str) -> dict[str, Any]:
+        """The effective settings for an adapter family (None options replaced by its defaults)."""
+        layers, steps, decay, sink = RADIAL_DEFAULTS.get(family, _FALLBACK_DEFAULTS)
+        return {
+            "dense_layers": layers if self.dense_layers is None else self.dense_layers,
+            "dense_steps": steps if self.dense_steps is None else self.dense_steps,
+            "decay_factor": decay if self.decay_factor is None else self.decay_factor,
+            "attention_sink": sink if self.attention_sink is None else self.attention_sink,
+        }
+
+    def is_dense(self, ctx: AttnContext) -> bool:
+        """True when this call runs dense (warm-up step, dense layer or dense last step)."""
+        cfg = self.resolved(ctx.layout.family)
+        if ctx.step < cfg["dense_steps"] or ctx.layer < cfg["dense_layers"]:
+            return True
+        if self.dense_last_steps > 0:
+            total = self.num_steps if self.num_steps is not None else getattr(ctx, "num_steps", None)
+            if total is None:
+                raise ValueError("Radial.dense_last_steps > 0 needs Radial.num_steps (the number of denoising steps)")
+            if ctx.step >= total - self.dense_last_steps:
+                return True
+        return False
+
+    def block_mask(self, layout: TokenLayout) -> torch.Tensor:
+        """Block mask [nb, nb] on the sequence [visual, text] (cached per layout and options)."""
+        cfg = self.resolved(layout.family)
+        return radial_block_mask(
+            layout.grid,
+            layout.text_len,
+            decay_factor=cfg["decay_factor"],
+            attention_sink=cfg["attention_sink"],
+            block_size=self.block_size,
+        )
+
+    def _static(self, layout: TokenLayout, device: torch.device) -> tuple[Any, torch.Tensor | None]:
+        cfg = self.resolved(layout.family)
+        key = (layout, cfg["decay_factor"], cfg["attention_sink"], self.block_size, str(device))
+        hit = self._cache.get(key)
+        if hit is None:
+            from attn_kernels import BlockLayout
+
+            bm = self.block_mask(layout)
+            n = layout.seq_len
+            bl = BlockLayout.from_block_mask(bm[None, None], n, n, block_q=self.block_size, block_k=self.block_size).to(
+                device
+            )
+            perm = None
+            if layout.text_first and layout.text_len > 0:
+                perm = torch.cat([torch.arange(layout.text_len, n), torch.arange(layout.text_len)]).to(
+                    device=device, dtype=torch.int64
+                )
+            hit = self._cache[key] = (bl, perm)
+        return hit
+
+    def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
+        if self.is_dense(ctx):
+            return plan
+        layout, perm = self._static(ctx.layout, ctx.device)
+        plan.layout = layout
+        plan.perm = perm
+        return plan
+
+    def reset(self) -> None:
+        """The mask is static; nothing per generation (the layout cache is kept)."""
