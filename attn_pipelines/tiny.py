@@ -1,0 +1,217 @@
+"""Tiny pipelines built in code: the embedded default of `attnplug generate` and the test fixtures.
+
+They are real diffusers/transformers classes (`WanPipeline`, `FluxPipeline`) with a few
+thousand random parameters drawn from a fixed seed and tokenizers built with the `tokenizers`
+library, so nothing is downloaded. They are UNTRAINED: their output is noise. They exist so the
+whole path (tokenize, encode, denoise with hooked attention, decode, write a file) runs anywhere
+in a few seconds, and so tests can `save_tiny_pipeline` to a directory and load it back with
+`DiffusionPipeline.from_pretrained` exactly like a real checkpoint.
+
+kinds: "wan" (text-to-video, `WanPipeline`) and "flux" (text-to-image, `FluxPipeline`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["TINY_KINDS", "TINY_DEFAULTS", "UNTRAINED_NOTICE", "build_tiny_pipeline", "save_tiny_pipeline"]
+
+TINY_KINDS = ("wan", "flux")
+
+#: generation defaults that fit the tiny pipelines (multiples of 16 px; Wan frames = 4k + 1).
+TINY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "wan": {"height": 64, "width": 64, "frames": 9, "steps": 4, "guidance_scale": 5.0, "dtype": "float32"},
+    "flux": {"height": 64, "width": 64, "frames": 1, "steps": 4, "guidance_scale": 3.5, "dtype": "float32"},
+}
+
+UNTRAINED_NOTICE = (
+    "note: no --model given, using the EMBEDDED DEFAULT: a tiny {kind} pipeline built in code with "
+    "random (untrained) weights, so the output is noise. Pass --model <hub id or directory> for a real "
+    "checkpoint (see `attnplug list` for presets)."
+)
+
+_WORDS = (
+    "a an the of in on at with and to from by over under near fox cat dog bird fish horse car boat "
+    "tree forest river lake sea ocean mountain snow rain sun moon sky cloud city street night day "
+    "red green blue white black golden running flying walking jumping swimming sitting slow fast "
+    "camera shot close up wide view cinematic photo portrait painting style high quality detailed "
+    "blurry low worst bad ugly"
+).split()
+
+
+def _unigram_tokenizer(model_max_length: int, *, bos: bool) -> Any:
+    """A small Unigram tokenizer (T5-style ids: <pad>=0, </s>=1, <unk>=2) wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"] + (["<s>"] if bos else [])
+    vocab = [(t, 0.0) for t in specials]
+    vocab += [("\u2581" + w, -2.0) for w in _WORDS]
+    vocab += [("\u2581", -4.0)]
+    vocab += [(c, -6.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"]
+    tok = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    eos_id = 1
+    if bos:
+        bos_id = specials.index("<s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", bos_id), ("</s>", eos_id)]
+        )
+    else:
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)]
+        )
+    kw = {"bos_token": "<s>"} if bos else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+        **kw,
+    )
+
+
+def _build_wan() -> Any:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = _unigram_tokenizer(512, bos=False)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer) + 4,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    )
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+
+
+def _build_flux() -> Any:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = _unigram_tokenizer(77, bos=True)
+    tokenizer_2 = _unigram_tokenizer(512, bos=False)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer) + 4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            pad_token_id=0,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=1,
+            hidden_act="gelu",
+        )
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2) + 4,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler()
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+def build_tiny_pipeline(kind: str = "wan", seed: int = 0) -> Any:
+    """Build the tiny untrained pipeline `kind` ("wan" video or "flux" image), weights from `seed`.
+
+    The global torch RNG is left untouched (weights are drawn inside a forked RNG state).
+    """
+    if kind not in TINY_KINDS:
+        raise ValueError(f"kind must be one of {TINY_KINDS}, got {kind!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be int, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipe = _build_wan() if kind == "wan" else _build_flux()
+    pipe.set_progress_bar_config(desc=f"tiny {kind}")
+    return pipe
+
+
+def save_tiny_pipeline(path: str | Path, kind: str = "wan", seed: int = 0) -> Path:
+    """Save the tiny pipeline `kind` to directory `path` (diffusers layout, loadable by `--model path`)."""
+    path = Path(path)
+    pipe = build_tiny_pipeline(kind, seed)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
