@@ -121,6 +121,7 @@ class BlockLayout:
         self.partial = partial
         self.elem_mask = elem_mask
         self._transpose: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._dense_cache: dict[str, torch.Tensor] = {}  # layouts are immutable: cache dense views
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -341,18 +342,24 @@ class BlockLayout:
 
     def to_block_mask(self) -> torch.Tensor:
         """Dense bool ``[Bl, Hl, nqb, nkb]``: True where the block is visited."""
+        if "block" in self._dense_cache:
+            return self._dense_cache["block"]
         nqb, nkb = self.num_q_blocks, self.num_k_blocks
         out = torch.zeros(self.batch * self.heads * nqb, nkb, dtype=torch.bool, device=self.device)
         out[self._row_of_entries(), self.col_idx.long()] = True
-        return out.view(self.batch, self.heads, nqb, nkb)
+        self._dense_cache["block"] = out.view(self.batch, self.heads, nqb, nkb)
+        return self._dense_cache["block"]
 
     def partial_index(self) -> torch.Tensor:
         """Dense int32 ``[Bl, Hl, nqb, nkb]``: element-mask index of partial blocks, -1 elsewhere."""
+        if "partial" in self._dense_cache:
+            return self._dense_cache["partial"]
         nqb, nkb = self.num_q_blocks, self.num_k_blocks
         out = torch.full((self.batch * self.heads * nqb, nkb), -1, dtype=torch.int32, device=self.device)
         if self.partial is not None:
             out[self._row_of_entries(), self.col_idx.long()] = self.partial
-        return out.view(self.batch, self.heads, nqb, nkb)
+        self._dense_cache["partial"] = out.view(self.batch, self.heads, nqb, nkb)
+        return self._dense_cache["partial"]
 
     def row_token_mask(self, qb: int) -> torch.Tensor:
         """Token mask of query block ``qb``: bool ``[Bl, Hl, block_q, k_len]`` (tails masked)."""
