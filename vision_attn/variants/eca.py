@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 import torch.nn as nn
 from timm.layers import EcaModule
 
@@ -28,11 +29,22 @@ def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int
     return max(t if t % 2 else t + 1, 3)
 
 
+class FusedEcaModule(EcaModule):
+    """timm's `EcaModule` (same parameters) that runs attnplug's fused Triton kernel on CUDA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.conv2 is None:
+            from attn_kernels.channel_attn import eca_fused
+
+            return eca_fused(x, self.conv.weight, 2.0 if isinstance(self.gate, TwoSigmoid) else 1.0, backend="triton")
+        return super().forward(x)
+
+
 def make_eca(channels: int, kernel_size: int | None = None, mode: str = "identity") -> EcaModule:
-    """A timm `EcaModule`; mode "identity" uses a 2·sigmoid gate and a zero conv (exact identity)."""
+    """A timm-compatible ECA module; mode "identity" uses a 2·sigmoid gate and a zero conv (exact identity)."""
     check_mode("ECA", mode)
     k = eca_kernel_size(channels) if kernel_size is None else kernel_size
-    m = EcaModule(kernel_size=k, gate_layer=TwoSigmoid if mode == "identity" else "sigmoid")
+    m = FusedEcaModule(kernel_size=k, gate_layer=TwoSigmoid if mode == "identity" else "sigmoid")
     if mode == "identity":
         nn.init.zeros_(m.conv.weight)
     return m
