@@ -43,3 +43,16 @@ def test_errors():
         eca_fused(torch.randn(1, 4, 2, 2), torch.randn(1, 1, 4))
     with pytest.raises(ValueError, match=r"x must be \[B, C, H, W\]"):
         eca_fused(torch.randn(4, 2, 2), torch.randn(1, 1, 3))
+
+
+def test_bench_smoke(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import channel_attn_bench
+
+    channel_attn_bench.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "channel_attn_bench_smoke.json").read_text())
+    assert data["results"][0]["max_err"] < 1e-5
