@@ -36,6 +36,27 @@ def _time(fn, cuda: bool) -> float:
     return (time.perf_counter() - t) * 1e3
 
 
+def _bench_shape(B: int, C: int, H: int, W: int, dev: str, dtype: torch.dtype, cuda: bool) -> dict:
+    from timm.layers import EcaModule
+
+    from attn_kernels.channel_attn import eca_fused
+
+    x = torch.randn(B, C, H, W, device=dev, dtype=dtype, requires_grad=True)
+    eager = EcaModule(channels=C).to(dev, dtype)
+    w = eager.conv.weight
+    go = torch.randn_like(x)
+    fused = lambda: eca_fused(x, w, 1.0, backend="triton")  # noqa: E731
+    fwd_e = _time(lambda: eager(x), cuda)
+    fwd_f = _time(fused, cuda)
+    bwd_e = _time(lambda: torch.autograd.grad(eager(x), x, go), cuda)
+    bwd_f = _time(lambda: torch.autograd.grad(fused(), x, go), cuda)
+    err = float((eager(x) - fused()).abs().max())
+    gb = 2 * x.numel() * x.element_size() / 1e9  # one read + one write (ideal traffic, fwd)
+    return dict(shape=[B, C, H, W], fwd_eager_ms=fwd_e, fwd_fused_ms=fwd_f, fwdbwd_eager_ms=bwd_e,
+                fwdbwd_fused_ms=bwd_f, speedup_fwd=fwd_e / fwd_f, speedup_fwdbwd=bwd_e / bwd_f,
+                fused_fwd_gbps_ideal_traffic=gb / (fwd_f / 1e3), max_err=err)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
@@ -47,28 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     elif not torch.cuda.is_available():
         raise SystemExit("channel_attn_bench.py needs a CUDA GPU (use --smoke to check the script on CPU)")
     import triton
-    from timm.layers import EcaModule
 
-    from attn_kernels.channel_attn import eca_fused
 
     cuda = not args.smoke
     dev = "cuda" if cuda else "cpu"
     dtype = getattr(torch, args.dtype) if cuda else torch.float32
-    rows = []
-    for B, C, H, W in SMOKE if args.smoke else SHAPES:
-        x = torch.randn(B, C, H, W, device=dev, dtype=dtype, requires_grad=True)
-        eager = EcaModule(channels=C).to(dev, dtype)
-        w = eager.conv.weight
-        go = torch.randn_like(x)
-        fwd_e = _time(lambda: eager(x), cuda)
-        fwd_f = _time(lambda: eca_fused(x, w, 1.0, backend="triton"), cuda)
-        bwd_e = _time(lambda: torch.autograd.grad(eager(x), x, go), cuda)
-        bwd_f = _time(lambda: torch.autograd.grad(eca_fused(x, w, 1.0, backend="triton"), x, go), cuda)
-        err = float((eager(x) - eca_fused(x, w, 1.0, backend="triton")).abs().max())
-        gb = 2 * x.numel() * x.element_size() / 1e9  # one read + one write (ideal traffic, fwd)
-        rows.append(dict(shape=[B, C, H, W], fwd_eager_ms=fwd_e, fwd_fused_ms=fwd_f, fwdbwd_eager_ms=bwd_e,
-                         fwdbwd_fused_ms=bwd_f, speedup_fwd=fwd_e / fwd_f, speedup_fwdbwd=bwd_e / bwd_f,
-                         fused_fwd_gbps_ideal_traffic=gb / (fwd_f / 1e3), max_err=err))  # fmt: skip
+    rows = [_bench_shape(B, C, H, W, dev, dtype, cuda) for B, C, H, W in (SMOKE if args.smoke else SHAPES)]
     report = {
         "benchmark": "channel_attn_bench",
         "smoke": args.smoke,
