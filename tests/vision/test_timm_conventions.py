@@ -11,15 +11,16 @@ import torch
 from vision_attn.models import registered_names
 
 NAMES = registered_names()
-EXPECTED = {"coord_mobilenetv2_100", "eca_mobilenetv2_100", "eca_efficientnet_b0", "eca_convnext_tiny"}
+EXPECTED = {"coord_mobilenetv2_100", "eca_mobilenetv2_100", "eca_efficientnet_b0", "eca_convnext_tiny",
+            "agent_deit_tiny_patch16_224", "agent_deit_small_patch16_224", "agent_deit_base_patch16_224"}  # fmt: skip
 
 
 def _kwargs(name: str) -> dict:
-    return {"img_size": 32} if name.startswith("agent_") else {}
+    return {"img_size": 48, "num_agents": 4} if name.startswith("agent_") else {}
 
 
 def _input(model) -> torch.Tensor:
-    size = 32 if getattr(model, "patch_embed", None) is not None else 64
+    size = 48 if getattr(model, "patch_embed", None) is not None else 64
     return torch.randn(2, 3, size, size)
 
 

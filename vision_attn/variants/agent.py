@@ -1,0 +1,171 @@
+"""Agent attention (Han et al., ECCV 2024; LeapLabTHU/Agent-Attention) for timm ViT/DeiT.
+
+    A = AdaptiveAvgPool2d(a_h x a_w)(Q_patches)                  agent tokens, prefix tokens excluded
+    O = softmax(Q·Aᵀ·s + B2) · softmax(A·Kᵀ·s + B1) · V + DWC(V)  s = head_dim^-0.5
+
+B1 / B2 are position biases as in the paper's DeiT model: block biases (heads, n, 7, 7)
+interpolated bilinearly to the patch grid plus row and column biases, and separate biases for
+prefix (class / register / distillation) tokens; DWC is a depthwise 3x3 conv on V as a
+(B, C, H, W) map, added to the patch tokens before `proj`. `qkv`, `q_norm`, `k_norm`, `proj`
+are timm's own modules, reused, so pretrained weights carry over; the new biases and the DWC
+start at zero. Agent attention approximates softmax attention: a converted model is close to,
+not equal to, the original until it is fine-tuned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["Agent", "AgentAttention", "agent_grid"]
+
+
+def agent_grid(num_agents: int, grid: tuple[int, int]) -> tuple[int, int]:
+    """(a_h, a_w) with a_h * a_w = num_agents and the patch grid's aspect (square grids: a perfect square)."""
+    gh, gw = grid
+    if num_agents > gh * gw:
+        raise ValueError(
+            f"Agent.num_agents={num_agents} is larger than the {gh}x{gw}={gh * gw} patch tokens; "
+            f"allowed range [1, {gh * gw}]"
+        )
+    pairs = [(a, num_agents // a) for a in range(1, num_agents + 1) if num_agents % a == 0]
+    pairs = [(a, b) for a, b in pairs if a <= gh and b <= gw]
+    if gh == gw:
+        r = math.isqrt(num_agents)
+        if r * r != num_agents:
+            raise ValueError(
+                f"Agent.num_agents must be a perfect square for a square {gh}x{gw} patch grid, got {num_agents}"
+            )
+        return (r, r)
+    if not pairs:
+        raise ValueError(f"Agent.num_agents={num_agents} has no factorisation a_h x a_w that fits the {gh}x{gw} grid")
+    return min(pairs, key=lambda p: abs(math.log((p[0] / p[1]) / (gh / gw))))
+
+
+class AgentAttention(nn.Module):
+    """Drop-in replacement of `timm.layers.Attention` computing agent attention."""
+
+    def __init__(
+        self, attn: nn.Module, grid: tuple[int, int], num_prefix_tokens: int, num_agents: int, dwc_kernel: int = 3
+    ) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.scale = self.head_dim**-0.5
+        self.grid = tuple(grid)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.agent_hw = agent_grid(num_agents, self.grid)
+        self.num_agents = num_agents
+        dim = self.num_heads * self.head_dim
+        # timm's own modules, reused (pretrained weights carry over)
+        self.qkv = attn.qkv
+        self.q_norm = attn.q_norm
+        self.k_norm = attn.k_norm
+        self.attn_drop = attn.attn_drop
+        self.norm = getattr(attn, "norm", nn.Identity())
+        self.proj = attn.proj
+        self.proj_drop = attn.proj_drop
+        h, n, (gh, gw), p = self.num_heads, num_agents, self.grid, num_prefix_tokens
+        self.pool = nn.AdaptiveAvgPool2d(self.agent_hw)
+        self.dwc = nn.Conv2d(dim, dim, dwc_kernel, padding=dwc_kernel // 2, groups=dim)
+        nn.init.zeros_(self.dwc.weight)
+        nn.init.zeros_(self.dwc.bias)
+        # position biases, zero-initialised (agent -> tokens: B1; tokens -> agent: B2)
+        self.an_bias = nn.Parameter(torch.zeros(h, n, 7, 7))
+        self.ah_bias = nn.Parameter(torch.zeros(1, h, n, gh, 1))
+        self.aw_bias = nn.Parameter(torch.zeros(1, h, n, 1, gw))
+        self.na_bias = nn.Parameter(torch.zeros(h, n, 7, 7))
+        self.ha_bias = nn.Parameter(torch.zeros(1, h, gh, 1, n))
+        self.wa_bias = nn.Parameter(torch.zeros(1, h, 1, gw, n))
+        self.ac_bias = nn.Parameter(torch.zeros(1, h, n, p)) if p else None
+        self.ca_bias = nn.Parameter(torch.zeros(1, h, p, n)) if p else None
+
+    def _biases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        h, n, (gh, gw) = self.num_heads, self.num_agents, self.grid
+        b1 = F.interpolate(self.an_bias, size=(gh, gw), mode="bilinear", align_corners=False).unsqueeze(0)
+        b1 = (b1 + self.ah_bias + self.aw_bias).reshape(1, h, n, gh * gw)
+        b2 = F.interpolate(self.na_bias, size=(gh, gw), mode="bilinear", align_corners=False)
+        b2 = b2.permute(0, 2, 3, 1).unsqueeze(0)  # [1, h, gh, gw, n]
+        b2 = (b2 + self.ha_bias + self.wa_bias).reshape(1, h, gh * gw, n)
+        if self.num_prefix_tokens:
+            b1 = torch.cat([self.ac_bias, b1], dim=-1)
+            b2 = torch.cat([self.ca_bias, b2], dim=-2)
+        return b1, b2
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if attn_mask is not None:
+            raise ValueError("AgentAttention does not support attn_mask")
+        B, N, C = x.shape
+        p, (gh, gw) = self.num_prefix_tokens, self.grid
+        if N != p + gh * gw:
+            raise ValueError(
+                f"AgentAttention was built for a {gh}x{gw} patch grid + {p} prefix tokens = {p + gh * gw} tokens, "
+                f"got {N} (image size changed? dynamic image sizes are not supported)"
+            )
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        qp = q[:, :, p:].reshape(B * self.num_heads, gh, gw, self.head_dim).permute(0, 3, 1, 2)
+        agents = self.pool(qp).reshape(B, self.num_heads, self.head_dim, -1).transpose(-1, -2)  # [B,h,n,d]
+        b1, b2 = self._biases()
+        agent_attn = self.attn_drop(torch.softmax((agents * self.scale) @ k.transpose(-2, -1) + b1, dim=-1))
+        agent_v = agent_attn @ v  # [B,h,n,d]
+        q_attn = self.attn_drop(torch.softmax((q * self.scale) @ agents.transpose(-2, -1) + b2, dim=-1))
+        out = (q_attn @ agent_v).transpose(1, 2).reshape(B, N, C)
+        vp = v[:, :, p:].transpose(1, 2).reshape(B, gh, gw, C).permute(0, 3, 1, 2)
+        dwc = self.dwc(vp).permute(0, 2, 3, 1).reshape(B, gh * gw, C)
+        out = torch.cat([out[:, :p], out[:, p:] + dwc], dim=1)
+        return self.proj_drop(self.proj(self.norm(out)))
+
+
+@dataclass
+class Agent:
+    """Agent attention for timm VisionTransformer-family models (ViT, DeiT, incl. register tokens).
+
+    num_agents: agents per block (a perfect square for square grids; <= patch tokens);
+    blocks: indices of the blocks to convert (None = all); dwc_kernel: odd DWC kernel size.
+    """
+
+    name: ClassVar[str] = "agent"
+    num_agents: int = 49
+    blocks: tuple[int, ...] | None = None
+    dwc_kernel: int = 3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_agents, bool) or not isinstance(self.num_agents, int) or self.num_agents < 1:
+            raise ValueError(f"Agent.num_agents must be an int >= 1, got {self.num_agents!r}")
+        if not isinstance(self.dwc_kernel, int) or self.dwc_kernel < 1 or self.dwc_kernel % 2 == 0:
+            raise ValueError(f"Agent.dwc_kernel must be an odd int >= 1, got {self.dwc_kernel!r}")
+        if self.blocks is not None:
+            self.blocks = tuple(int(b) for b in self.blocks)
+
+    def inject(self, model: nn.Module, handle) -> None:
+        from timm.layers import Attention
+
+        blocks = getattr(model, "blocks", None)
+        embed = getattr(model, "patch_embed", None)
+        if blocks is None or embed is None or not hasattr(embed, "grid_size"):
+            raise ValueError(
+                f"Agent: {type(model).__name__} is not supported; supported: timm VisionTransformer-family models "
+                "(vit_*, deit_*, incl. register tokens) whose blocks use timm.layers.Attention"
+            )
+        if getattr(model, "dynamic_img_size", False):
+            raise ValueError("Agent: models created with dynamic_img_size=True are not supported (fixed patch grid)")
+        grid = tuple(int(g) for g in embed.grid_size)
+        agent_grid(self.num_agents, grid)  # validate before patching anything
+        idx = range(len(blocks)) if self.blocks is None else self.blocks
+        for i in idx:
+            if not 0 <= i < len(blocks):
+                raise ValueError(f"Agent.blocks has index {i}; allowed range [0, {len(blocks)})")
+            attn = blocks[i].attn
+            if type(attn) is not Attention:
+                raise ValueError(
+                    f"Agent: block {i} uses {type(attn).__name__}; only timm.layers.Attention is supported"
+                )
+        for i in idx:
+            new = AgentAttention(blocks[i].attn, grid, model.num_prefix_tokens, self.num_agents, self.dwc_kernel)
+            handle.replace(blocks[i], "attn", new.to(next(blocks[i].parameters()).device))
