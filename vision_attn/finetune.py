@@ -26,10 +26,7 @@ __all__ = ["VISION_VARIANTS", "build_model", "main", "parse_variant"]
 def _variants() -> dict[str, type]:
     import vision_attn as va
 
-    out = {"eca": va.ECA, "coord": va.CoordAttention}
-    if hasattr(va, "Agent"):
-        out["agent"] = va.Agent
-    return out
+    return {"eca": va.ECA, "coord": va.CoordAttention, "agent": va.Agent}
 
 
 VISION_VARIANTS = _variants

@@ -7,12 +7,8 @@ import importlib
 _FAMILIES = ("agent_deit", "coord_eca")
 _loaded: list[str] = []
 for _name in _FAMILIES:
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-        _loaded.append(_name)
-    except ModuleNotFoundError as e:  # pragma: no cover - family not written yet
-        if e.name != f"{__name__}.{_name}":
-            raise
+    importlib.import_module(f"{__name__}.{_name}")
+    _loaded.append(_name)
 
 
 def registered_names() -> list[str]:
