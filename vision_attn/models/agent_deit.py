@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
-from ..inject import inject
 from ..variants.agent import Agent
-from .coord_eca import _keys, _load_local
+from ._builder import build_injected
 
 __all__: list[str] = []
 
@@ -50,26 +48,7 @@ default_cfgs = generate_default_cfgs(
 
 def _create(name: str, pretrained: bool = False, num_agents: int | None = None, **kwargs: Any) -> nn.Module:
     base, agents, blocks = _ARCHS[name]
-    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
-    kwargs.pop("cache_dir", None)
-    model = timm.create_model(base, pretrained=False, **kwargs)
-    handle = inject(model, Agent(num_agents=num_agents or agents, blocks=blocks))
-    new_keys = {k for m_name, m in model.named_modules() if m in handle.new_modules for k in _keys(m_name, m)}
-    new_keys = {k for k in new_keys if not k.split(".attn.")[-1].startswith(("qkv", "proj", "q_norm", "k_norm"))}
-    cfg = timm.models.get_pretrained_cfg(name).to_dict()
-    if isinstance(pretrained_cfg, dict):
-        cfg.update(pretrained_cfg)
-    cfg.update(overlay)
-    model.pretrained_cfg = model.default_cfg = cfg
-    if pretrained:
-        if not cfg.get("file"):
-            raise RuntimeError(
-                f"{name} has no published weights: pass pretrained_cfg_overlay=dict(file=...) with a local checkpoint "
-                f"of {name} or of the original {base}"
-            )
-        _load_local(model, cfg["file"], new_keys)
-    return model
+    return build_injected(name, base, Agent(num_agents=num_agents or agents, blocks=blocks), pretrained, kwargs)
 
 
 @register_model

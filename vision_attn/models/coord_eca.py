@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import generate_default_cfgs, load_state_dict, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ..inject import inject
 from ..variants.coord import CoordAttention
 from ..variants.eca import ECA
+from ._builder import build_injected
 
 __all__: list[str] = []
 
@@ -51,48 +50,9 @@ def _cfg(base: str, **kwargs: Any) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({name: _cfg(base) for name, (base, _) in _ARCHS.items()})
 
 
-def _load_local(model: nn.Module, file: str, new_keys: set[str]) -> None:
-    """Load a local checkpoint of the base model or of this model; only attnplug keys may be missing."""
-    state = load_state_dict(file)
-    own = model.state_dict()
-    head_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    for k in head_mismatch:  # e.g. a different num_classes: keep the fresh classifier, as timm does
-        state.pop(k)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    bad_missing = [k for k in missing if k not in new_keys and k not in head_mismatch]
-    if bad_missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint {file} does not fit {type(model).__name__}: missing {bad_missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-
-
 def _create(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     base, variant_cls = _ARCHS[name]
-    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
-    kwargs.pop("cache_dir", None)
-    model = timm.create_model(base, pretrained=False, **kwargs)
-    handle = inject(model, variant_cls())
-    new_keys = {k for m_name, m in model.named_modules() if m in handle.new_modules for k in _keys(m_name, m)}
-    cfg = timm.models.get_pretrained_cfg(name).to_dict()
-    if isinstance(pretrained_cfg, dict):
-        cfg.update(pretrained_cfg)
-    cfg.update(overlay)
-    model.pretrained_cfg = model.default_cfg = cfg
-    if pretrained:
-        file = cfg.get("file")
-        if not file:
-            raise RuntimeError(
-                f"{name} has no published weights: pass pretrained_cfg_overlay=dict(file=...) with a local checkpoint "
-                f"of {name} or of the original {base}"
-            )
-        _load_local(model, file, new_keys)
-    return model
-
-
-def _keys(prefix: str, module: nn.Module) -> list[str]:
-    return [f"{prefix}.{k}" for k in module.state_dict()]
+    return build_injected(name, base, variant_cls(), pretrained, kwargs)
 
 
 @register_model
