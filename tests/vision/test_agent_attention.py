@@ -120,3 +120,16 @@ def test_agent_deit_loads_an_original_deit_checkpoint(tmp_path):
     assert torch.equal(model.head.weight, deit.head.weight)
     base = timm.create_model("agent_deit_base_patch16_224", img_size=96, num_classes=5, num_agents=9)
     assert [type(b.attn).__name__ for b in base.blocks[3:5]] == ["AgentAttention", "Attention"]  # first 4 only
+
+
+def test_agent_bench_smoke(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import agent_bench
+
+    agent_bench.main(["--smoke", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "agent_bench_smoke.json").read_text())["results"]
+    assert [r["img_size"] for r in rows] == [32, 64] and all(r["agent_img_s"] > 0 for r in rows)
