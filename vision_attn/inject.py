@@ -49,6 +49,7 @@ class InjectionHandle:
     replacements: list[_Replacement] = field(default_factory=list)
     added: list[tuple[nn.Module, str, Any]] = field(default_factory=list)  # (parent, name, previous attr)
     hooks: list[Any] = field(default_factory=list)  # torch RemovableHandles
+    attrs: list[tuple[Any, str, Any]] = field(default_factory=list)  # (object, attribute, previous value)
     removed: bool = False
 
     def replace(self, parent: nn.Module, name: str, new: nn.Module) -> None:
@@ -83,6 +84,11 @@ class InjectionHandle:
         parent.add_module(name, new)
         self.added.append((parent, name, previous))
 
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        """Set a plain attribute or buffer (e.g. a Swin block's window size); restored by `remove()`."""
+        self.attrs.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
     def add_forward_hook(self, module: nn.Module, hook: Any) -> None:
         """Register `hook(module, args, output)` on `module`; removed by `remove()`."""
         self.hooks.append(module.register_forward_hook(hook))
@@ -98,6 +104,9 @@ class InjectionHandle:
         for h in reversed(self.hooks):
             h.remove()
         self.hooks.clear()
+        for obj, name, previous in reversed(self.attrs):
+            setattr(obj, name, previous)
+        self.attrs.clear()
         for parent, name, previous in reversed(self.added):
             parent._modules.pop(name, None)
             if previous is not _MISSING:
@@ -138,7 +147,7 @@ def inject(model: nn.Module, variant: VisionVariant) -> InjectionHandle:
     except BaseException:
         handle.remove()
         raise
-    if not (handle.replacements or handle.added):
+    if not (handle.replacements or handle.added or handle.attrs):
         handle.removed = True
         raise ValueError(
             f"inject(): variant {getattr(variant, 'name', type(variant).__name__)!r} found no place to go "

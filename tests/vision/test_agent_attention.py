@@ -133,3 +133,26 @@ def test_agent_bench_smoke(tmp_path):
     agent_bench.main(["--smoke", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "agent_bench_smoke.json").read_text())["results"]
     assert [r["img_size"] for r in rows] == [32, 64] and all(r["agent_img_s"] > 0 for r in rows)
+
+
+def test_swin_stages_get_one_global_window_and_restore_exactly():
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", img_size=112, num_classes=5, embed_dim=32, depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        ref = model(x)
+    h = va.inject(model, va.Agent(num_agents=9))
+    blk = model.layers[1].blocks[1]  # a shifted-window block becomes one global window, no shift
+    assert isinstance(blk.attn, AgentAttention) and blk.window_size == (14, 14) and blk.shift_size == (0, 0)
+    assert type(model.layers[2].blocks[0].attn).__name__ == "WindowAttention"  # later stages keep windows
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, 5) and not torch.isnan(out).any()
+    h.remove()
+    assert model.layers[1].blocks[1].shift_size == (3, 3) and model.layers[1].blocks[1].attn_mask is not None
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    with pytest.raises(ValueError, match=r"Agent.stages has index 7"):
+        va.inject(model, va.Agent(num_agents=9, stages=(7,)))

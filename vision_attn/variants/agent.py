@@ -55,7 +55,7 @@ class AgentAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.num_heads = attn.num_heads
-        self.head_dim = attn.head_dim
+        self.head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // attn.num_heads)
         self.scale = self.head_dim**-0.5
         self.grid = tuple(grid)
         self.num_prefix_tokens = num_prefix_tokens
@@ -64,8 +64,8 @@ class AgentAttention(nn.Module):
         dim = self.num_heads * self.head_dim
         # timm's own modules, reused (pretrained weights carry over)
         self.qkv = attn.qkv
-        self.q_norm = attn.q_norm
-        self.k_norm = attn.k_norm
+        self.q_norm = getattr(attn, "q_norm", nn.Identity())  # Swin's WindowAttention has no qk norm
+        self.k_norm = getattr(attn, "k_norm", nn.Identity())
         self.attn_drop = attn.attn_drop
         self.norm = getattr(attn, "norm", nn.Identity())
         self.proj = attn.proj
@@ -97,8 +97,10 @@ class AgentAttention(nn.Module):
             b2 = torch.cat([self.ca_bias, b2], dim=-2)
         return b1, b2
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        if attn_mask is not None:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if attn_mask is not None or mask is not None:
             raise ValueError("AgentAttention does not support attn_mask")
         B, N, C = x.shape
         p, (gh, gw) = self.num_prefix_tokens, self.grid
@@ -124,16 +126,19 @@ class AgentAttention(nn.Module):
 
 @dataclass
 class Agent:
-    """Agent attention for timm VisionTransformer-family models (ViT, DeiT, incl. register tokens).
+    """Agent attention for timm VisionTransformer-family models (ViT, DeiT, incl. register tokens)
+    and Swin (the converted stages get one global window, as the paper's Agent-Swin).
 
     num_agents: agents per block (a perfect square for square grids; <= patch tokens);
-    blocks: indices of the blocks to convert (None = all); dwc_kernel: odd DWC kernel size.
+    blocks: ViT block indices to convert (None = all); stages: Swin stages to convert
+    (None = the first two, later stages keep window attention); dwc_kernel: odd DWC kernel size.
     """
 
     name: ClassVar[str] = "agent"
     num_agents: int = 49
     blocks: tuple[int, ...] | None = None
     dwc_kernel: int = 3
+    stages: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.num_agents, bool) or not isinstance(self.num_agents, int) or self.num_agents < 1:
@@ -142,16 +147,21 @@ class Agent:
             raise ValueError(f"Agent.dwc_kernel must be an odd int >= 1, got {self.dwc_kernel!r}")
         if self.blocks is not None:
             self.blocks = tuple(int(b) for b in self.blocks)
+        if self.stages is not None:
+            self.stages = tuple(int(b) for b in self.stages)
 
     def inject(self, model: nn.Module, handle) -> None:
         from timm.layers import Attention
+        from timm.models.swin_transformer import SwinTransformer
 
+        if isinstance(model, SwinTransformer):
+            return self._inject_swin(model, handle)
         blocks = getattr(model, "blocks", None)
         embed = getattr(model, "patch_embed", None)
         if blocks is None or embed is None or not hasattr(embed, "grid_size"):
             raise ValueError(
                 f"Agent: {type(model).__name__} is not supported; supported: timm VisionTransformer-family models "
-                "(vit_*, deit_*, incl. register tokens) whose blocks use timm.layers.Attention"
+                "(vit_*, deit_*, incl. register tokens) whose blocks use timm.layers.Attention, and SwinTransformer"
             )
         if getattr(model, "dynamic_img_size", False):
             raise ValueError("Agent: models created with dynamic_img_size=True are not supported (fixed patch grid)")
@@ -169,3 +179,23 @@ class Agent:
         for i in idx:
             new = AgentAttention(blocks[i].attn, grid, model.num_prefix_tokens, self.num_agents, self.dwc_kernel)
             handle.replace(blocks[i], "attn", new.to(next(blocks[i].parameters()).device))
+
+    def _inject_swin(self, model: nn.Module, handle) -> None:
+        """Each block of the chosen stages: one global window (no shift) and agent attention over it."""
+        stages = (0, 1) if self.stages is None else self.stages
+        for s in stages:
+            if not 0 <= s < len(model.layers):
+                raise ValueError(f"Agent.stages has index {s}; allowed range [0, {len(model.layers)})")
+            for blk in model.layers[s].blocks:
+                if getattr(blk, "dynamic_mask", False) or getattr(blk, "always_partition", False):
+                    raise ValueError("Agent: Swin blocks with dynamic_mask/always_partition are not supported")
+                agent_grid(self.num_agents, tuple(blk.input_resolution))  # validate before patching
+        for s in stages:
+            for blk in model.layers[s].blocks:
+                grid = tuple(int(r) for r in blk.input_resolution)
+                new = AgentAttention(blk.attn, grid, 0, self.num_agents, self.dwc_kernel)
+                handle.set_attr(blk, "window_size", grid)
+                handle.set_attr(blk, "shift_size", (0, 0))
+                handle.set_attr(blk, "window_area", grid[0] * grid[1])
+                handle.set_attr(blk, "attn_mask", None)
+                handle.replace(blk, "attn", new.to(next(blk.parameters()).device))
