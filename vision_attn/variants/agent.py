@@ -98,8 +98,14 @@ class AgentAttention(nn.Module):
         return b1, b2
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        mask: torch.Tensor | None = None,  # Swin's keyword
     ) -> torch.Tensor:
+        if is_causal:
+            raise ValueError("AgentAttention does not support is_causal=True")
         if attn_mask is not None or mask is not None:
             raise ValueError("AgentAttention does not support attn_mask")
         B, N, C = x.shape
