@@ -1,11 +1,13 @@
-"""Fused ECA (efficient channel attention) in Triton: forward and backward.
+"""Fused ECA and coordinate attention in Triton: forward and backward.
 
 Forward reads the feature map twice and writes it once, the minimum for a global gate:
 (1) a per-(batch, channel) mean over H*W, (2) ``out = x * gate`` where the tiny middle step —
 the 1-D conv over channels and the gate, on a [B, C] tensor — runs in PyTorch. Backward is two
 passes as well: per-(b, c) ``sum(dy * x)``, then ``dx = dy * gate + dmean / HW``; the small
 middle step is differentiated by autograd. Gates: ``sigmoid`` (paper) or ``2·sigmoid``
-(attnplug's identity-at-init mode). On CPU the eager path is used unless ``TRITON_INTERPRET=1``.
+(attnplug's identity-at-init mode). Coordinate attention likewise: one read for both strip
+poolings (row and column means), the small conv/BN/gate part in PyTorch, one fused rescale
+``x * a_h * a_w``. On CPU the eager path is used unless ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["eca_fused", "eca_reference"]
+__all__ = ["coord_fused", "eca_fused", "eca_reference"]
 
 
 @triton.jit
@@ -120,3 +122,136 @@ def eca_fused(x: torch.Tensor, weight: torch.Tensor, gate_scale: float = 1.0, ba
     if backend == "eager" or (backend == "auto" and not x.is_cuda):
         return eca_reference(x, weight, gate_scale)
     return _EcaFused.apply(x, weight, float(gate_scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# Coordinate attention: x * a_h[b, c, h] * a_w[b, c, w]
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _hw_sums_kernel(X, Y, SH, SW, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HAS_Y: tl.constexpr):
+    """For one (b, c) plane: SH[h] = sum_w X*Y (or X), SW[w] = sum_h X*Y, in a single read."""
+    plane = tl.program_id(0)
+    base = plane.to(tl.int64) * H * W
+    cols = tl.arange(0, BLOCK_W)
+    mc = cols < W
+    col_acc = tl.zeros([BLOCK_W], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        rows = h0 + tl.arange(0, BLOCK_H)
+        m = (rows[:, None] < H) & mc[None, :]
+        offs = base + rows[:, None] * W + cols[None, :]
+        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_Y:
+            x = x * tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(SH + plane.to(tl.int64) * H + rows, tl.sum(x, 1), mask=rows < H)
+        col_acc += tl.sum(x, 0)
+    tl.store(SW + plane.to(tl.int64) * W + cols, col_acc, mask=mc)
+
+
+@triton.jit
+def _hw_scale_kernel(X, AH, AW, GH, GW, OUT, H, W, inv_h, inv_w, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                     HAS_ADD: tl.constexpr):  # fmt: skip
+    """OUT = X * AH[h] * AW[w] (+ GH[h] / W + GW[w] / H) for one (b, c) plane, row chunk program_id(1)."""
+    plane = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = tl.arange(0, BLOCK_W)
+    mr, mc = rows < H, cols < W
+    m = mr[:, None] & mc[None, :]
+    offs = plane.to(tl.int64) * H * W + rows[:, None] * W + cols[None, :]
+    ah = tl.load(AH + plane.to(tl.int64) * H + rows, mask=mr, other=0.0)
+    aw = tl.load(AW + plane.to(tl.int64) * W + cols, mask=mc, other=0.0)
+    y = tl.load(X + offs, mask=m, other=0.0).to(tl.float32) * ah[:, None] * aw[None, :]
+    if HAS_ADD:
+        gh = tl.load(GH + plane.to(tl.int64) * H + rows, mask=mr, other=0.0)
+        gw = tl.load(GW + plane.to(tl.int64) * W + cols, mask=mc, other=0.0)
+        y += gh[:, None] * inv_w + gw[None, :] * inv_h
+    tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=m)
+
+
+def _hw_blocks(W: int) -> tuple[int, int]:
+    bw = triton.next_power_of_2(W)
+    return max(1, min(64, 4096 // bw)), bw
+
+
+def _hw_sums(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    B, C, H, W = x.shape
+    sh = torch.empty(B, C, H, dtype=torch.float32, device=x.device)
+    sw = torch.empty(B, C, W, dtype=torch.float32, device=x.device)
+    bh, bw = _hw_blocks(W)
+    _hw_sums_kernel[(B * C,)](x, x if y is None else y, sh, sw, H, W, BLOCK_H=bh, BLOCK_W=bw, HAS_Y=y is not None)
+    return sh, sw
+
+
+def _hw_scale(x, ah, aw, gh=None, gw=None) -> torch.Tensor:
+    B, C, H, W = x.shape
+    out = torch.empty_like(x)
+    bh, bw = _hw_blocks(W)
+    ah, aw = ah.float().contiguous(), aw.float().contiguous()
+    add = gh is not None
+    _hw_scale_kernel[(B * C, triton.cdiv(H, bh))](
+        x, ah, aw, gh.contiguous() if add else ah, gw.contiguous() if add else aw, out, H, W, 1.0 / H, 1.0 / W,
+        BLOCK_H=bh, BLOCK_W=bw, HAS_ADD=add,
+    )  # fmt: skip
+    return out
+
+
+class _CoordFused(torch.autograd.Function):
+    """x -> x * a_h * a_w, where (a_h, a_w) = gates(mean over W, mean over H) computed by `gates_fn`."""
+
+    @staticmethod
+    def forward(ctx, x, gates_fn, *params):
+        x = x.contiguous()
+        sh, sw = _hw_sums(x, None)
+        mh, mw = sh / x.shape[3], sw / x.shape[2]
+        with torch.enable_grad():
+            mh_, mw_ = mh.detach().requires_grad_(True), mw.detach().requires_grad_(True)
+            ah, aw = gates_fn(mh_, mw_)
+        ctx.save_for_backward(x, *params)
+        ctx.graph = (mh_, mw_, ah, aw)
+        return _hw_scale(x, ah.detach(), aw.detach())
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, *params = ctx.saved_tensors
+        mh, mw, ah, aw = ctx.graph
+        dy = dy.contiguous()
+        ah_d, aw_d = ah.detach().float(), aw.detach().float()
+        # dL/da_h[h] = sum_w dy*x*a_w ; dL/da_w[w] = sum_h dy*x*a_h  (one pass each over dy*x, weighted)
+        dah = _hw_sums(_hw_scale(dy * x, torch.ones_like(ah_d), aw_d), None)[0]
+        daw = _hw_sums(_hw_scale(dy * x, ah_d, torch.ones_like(aw_d)), None)[1]
+        inputs = [mh, mw] + [p for p in params if p.requires_grad]
+        grads = torch.autograd.grad((ah, aw), inputs, (dah.to(ah.dtype), daw.to(aw.dtype)), allow_unused=True)
+        gmh, gmw = (torch.zeros_like(mh) if g is None else g for g in grads[:2])
+        dx = _hw_scale(dy, ah_d, aw_d, gmh.float(), gmw.float())  # dy*a_h*a_w + dmean_h/W + dmean_w/H
+        it = iter(grads[2:])
+        dparams = [next(it) if p.requires_grad else None for p in params]
+        return (dx, None, *dparams)
+
+
+def coord_fused(x: torch.Tensor, module: torch.nn.Module, backend: str = "auto") -> torch.Tensor:
+    """timm `CoordAttn` forward with the pooling and the rescale fused in Triton (the small
+    conv/BN/gate part on [B, C, H+W] runs in PyTorch). backend: "auto" | "triton" | "eager"."""
+    import os
+
+    if backend not in ("auto", "triton", "eager"):
+        raise ValueError(f"coord_fused: backend must be 'auto', 'triton' or 'eager', got {backend!r}")
+    if x.dim() != 4:
+        raise ValueError(f"coord_fused: x must be [B, C, H, W], got shape {tuple(x.shape)}")
+    if backend == "triton" and not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise RuntimeError("coord_fused(backend='triton') needs CUDA tensors or TRITON_INTERPRET=1")
+    if getattr(module, "has_skip", False):
+        if backend == "triton":
+            raise ValueError("coord_fused: modules with has_skip=True are not supported by the fused kernel")
+        return module(x)
+    if backend == "eager" or (backend == "auto" and not x.is_cuda):
+        return module(x)
+    H, W = x.shape[2], x.shape[3]
+
+    def gates(mh: torch.Tensor, mw: torch.Tensor):  # mh [B,C,H], mw [B,C,W] -> a_h, a_w
+        y = torch.cat([mh, mw], dim=2).unsqueeze(-1).to(x.dtype)  # [B, C, H+W, 1]
+        y = module.act(module.bn1(module.conv1(y)))
+        yh, yw = torch.split(y, [H, W], dim=2)
+        a_h = module.gate(module.conv_h(yh)).squeeze(-1)
+        a_w = module.gate(module.conv_w(yw)).squeeze(-1)
+        return a_h, a_w
+
+    return _CoordFused.apply(x, gates, *[p for p in module.parameters()])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 import torch.nn as nn
 from timm.layers.coord_attn import CoordAttn
 
@@ -20,11 +21,22 @@ from ._gates import TwoSigmoid, check_mode
 __all__ = ["CoordAttention", "make_coord"]
 
 
+class FusedCoordAttn(CoordAttn):
+    """timm's `CoordAttn` (same parameters) that runs attnplug's fused Triton kernels on CUDA."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not self.has_skip:
+            from attn_kernels.channel_attn import coord_fused
+
+            return coord_fused(x, self, backend="triton")
+        return super().forward(x)
+
+
 def make_coord(channels: int, reduction: int = 32, mode: str = "identity", min_channels: int = 8) -> CoordAttn:
     """timm `CoordAttn` with the paper's bottleneck width max(min_channels, C // reduction)."""
     check_mode("CoordAttention", mode)
     mip = max(min_channels, channels // reduction)
-    m = CoordAttn(
+    m = FusedCoordAttn(
         channels, rd_channels=mip, bias=True, act_layer=nn.Hardswish,
         gate_layer=TwoSigmoid if mode == "identity" else "sigmoid",
     )  # fmt: skip
