@@ -61,6 +61,7 @@ class AgentAttention(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.agent_hw = agent_grid(num_agents, self.grid)
         self.num_agents = num_agents
+        self.backend = "auto"  # "auto": fused Triton kernel on CUDA, eager elsewhere; "triton" | "eager"
         dim = self.num_heads * self.head_dim
         # timm's own modules, reused (pretrained weights carry over)
         self.qkv = attn.qkv
@@ -120,10 +121,17 @@ class AgentAttention(nn.Module):
         qp = q[:, :, p:].reshape(B * self.num_heads, gh, gw, self.head_dim).permute(0, 3, 1, 2)
         agents = self.pool(qp).reshape(B, self.num_heads, self.head_dim, -1).transpose(-1, -2)  # [B,h,n,d]
         b1, b2 = self._biases()
-        agent_attn = self.attn_drop(torch.softmax((agents * self.scale) @ k.transpose(-2, -1) + b1, dim=-1))
-        agent_v = agent_attn @ v  # [B,h,n,d]
-        q_attn = self.attn_drop(torch.softmax((q * self.scale) @ agents.transpose(-2, -1) + b2, dim=-1))
-        out = (q_attn @ agent_v).transpose(1, 2).reshape(B, N, C)
+        fused = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
+        if fused and not (self.training and getattr(self.attn_drop, "p", 0.0) > 0):
+            from attn_kernels.agent_attn import agent_attention
+
+            out = agent_attention(q, k, v, agents.to(q.dtype), b1.to(q.dtype), b2.to(q.dtype), self.scale, "triton")
+        else:
+            agent_attn = self.attn_drop(torch.softmax((agents * self.scale) @ k.transpose(-2, -1) + b1, dim=-1))
+            agent_v = agent_attn @ v  # [B,h,n,d]
+            q_attn = self.attn_drop(torch.softmax((q * self.scale) @ agents.transpose(-2, -1) + b2, dim=-1))
+            out = q_attn @ agent_v
+        out = out.transpose(1, 2).reshape(B, N, C)
         vp = v[:, :, p:].transpose(1, 2).reshape(B, gh, gw, C).permute(0, 3, 1, 2)
         dwc = self.dwc(vp).permute(0, 2, 3, 1).reshape(B, gh * gw, C)
         out = torch.cat([out[:, :p], out[:, p:] + dwc], dim=1)
