@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("channel_attn_bench.py needs a CUDA GPU (use --smoke to check the script on CPU)")
     import triton
 
-
     cuda = not args.smoke
     dev = "cuda" if cuda else "cpu"
     dtype = getattr(torch, args.dtype) if cuda else torch.float32
