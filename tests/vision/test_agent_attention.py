@@ -156,3 +156,25 @@ def test_swin_stages_get_one_global_window_and_restore_exactly():
         assert torch.equal(model(x), ref)
     with pytest.raises(ValueError, match=r"Agent.stages has index 7"):
         va.inject(model, va.Agent(num_agents=9, stages=(7,)))
+
+
+def test_eva_with_rope_and_register_tokens():
+    from vision_attn.variants.agent import EvaAgentAttention
+
+    model = timm.create_model("eva02_tiny_patch14_224", img_size=56, num_classes=5).eval()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ref = model(x)
+    h = va.inject(model, va.Agent(num_agents=4))
+    m = model.blocks[0].attn
+    assert isinstance(m, EvaAgentAttention) and m.q_bias is h.replacements[0].old.q_bias  # EVA's own params reused
+    with torch.no_grad():
+        base = model(x)
+        m.dwc.weight.normal_()
+        assert (model(x) - base).abs().max() > 1e-5  # the agent module is live
+    model.train()
+    model(x).sum().backward()
+    assert m.an_bias.grad is not None and m.q_bias.grad is not None
+    h.remove()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), ref)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Agent", "AgentAttention", "agent_grid"]
+__all__ = ["Agent", "AgentAttention", "EvaAgentAttention", "agent_grid"]
 
 
 def agent_grid(num_agents: int, grid: tuple[int, int]) -> tuple[int, int]:
@@ -64,7 +64,7 @@ class AgentAttention(nn.Module):
         self.backend = "auto"  # "auto": fused Triton kernel on CUDA, eager elsewhere; "triton" | "eager"
         dim = self.num_heads * self.head_dim
         # timm's own modules, reused (pretrained weights carry over)
-        self.qkv = attn.qkv
+        self.qkv = getattr(attn, "qkv", None)  # EVA may use separate q/k/v projections instead
         self.q_norm = getattr(attn, "q_norm", nn.Identity())  # Swin's WindowAttention has no qk norm
         self.k_norm = getattr(attn, "k_norm", nn.Identity())
         self.attn_drop = attn.attn_drop
@@ -109,15 +109,28 @@ class AgentAttention(nn.Module):
             raise ValueError("AgentAttention does not support is_causal=True")
         if attn_mask is not None or mask is not None:
             raise ValueError("AgentAttention does not support attn_mask")
-        B, N, C = x.shape
+        self._check_tokens(x.shape[1])
+        q, k, v = self._project(x)
+        return self._agent(x, q, k, v)
+
+    def _check_tokens(self, n: int) -> None:
         p, (gh, gw) = self.num_prefix_tokens, self.grid
-        if N != p + gh * gw:
+        if n != p + gh * gw:
             raise ValueError(
                 f"AgentAttention was built for a {gh}x{gw} patch grid + {p} prefix tokens = {p + gh * gw} tokens, "
-                f"got {N} (image size changed? dynamic image sizes are not supported)"
+                f"got {n} (image size changed? dynamic image sizes are not supported)"
             )
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, heads, N, head_dim] exactly as timm's Attention computes them."""
+        B, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def _agent(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate=None) -> torch.Tensor:
+        B, N = x.shape[:2]
+        C = self.num_heads * self.head_dim  # attention width (EVA may differ from the embedding width)
+        p, (gh, gw) = self.num_prefix_tokens, self.grid
         qp = q[:, :, p:].reshape(B * self.num_heads, gh, gw, self.head_dim).permute(0, 3, 1, 2)
         agents = self.pool(qp).reshape(B, self.num_heads, self.head_dim, -1).transpose(-1, -2)  # [B,h,n,d]
         b1, b2 = self._biases()
@@ -135,7 +148,50 @@ class AgentAttention(nn.Module):
         vp = v[:, :, p:].transpose(1, 2).reshape(B, gh, gw, C).permute(0, 3, 1, 2)
         dwc = self.dwc(vp).permute(0, 2, 3, 1).reshape(B, gh * gw, C)
         out = torch.cat([out[:, :p], out[:, p:] + dwc], dim=1)
-        return self.proj_drop(self.proj(self.norm(out)))
+        out = self.norm(out)
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out))
+
+
+class EvaAgentAttention(AgentAttention):
+    """Agent attention for timm's `EvaAttention` (EVA-02, ViT-with-rope families): EVA's own
+    projections (fused qkv with separate biases, or q/k/v projections), rotary embedding on the
+    patch tokens, scale norm and output gate, reused by reference."""
+
+    def __init__(self, attn: nn.Module, grid, num_prefix_tokens: int, num_agents: int, dwc_kernel: int = 3) -> None:
+        super().__init__(attn, grid, num_prefix_tokens, num_agents, dwc_kernel)
+        for name in ("q_bias", "k_bias", "v_bias", "q_proj", "k_proj", "v_proj", "gate"):
+            setattr(self, name, getattr(attn, name, None))
+        self.qkv_bias_separate = getattr(attn, "qkv_bias_separate", False)
+        self.rotate_half = getattr(attn, "rotate_half", False)
+
+    def forward(self, x, rope=None, attn_mask=None, is_causal: bool = False) -> torch.Tensor:  # EVA's signature
+        if attn_mask is not None or is_causal:
+            raise ValueError("AgentAttention does not support attn_mask / is_causal")
+        from timm.layers import apply_rot_embed_cat
+
+        B, N, _ = x.shape
+        self._check_tokens(N)
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        if self.qkv is not None:
+            if self.q_bias is None:
+                qkv = self.qkv(x)
+            else:
+                bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+                qkv = self.qkv(x) + bias if self.qkv_bias_separate else F.linear(x, self.qkv.weight, bias)
+            q, k, v = qkv.reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (
+                proj(x).reshape(B, N, self.num_heads, -1).transpose(1, 2)
+                for proj in (self.q_proj, self.k_proj, self.v_proj)
+            )
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            p = self.num_prefix_tokens
+            q = torch.cat([q[:, :, :p], apply_rot_embed_cat(q[:, :, p:], rope, half=self.rotate_half)], 2).type_as(v)
+            k = torch.cat([k[:, :, :p], apply_rot_embed_cat(k[:, :, p:], rope, half=self.rotate_half)], 2).type_as(v)
+        return self._agent(x, q, k, v, gate)
 
 
 @dataclass
@@ -166,6 +222,7 @@ class Agent:
 
     def inject(self, model: nn.Module, handle) -> None:
         from timm.layers import Attention
+        from timm.models.eva import EvaAttention
         from timm.models.swin_transformer import SwinTransformer
 
         if isinstance(model, SwinTransformer):
@@ -175,7 +232,7 @@ class Agent:
         if blocks is None or embed is None or not hasattr(embed, "grid_size"):
             raise ValueError(
                 f"Agent: {type(model).__name__} is not supported; supported: timm VisionTransformer-family models "
-                "(vit_*, deit_*, incl. register tokens) whose blocks use timm.layers.Attention, and SwinTransformer"
+                "(vit_*, deit_*, eva*, incl. register tokens) and SwinTransformer"
             )
         if getattr(model, "dynamic_img_size", False):
             raise ValueError("Agent: models created with dynamic_img_size=True are not supported (fixed patch grid)")
@@ -186,12 +243,13 @@ class Agent:
             if not 0 <= i < len(blocks):
                 raise ValueError(f"Agent.blocks has index {i}; allowed range [0, {len(blocks)})")
             attn = blocks[i].attn
-            if type(attn) is not Attention:
+            if type(attn) not in (Attention, EvaAttention):
                 raise ValueError(
-                    f"Agent: block {i} uses {type(attn).__name__}; only timm.layers.Attention is supported"
+                    f"Agent: block {i} uses {type(attn).__name__}; supported: timm.layers.Attention, EvaAttention"
                 )
         for i in idx:
-            new = AgentAttention(blocks[i].attn, grid, model.num_prefix_tokens, self.num_agents, self.dwc_kernel)
+            cls = EvaAgentAttention if type(blocks[i].attn) is EvaAttention else AgentAttention
+            new = cls(blocks[i].attn, grid, model.num_prefix_tokens, self.num_agents, self.dwc_kernel)
             handle.replace(blocks[i], "attn", new.to(next(blocks[i].parameters()).device))
 
     def _inject_swin(self, model: nn.Module, handle) -> None:
