@@ -22,7 +22,13 @@ import triton.language as tl
 from .layout import BlockLayout
 from .modifiers import TileStats, check_modifiers
 
-__all__ = ["SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS", "triton_attention_backward", "triton_attention_forward"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+    "pick_tiles",
+    "triton_attention_backward",
+    "triton_attention_forward",
+]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -33,9 +39,11 @@ _LN2 = math.log(2.0)
 @triton.jit
 def _score_hook(
     s,  # [BM, BN] logits * scale * log2(e)
-    offs_m,
-    offs_n,
-    idx,
+    offs_m,  # [BM] query token index
+    offs_n,  # [BN] key token index
+    offs_r,  # [BM] row of the query block (element-mask row)
+    offs_c,  # [BN] column of the key block (element-mask column)
+    idx,  # CSR entry of this (query block, key block)
     h,
     Nq,
     Nk,
@@ -45,26 +53,28 @@ def _score_hook(
     decay_thr,
     QPos,
     KPos,
+    BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WORDS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_DECAY: tl.constexpr,
 ):
-    """Apply score modifiers and masks to one tile; returns (masked scores, decay gate)."""
+    """Apply score modifiers and masks to one tile; returns (masked scores, decay gate).
+
+    Every score modifier lives here behind its constexpr flag (the gate is ds/ds_raw for the
+    backward pass); the forward / backward loops only call this hook."""
     valid = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
     if HAS_MASK:
         pidx = tl.load(Partial + idx)
-        rows = tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_N)
         wptr = (
             ElemMask
-            + tl.maximum(pidx, 0).to(tl.int64) * (BLOCK_M * WORDS)
-            + rows[:, None] * WORDS
-            + cols[None, :] // 32
+            + tl.maximum(pidx, 0).to(tl.int64) * (BLOCK_Q * WORDS)
+            + offs_r[:, None] * WORDS
+            + offs_c[None, :] // 32
         )
         words = tl.load(wptr)
-        bit = (words >> (cols[None, :] % 32)) & 1
+        bit = (words >> (offs_c[None, :] % 32)) & 1
         valid = valid & ((bit != 0) | (pidx < 0))
     gate = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
     if HAS_DECAY:
@@ -90,21 +100,28 @@ def _fwd_kernel(
     svb, svh, svn, svd,
     sob, soh, som, sod,
     H, Nq, Nk, NQB, NKB, LB, LH, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_MIX: tl.constexpr,
     HAS_STATS: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
+    # One program = BLOCK_M rows of a layout query block (BLOCK_Q = BLOCK_M*SPLIT_M rows); the loop
+    # walks the CSR row's key blocks in BLOCK_N-wide sub-tiles (BLOCK_K = BLOCK_N*SPLIT_N).
+    BLOCK_Q: tl.constexpr = BLOCK_M * SPLIT_M
+    BLOCK_K: tl.constexpr = BLOCK_N * SPLIT_N
+    pid = tl.program_id(0)
+    qb = pid // SPLIT_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     bl = tl.where(LB > 1, b, 0)
     hl = tl.where(LH > 1, h, 0)
-    row = (bl * LH + hl) * NQB + pid_m
+    row = (bl * LH + hl) * NQB + qb
     start = tl.load(RowPtr + row)
     end = tl.load(RowPtr + row + 1)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = (pid % SPLIT_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = qb * BLOCK_Q + offs_r
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
     q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
@@ -115,20 +132,31 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
-    for idx in range(start, end):
+    m_before = tl.full([BLOCK_M], float("-inf"), tl.float32)  # tile stats: running max before the block
+    need = tl.zeros([BLOCK_M], tl.int32)
+    for it in range(start * SPLIT_N, end * SPLIT_N):
+        idx = it // SPLIT_N
+        sub = it % SPLIT_N
         kb = tl.load(ColIdx + idx)
-        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_c = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = kb * BLOCK_K + offs_c
         k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=offs_n[None, :] < Nk, other=0.0)
         s = tl.dot(q, k, input_precision="ieee") * qk_scale
         s, _gate = _score_hook(
-            s, offs_m, offs_n, idx, h, Nq, Nk, Partial, ElemMask, DecayF, decay_thr, QPos, KPos,
-            BLOCK_M, BLOCK_N, WORDS, HAS_MASK, HAS_DECAY,
+            s, offs_m, offs_n, offs_r, offs_c, idx, h, Nq, Nk, Partial, ElemMask, DecayF, decay_thr, QPos, KPos,
+            BLOCK_Q, BLOCK_M, BLOCK_N, WORDS, HAS_MASK, HAS_DECAY,
         )  # fmt: skip
         tile_max = tl.max(s, 1)
         if HAS_STATS:
-            need = (tile_max > m_i + stats_thr) & (offs_m < Nq)  # no -inf - -inf
-            need_any = tl.max(need.to(tl.int32), 0)
-            tl.store(Stats + ((b * H + h) * NQB + pid_m).to(tl.int64) * NKB + kb, need_any.to(tl.uint8))
+            # needed <=> some valid row has (block max - running max before the block) > thr; the
+            # block max is the max of its sub-tiles, so OR the per-sub-tile test against m_before
+            m_before = tl.where(sub == 0, m_i, m_before)
+            cond = ((tile_max > m_before + stats_thr) & (offs_m < Nq)).to(tl.int32)  # no -inf - -inf
+            need = tl.where(sub == 0, cond, tl.maximum(need, cond))
+            need_any = tl.max(need, 0)
+            st_ptr = Stats + ((b * H + h) * NQB + qb).to(tl.int64) * NKB + kb
+            # programs sharing a query block only ever write 1 into a zeroed buffer
+            tl.store(st_ptr, need_any.to(tl.uint8), mask=(sub == SPLIT_N - 1) & (need_any > 0))
         m_new = tl.maximum(m_i, tile_max)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
@@ -168,6 +196,33 @@ def _mod_args(modifiers: tuple, nq: int, nk: int, heads: int, device: torch.devi
     return decay, mix, dargs, margs
 
 
+def pick_tiles(kind: str, block_q: int, block_k: int, d: int, dv: int, dtype: torch.dtype) -> dict:
+    """Kernel tile of one program and its launch options, for a layout's (block_q, block_k).
+
+    The kernels split a layout block into ``SPLIT_M x SPLIT_N`` sub-tiles of ``BLOCK_M x BLOCK_N``
+    (the layout only decides which blocks are visited), so 128x128 layouts run with tiles that
+    fit the registers and shared memory. kind: "fwd" (rows per program x keys per step), "dkdv"
+    (query rows per step x keys per program) or "dq" (rows per program x keys per step).
+    Chosen from sm_90 compiles (no register spills, shared memory well under 227 KiB).
+    """
+    if dtype == torch.float32:  # 4-byte operands (GPU fp32 is a debugging path): small tiles
+        bm, bn, stages = 64, 32, 2
+    elif kind == "fwd":
+        bm, bn, stages = 128, 64, 3
+    elif kind == "dkdv":  # keys per program x (k, v, dk, dv) in registers: few query rows per step
+        bm, bn, stages = (32 if max(d, dv) > 64 else 64), 64, 2
+    else:  # dq
+        bm, bn, stages = 128, 64, 2
+    bm, bn = min(bm, block_q), min(bn, block_k)
+    if dtype == torch.float32:
+        warps = 4
+    elif kind == "dkdv":
+        warps = 8 if bm * bn >= 32 * 64 else 4
+    else:
+        warps = 8 if bm >= 128 else 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_M=block_q // bm, SPLIT_N=block_k // bn, num_warps=warps, num_stages=stages)
+
+
 def _check(q: torch.Tensor, v: torch.Tensor) -> None:
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"Triton attention: head dim must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
@@ -175,9 +230,13 @@ def _check(q: torch.Tensor, v: torch.Tensor) -> None:
         raise TypeError(f"Triton attention: dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
 
 
+def _dense_block(n: int) -> int:
+    return 128 if n >= 128 else 64 if n >= 64 else 16
+
+
 def _layout_args(layout: BlockLayout | None, nq: int, nk: int, device: torch.device) -> tuple:
     if layout is None:
-        layout = BlockLayout.dense(nq, nk, 64 if nq >= 64 else 16, 64 if nk >= 64 else 16).to(device)
+        layout = BlockLayout.dense(nq, nk, _dense_block(nq), _dense_block(nk)).to(device)
     has_mask = layout.partial is not None
     partial = layout.partial if has_mask else _dummy(device)
     elem = layout.elem_mask if has_mask else _dummy(device)
@@ -209,16 +268,16 @@ def triton_attention_forward(
         stats_thr = float(tile_stats.threshold)
     else:
         stats, stats_thr = _dummy(q.device, torch.uint8), 0.0
-    grid = (nqb, B * H)
+    tiles = pick_tiles("fwd", layout.block_q, layout.block_k, d, dv, q.dtype)
+    grid = (nqb * tiles["SPLIT_M"], B * H)
     _fwd_kernel[grid](
         q, k, v, out, lse,
         layout.row_ptr, layout.col_idx, partial, elem,
         *dargs, margs, stats, stats_thr,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, nq, nk, nqb, nkb, layout.batch, layout.heads, scale * _LOG2E,
-        BLOCK_M=layout.block_q, BLOCK_N=layout.block_k, HEAD_D=d, HEAD_DV=dv,
-        WORDS=-(-layout.block_k // 32), HAS_MASK=has_mask, HAS_DECAY=decay is not None,
-        HAS_MIX=mix is not None, HAS_STATS=tile_stats is not None,
+        HEAD_D=d, HEAD_DV=dv, WORDS=-(-layout.block_k // 32), HAS_MASK=has_mask, HAS_DECAY=decay is not None,
+        HAS_MIX=mix is not None, HAS_STATS=tile_stats is not None, **tiles,
     )  # fmt: skip
     if tile_stats is not None:
         tile_stats.needed = stats
@@ -235,19 +294,26 @@ def _bwd_dkdv_kernel(
     svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod,
     H, Nq, Nk, NQB, NKB, LB, LH, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DECAY: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
+    # One program = BLOCK_N keys of a layout key block; walks the CSC column's query blocks in
+    # BLOCK_M-row sub-tiles.
+    BLOCK_Q: tl.constexpr = BLOCK_M * SPLIT_M
+    BLOCK_K: tl.constexpr = BLOCK_N * SPLIT_N
+    pid = tl.program_id(0)
+    kb = pid // SPLIT_N
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     bl = tl.where(LB > 1, b, 0)
     hl = tl.where(LH > 1, h, 0)
-    col = (bl * LH + hl) * NKB + pid_n
+    col = (bl * LH + hl) * NKB + kb
     start = tl.load(ColPtr + col)
     end = tl.load(ColPtr + col + 1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = (pid % SPLIT_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = kb * BLOCK_K + offs_c
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
     b64 = b.to(tl.int64)
@@ -260,10 +326,12 @@ def _bwd_dkdv_kernel(
     )
     dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DV], tl.float32)
-    for j in range(start, end):
+    for it in range(start * SPLIT_M, end * SPLIT_M):
+        j = it // SPLIT_M
         qb = tl.load(RowIdx + j)
         idx = tl.load(Entry + j)
-        offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_r = (it % SPLIT_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = qb * BLOCK_Q + offs_r
         mrow = offs_m < Nq
         q = tl.load(
             Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=mrow[:, None], other=0.0
@@ -277,8 +345,8 @@ def _bwd_dkdv_kernel(
         delta = tl.load(Delta + bh.to(tl.int64) * Nq + offs_m, mask=mrow, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         s, gate = _score_hook(
-            s, offs_m, offs_n, idx, h, Nq, Nk, Partial, ElemMask, DecayF, decay_thr, QPos, KPos,
-            BLOCK_M, BLOCK_N, WORDS, HAS_MASK, HAS_DECAY,
+            s, offs_m, offs_n, offs_r, offs_c, idx, h, Nq, Nk, Partial, ElemMask, DecayF, decay_thr, QPos, KPos,
+            BLOCK_Q, BLOCK_M, BLOCK_N, WORDS, HAS_MASK, HAS_DECAY,
         )  # fmt: skip
         p = tl.exp2(s - lse2[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
@@ -301,19 +369,24 @@ def _bwd_dq_kernel(
     svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod,
     H, Nq, Nk, NQB, NKB, LB, LH, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
     WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DECAY: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
+    BLOCK_Q: tl.constexpr = BLOCK_M * SPLIT_M
+    BLOCK_K: tl.constexpr = BLOCK_N * SPLIT_N
+    pid = tl.program_id(0)
+    qb = pid // SPLIT_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     bl = tl.where(LB > 1, b, 0)
     hl = tl.where(LH > 1, h, 0)
-    row = (bl * LH + hl) * NQB + pid_m
+    row = (bl * LH + hl) * NQB + qb
     start = tl.load(RowPtr + row)
     end = tl.load(RowPtr + row + 1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = (pid % SPLIT_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = qb * BLOCK_Q + offs_r
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
     b64 = b.to(tl.int64)
@@ -328,16 +401,18 @@ def _bwd_dq_kernel(
     lse2 = tl.load(LSE2 + bh.to(tl.int64) * Nq + offs_m, mask=mrow, other=float("inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * Nq + offs_m, mask=mrow, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-    for idx in range(start, end):
+    for it in range(start * SPLIT_N, end * SPLIT_N):
+        idx = it // SPLIT_N
         kb = tl.load(ColIdx + idx)
-        offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_c = (it % SPLIT_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = kb * BLOCK_K + offs_c
         mk = offs_n[:, None] < Nk
         k = tl.load(K + b64 * skb + h64 * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mk, other=0.0)
         v = tl.load(V + b64 * svb + h64 * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=mk, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         s, gate = _score_hook(
-            s, offs_m, offs_n, idx, h, Nq, Nk, Partial, ElemMask, DecayF, decay_thr, QPos, KPos,
-            BLOCK_M, BLOCK_N, WORDS, HAS_MASK, HAS_DECAY,
+            s, offs_m, offs_n, offs_r, offs_c, idx, h, Nq, Nk, Partial, ElemMask, DecayF, decay_thr, QPos, KPos,
+            BLOCK_Q, BLOCK_M, BLOCK_N, WORDS, HAS_MASK, HAS_DECAY,
         )  # fmt: skip
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -382,17 +457,20 @@ def triton_attention_backward(
     nqb, nkb = layout.num_q_blocks, layout.num_k_blocks
     col_ptr, row_idx, entry = layout.transpose()
     common = dict(
-        BLOCK_M=layout.block_q, BLOCK_N=layout.block_k, HEAD_D=d, HEAD_DV=dv_dim,
-        WORDS=-(-layout.block_k // 32), HAS_MASK=has_mask, HAS_DECAY=decay is not None,
+        HEAD_D=d, HEAD_DV=dv_dim, WORDS=-(-layout.block_k // 32), HAS_MASK=has_mask, HAS_DECAY=decay is not None,
     )  # fmt: skip
     strides = (*q.stride(), *k.stride(), *v.stride(), *do_a.stride())
     dims = (H, nq, nk, nqb, nkb, layout.batch, layout.heads, scale * _LOG2E, scale)
-    _bwd_dkdv_kernel[(nkb, B * H)](
-        q, k, v, do_a, lse2, delta, dk, dv, col_ptr, row_idx, entry, partial, elem, *dargs, *strides, *dims, **common
-    )
-    _bwd_dq_kernel[(nqb, B * H)](
-        q, k, v, do_a, lse2, delta, dq, layout.row_ptr, layout.col_idx, partial, elem, *dargs, *strides, *dims, **common
-    )
+    t_kv = pick_tiles("dkdv", layout.block_q, layout.block_k, d, dv_dim, q.dtype)
+    _bwd_dkdv_kernel[(nkb * t_kv["SPLIT_N"], B * H)](
+        q, k, v, do_a, lse2, delta, dk, dv, col_ptr, row_idx, entry, partial, elem, *dargs, *strides, *dims,
+        **common, **t_kv,
+    )  # fmt: skip
+    t_q = pick_tiles("dq", layout.block_q, layout.block_k, d, dv_dim, q.dtype)
+    _bwd_dq_kernel[(nqb * t_q["SPLIT_M"], B * H)](
+        q, k, v, do_a, lse2, delta, dq, layout.row_ptr, layout.col_idx, partial, elem, *dargs, *strides, *dims,
+        **common, **t_q,
+    )  # fmt: skip
     if mix is not None:
         dv = dv + u * do.float()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
