@@ -5,9 +5,12 @@ Forward reads the feature map twice and writes it once, the minimum for a global
 the 1-D conv over channels and the gate, on a [B, C] tensor — runs in PyTorch. Backward is two
 passes as well: per-(b, c) ``sum(dy * x)``, then ``dx = dy * gate + dmean / HW``; the small
 middle step is differentiated by autograd. Gates: ``sigmoid`` (paper) or ``2·sigmoid``
-(attnplug's identity-at-init mode). Coordinate attention likewise: one read for both strip
-poolings (row and column means), the small conv/BN/gate part in PyTorch, one fused rescale
-``x * a_h * a_w``. On CPU the eager path is used unless ``TRITON_INTERPRET=1``.
+(attnplug's identity-at-init mode). Coordinate attention likewise: forward one read for both
+strip poolings (row and column means), the small conv/BN/gate part on [B, C, H+W] in PyTorch,
+one fused rescale ``x * a_h * a_w``; backward one read of x and dy for both gate gradients
+(``sum_w dy·x·a_w`` and ``sum_h dy·x·a_h``), autograd through the small part, and one fused
+``dx = dy·a_h·a_w + dmean_h/W + dmean_w/H``. On CPU the eager path is used unless
+``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -51,20 +54,27 @@ def _scale_add_kernel(X, G, A, OUT, HW, inv_hw, BLOCK: tl.constexpr, HAS_A: tl.c
     tl.store(OUT + base + offs, y.to(OUT.dtype.element_ty), mask=m)
 
 
+def _block(hw: int) -> int:
+    """Lanes per program: the plane size rounded up to a power of two, within [16, 1024] (a 7x7
+    map uses 64 lanes, not 256 mostly masked ones)."""
+    return max(16, min(1024, triton.next_power_of_2(hw)))
+
+
 def _rowsum(x: torch.Tensor, y: torch.Tensor | None, scale: float) -> torch.Tensor:
     rows, hw = x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]
     out = torch.empty(rows, dtype=torch.float32, device=x.device)
-    _rowsum_kernel[(rows,)](x, x if y is None else y, out, hw, scale, BLOCK=256, HAS_Y=y is not None)
+    _rowsum_kernel[(rows,)](x, x if y is None else y, out, hw, scale, BLOCK=_block(hw), HAS_Y=y is not None)
     return out.view(x.shape[0], x.shape[1])
 
 
 def _scale(x: torch.Tensor, g: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
     rows, hw = x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]
     out = torch.empty_like(x)
-    grid = (rows, triton.cdiv(hw, 256))
+    block = _block(hw)
+    grid = (rows, triton.cdiv(hw, block))
     gf = g.float().contiguous()
     a = gf if add is None else add.float().contiguous()
-    _scale_add_kernel[grid](x, gf, a, out, hw, 1.0 / hw, BLOCK=256, HAS_A=add is not None)
+    _scale_add_kernel[grid](x, gf, a, out, hw, 1.0 / hw, BLOCK=block, HAS_A=add is not None)
     return out
 
 
@@ -194,8 +204,43 @@ def _hw_scale(x, ah, aw, gh=None, gw=None) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _hw_grad_kernel(X, DY, AH, AW, DAH, DAW, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Gate gradients of ``out = x * a_h * a_w`` for one (b, c) plane in a single read of x and dy:
+    DAH[h] = sum_w dy*x*a_w[w], DAW[w] = sum_h dy*x*a_h[h]."""
+    plane = tl.program_id(0)
+    base = plane.to(tl.int64) * H * W
+    cols = tl.arange(0, BLOCK_W)
+    mc = cols < W
+    aw = tl.load(AW + plane.to(tl.int64) * W + cols, mask=mc, other=0.0)
+    col_acc = tl.zeros([BLOCK_W], tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        rows = h0 + tl.arange(0, BLOCK_H)
+        mr = rows < H
+        m = mr[:, None] & mc[None, :]
+        offs = base + rows[:, None] * W + cols[None, :]
+        p = tl.load(X + offs, mask=m, other=0.0).to(tl.float32) * tl.load(DY + offs, mask=m, other=0.0).to(tl.float32)
+        ah = tl.load(AH + plane.to(tl.int64) * H + rows, mask=mr, other=0.0)
+        tl.store(DAH + plane.to(tl.int64) * H + rows, tl.sum(p * aw[None, :], 1), mask=mr)
+        col_acc += tl.sum(p * ah[:, None], 0)
+    tl.store(DAW + plane.to(tl.int64) * W + cols, col_acc, mask=mc)
+
+
+def _hw_grad(x: torch.Tensor, dy: torch.Tensor, ah: torch.Tensor, aw: torch.Tensor):
+    B, C, H, W = x.shape
+    dah = torch.empty(B, C, H, dtype=torch.float32, device=x.device)
+    daw = torch.empty(B, C, W, dtype=torch.float32, device=x.device)
+    bh, bw = _hw_blocks(W)
+    _hw_grad_kernel[(B * C,)](x, dy, ah, aw, dah, daw, H, W, BLOCK_H=bh, BLOCK_W=bw)
+    return dah, daw
+
+
 class _CoordFused(torch.autograd.Function):
-    """x -> x * a_h * a_w, where (a_h, a_w) = gates(mean over W, mean over H) computed by `gates_fn`."""
+    """x -> x * a_h * a_w, where (a_h, a_w) = gates(mean over W, mean over H) computed by `gates_fn`.
+
+    Passes over the [B, C, H, W] map: forward one read (both strip means) + one read/write (the
+    rescale); backward one read of x and dy (both gate gradients) + one read of dy / write of dx.
+    """
 
     @staticmethod
     def forward(ctx, x, gates_fn, *params):
@@ -213,11 +258,10 @@ class _CoordFused(torch.autograd.Function):
     def backward(ctx, dy):
         x, *params = ctx.saved_tensors
         mh, mw, ah, aw = ctx.graph
+        ctx.graph = None
         dy = dy.contiguous()
-        ah_d, aw_d = ah.detach().float(), aw.detach().float()
-        # dL/da_h[h] = sum_w dy*x*a_w ; dL/da_w[w] = sum_h dy*x*a_h  (one pass each over dy*x, weighted)
-        dah = _hw_sums(_hw_scale(dy * x, torch.ones_like(ah_d), aw_d), None)[0]
-        daw = _hw_sums(_hw_scale(dy * x, ah_d, torch.ones_like(aw_d)), None)[1]
+        ah_d, aw_d = ah.detach().float().contiguous(), aw.detach().float().contiguous()
+        dah, daw = _hw_grad(x, dy, ah_d, aw_d)
         inputs = [mh, mw] + [p for p in params if p.requires_grad]
         grads = torch.autograd.grad((ah, aw), inputs, (dah.to(ah.dtype), daw.to(aw.dtype)), allow_unused=True)
         gmh, gmw = (torch.zeros_like(mh) if g is None else g for g in grads[:2])
