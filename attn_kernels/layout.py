@@ -11,15 +11,24 @@ Stored CSR-style so the kernel does no work for skipped blocks:
 ``Bl`` is 1 or the batch size and ``Hl`` 1 or the number of heads: a layout with ``Bl == 1`` or
 ``Hl == 1`` is shared across batch / heads without copies. Tokens past ``q_len`` / ``k_len`` in
 tail blocks are always masked.
+
+What the kernels read is not the CSR itself but its `KernelLayout` (built once per layout, on the
+layout's device, and cached): FlexAttention's split into *full* blocks (every pair visible: no
+mask memory, no bounds checks) and *partial* blocks (an element mask, or the ragged last key
+block), each as per-row ``begin / end / idx`` lists, plus the merged list in ascending key order
+(LiteAttention's tile statistics) and, for the backward pass, the same split per key-block column.
+Layouts are immutable: build one per (shape, phase), keep it, and every call reuses its views.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["BlockLayout", "VALID_BLOCK_SIZES"]
+__all__ = ["BlockLayout", "KernelLayout", "VALID_BLOCK_SIZES", "owner_of", "remember_owner"]
 
 VALID_BLOCK_SIZES = (16, 32, 64, 128)
 
@@ -62,6 +71,64 @@ def _unpack_bits(words: torch.Tensor, block_k: int) -> torch.Tensor:
     return bits.reshape(*words.shape[:-1], words.shape[-1] * 32)[..., :block_k].bool()
 
 
+class KernelLayout(NamedTuple):
+    """The int32 device arrays the kernels walk (see the module docstring), built once per layout.
+
+    Rows are ``(bl*Hl + hl)*nqb + qb``, columns ``(bl*Hl + hl)*nkb + kb``; every list is given as
+    ``begin[r] / end[r]`` offsets into its index array (CSR offsets, or ELL rows of width nkb for
+    layouts built on the device without a host sync). ``*_mask`` holds the element-mask index of
+    a partial entry, -1 for the ragged tail block without one. ``t_*`` (backward) may be None.
+    """
+
+    full_begin: torch.Tensor
+    full_end: torch.Tensor
+    full_idx: torch.Tensor
+    part_begin: torch.Tensor
+    part_end: torch.Tensor
+    part_idx: torch.Tensor
+    part_mask: torch.Tensor
+    all_begin: torch.Tensor
+    all_end: torch.Tensor
+    all_idx: torch.Tensor
+    all_mask: torch.Tensor
+    elem_mask: torch.Tensor | None
+    t_full_begin: torch.Tensor | None = None
+    t_full_end: torch.Tensor | None = None
+    t_full_idx: torch.Tensor | None = None
+    t_part_begin: torch.Tensor | None = None
+    t_part_end: torch.Tensor | None = None
+    t_part_idx: torch.Tensor | None = None
+    t_part_mask: torch.Tensor | None = None
+
+    @property
+    def has_backward(self) -> bool:
+        return self.t_full_idx is not None
+
+
+def _csr_lists(rows: torch.Tensor, idx: torch.Tensor, extra: torch.Tensor | None, nrows: int):
+    """Entries (already sorted by row, then index) -> (begin, end, idx[, extra]) int32 lists."""
+    counts = torch.bincount(rows, minlength=nrows) if rows.numel() else torch.zeros(nrows, dtype=torch.long)
+    ptr = torch.zeros(nrows + 1, dtype=torch.int32, device=idx.device)
+    ptr[1:] = counts.to(idx.device).cumsum(0).to(torch.int32)
+    out = [ptr[:-1], ptr[1:], idx.to(torch.int32).contiguous()]
+    if extra is not None:
+        out.append(extra.to(torch.int32).contiguous())
+    return out
+
+
+def _ell_lists(mask: torch.Tensor) -> list[torch.Tensor]:
+    """bool [R, W] -> ELL (begin, end, idx): row r lists its True columns ascending in
+    idx[r*W : r*W + count]. Device ops only (no host sync): sort keys put True columns first."""
+    R, W = mask.shape
+    ar = torch.arange(W, device=mask.device, dtype=torch.int32)
+    key = torch.where(mask, ar, ar + W)  # True columns first, each group ascending
+    idx = key.sort(dim=1).values
+    idx = torch.where(idx >= W, idx - W, idx).reshape(-1).contiguous()
+    begin = torch.arange(R, device=mask.device, dtype=torch.int32) * W
+    end = begin + mask.sum(1, dtype=torch.int32)
+    return [begin, end, idx]
+
+
 class BlockLayout:
     """Which key blocks each (batch, head, query block) visits; see the module docstring."""
 
@@ -78,7 +145,19 @@ class BlockLayout:
         heads: int = 1,
         partial: torch.Tensor | None = None,
         elem_mask: torch.Tensor | None = None,
+        validate: bool = True,
     ) -> None:
+        self._kernel: KernelLayout | None = None
+        self._block_mask: torch.Tensor | None = None  # set by the device builder (no CSR)
+        if not validate:  # internal: parts that come from a validated layout or our own builders
+            self.q_len, self.k_len, self.block_q, self.block_k = q_len, k_len, block_q, block_k
+            self.batch, self.heads = batch, heads
+            self._row_ptr, self._col_idx, self.partial, self.elem_mask = row_ptr, col_idx, partial, elem_mask
+            self._transpose = None
+            self._dense_cache = {}
+            if row_ptr is not None:
+                self._build_views()
+            return
         self.q_len = _check_len("q_len", q_len)
         self.k_len = _check_len("k_len", k_len)
         self.block_q = _check_block("block_q", block_q)
@@ -116,26 +195,71 @@ class BlockLayout:
                 )
             if nnz and (int(partial.min()) < -1 or int(partial.max()) >= elem_mask.shape[0]):
                 raise ValueError(f"BlockLayout.partial entries must be in [-1, {elem_mask.shape[0]})")
-        self.row_ptr = row_ptr
-        self.col_idx = col_idx
+        self._row_ptr = row_ptr
+        self._col_idx = col_idx
         self.partial = partial
         self.elem_mask = elem_mask
         self._transpose: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._dense_cache: dict[str, torch.Tensor] = {}  # layouts are immutable: cache dense views
+        self._dense_cache: dict = {}  # layouts are immutable: cache derived views
+        self._build_views()
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def dense(cls, q_len: int, k_len: int, block_q: int = 128, block_k: int = 128) -> BlockLayout:
-        """Every query block visits every key block (shared across batch and heads)."""
+    def dense(
+        cls, q_len: int, k_len: int, block_q: int = 128, block_k: int = 128, device: torch.device | str | None = None
+    ) -> BlockLayout:
+        """Every query block visits every key block (shared across batch and heads).
+
+        Cached per (lengths, blocks, device): repeated calls return the same immutable layout, so its
+        kernel views are built once."""
         _check_len("q_len", q_len), _check_len("k_len", k_len)
-        mask = torch.ones(
-            1,
-            1,
-            _cdiv(q_len, _check_block("block_q", block_q)),
-            _cdiv(k_len, _check_block("block_k", block_k)),
-            dtype=torch.bool,
+        _check_block("block_q", block_q), _check_block("block_k", block_k)
+        dev = torch.device("cpu" if device is None else device)
+        key = (q_len, k_len, block_q, block_k, str(dev))
+        hit = _DENSE_CACHE.get(key)
+        if hit is not None:
+            return hit
+        mask = torch.ones(1, 1, _cdiv(q_len, block_q), _cdiv(k_len, block_k), dtype=torch.bool)
+        lay = cls.from_block_mask(mask, q_len, k_len, block_q, block_k).to(dev)
+        if len(_DENSE_CACHE) >= 64:
+            _DENSE_CACHE.pop(next(iter(_DENSE_CACHE)))
+        _DENSE_CACHE[key] = lay
+        return lay
+
+    @classmethod
+    def from_device_block_mask(
+        cls, block_mask: torch.Tensor, q_len: int, k_len: int, block_q: int = 128, block_k: int = 128
+    ) -> BlockLayout:
+        """From a bool block mask ``[Bl, Hl, nqb, nkb]`` on any device, with no host sync.
+
+        For masks that change every call (LiteAttention's skip sets): the kernel lists are built
+        with device ops only (ELL rows of width nkb instead of CSR), so a CUDA graph can capture
+        the call. Shapes are checked; the mask's contents are trusted. CSR views (`row_ptr`,
+        `col_idx`) are derived on first access (that one syncs)."""
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool or block_mask.dim() != 4:
+            raise TypeError(f"block_mask must be a bool tensor [Bl, Hl, nqb, nkb], got {_describe(block_mask)}")
+        nqb = _cdiv(_check_len("q_len", q_len), _check_block("block_q", block_q))
+        nkb = _cdiv(_check_len("k_len", k_len), _check_block("block_k", block_k))
+        if block_mask.shape[2:] != (nqb, nkb):
+            raise ValueError(
+                f"block_mask must have nqb x nkb = {nqb} x {nkb} blocks for q_len={q_len}, k_len={k_len}, "
+                f"block_q={block_q}, block_k={block_k}; got {tuple(block_mask.shape[2:])}"
+            )
+        lay = cls(
+            None,  # type: ignore[arg-type]
+            None,  # type: ignore[arg-type]
+            q_len=q_len,
+            k_len=k_len,
+            block_q=block_q,
+            block_k=block_k,
+            batch=block_mask.shape[0],
+            heads=block_mask.shape[1],
+            validate=False,
         )
-        return cls.from_block_mask(mask, q_len, k_len, block_q, block_k)
+        lay._block_mask = block_mask
+        lay._dense_cache["block"] = block_mask
+        lay.kernel_view()  # forward lists now (device ops); backward lists on first use
+        return lay
 
     @classmethod
     def from_block_mask(
@@ -292,6 +416,27 @@ class BlockLayout:
 
     # ------------------------------------------------------------------ properties
     @property
+    def row_ptr(self) -> torch.Tensor:
+        """CSR row offsets int32 ``[Bl*Hl*nqb + 1]``."""
+        if self._row_ptr is None:
+            self._csr_from_mask()
+        return self._row_ptr
+
+    @property
+    def col_idx(self) -> torch.Tensor:
+        """CSR key-block indices int32 ``[nnz]``, sorted within each row."""
+        if self._col_idx is None:
+            self._csr_from_mask()
+        return self._col_idx
+
+    def _csr_from_mask(self) -> None:
+        bm = self._block_mask.reshape(-1, self.num_k_blocks)
+        counts = bm.sum(-1)
+        rp = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=bm.device)
+        rp[1:] = counts.cumsum(0).to(torch.int32)
+        self._row_ptr, self._col_idx = rp, bm.nonzero()[:, 1].to(torch.int32)
+
+    @property
     def num_q_blocks(self) -> int:
         return _cdiv(self.q_len, self.block_q)
 
@@ -305,7 +450,7 @@ class BlockLayout:
 
     @property
     def device(self) -> torch.device:
-        return self.col_idx.device
+        return self._block_mask.device if self._col_idx is None else self._col_idx.device
 
     @property
     def has_element_mask(self) -> bool:
@@ -319,21 +464,118 @@ class BlockLayout:
         )
 
     def to(self, device: torch.device | str) -> BlockLayout:
-        """A copy on `device` (self when already there)."""
+        """The layout on `device`: self when already there, else a copy made once and cached."""
         device = torch.device(device)
-        if self.col_idx.device == device and self.row_ptr.device == device:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.device == device:
             return self
-        return BlockLayout(
-            self.row_ptr.to(device),
-            self.col_idx.to(device),
-            q_len=self.q_len,
-            k_len=self.k_len,
-            block_q=self.block_q,
-            block_k=self.block_k,
-            batch=self.batch,
-            heads=self.heads,
-            partial=None if self.partial is None else self.partial.to(device),
-            elem_mask=None if self.elem_mask is None else self.elem_mask.to(device),
+        moved = self._dense_cache.get(("to", str(device)))
+        if moved is not None:
+            return moved
+        if self._col_idx is None:
+            moved = BlockLayout.from_device_block_mask(
+                self._block_mask.to(device), self.q_len, self.k_len, self.block_q, self.block_k
+            )
+        else:
+            moved = BlockLayout(
+                self.row_ptr.to(device),
+                self.col_idx.to(device),
+                q_len=self.q_len,
+                k_len=self.k_len,
+                block_q=self.block_q,
+                block_k=self.block_k,
+                batch=self.batch,
+                heads=self.heads,
+                partial=None if self.partial is None else self.partial.to(device),
+                elem_mask=None if self.elem_mask is None else self.elem_mask.to(device),
+                validate=False,
+            )
+        self._dense_cache[("to", str(device))] = moved
+        return moved
+
+    @property
+    def is_full(self) -> bool:
+        """True when every block is visited with no element mask (a dense layout). Cached."""
+        if "is_full" not in self._dense_cache:
+            self._dense_cache["is_full"] = self.partial is None and bool(self.to_block_mask().all())
+        return self._dense_cache["is_full"]
+
+    def _build_views(self) -> None:
+        """Build the kernel lists (forward and backward) when the layout is made, outside any
+        torch.compile trace, so a compiled call only reads them."""
+        if not torch.compiler.is_compiling():
+            self.kernel_view(backward=True)
+
+    def kernel_view(self, backward: bool = False) -> KernelLayout:
+        """The kernel's lists (see `KernelLayout`), built on the layout's device once and cached;
+        ``backward=True`` adds the per-column lists of the backward pass (also cached)."""
+        kv = self._kernel
+        if kv is None:
+            kv = self._kernel = self._build_forward_view()
+            remember_owner(kv.all_idx, self)
+        if backward and not kv.has_backward:
+            kv = self._kernel = kv._replace(**self._build_backward_view())
+        return kv
+
+    def _tail_col(self) -> int:
+        """Key block that is ragged (k_len not a multiple of block_k), or -1."""
+        return self.num_k_blocks - 1 if self.k_len % self.block_k else -1
+
+    def _build_forward_view(self) -> KernelLayout:
+        dev, nkb = self.device, self.num_k_blocks
+        nrows = self.batch * self.heads * self.num_q_blocks
+        tail = self._tail_col()
+        if self._col_idx is None:  # device-built: ELL lists, no host sync
+            bm = self._block_mask.reshape(nrows, nkb)
+            cols = torch.arange(nkb, device=dev)
+            part = bm & (cols == tail)
+            full = bm & (cols != tail)
+            all_l = _ell_lists(bm)
+            all_mask = torch.full_like(all_l[2], -1)
+            part_l = _ell_lists(part)
+            return KernelLayout(*_ell_lists(full), *part_l, torch.full_like(part_l[2], -1), *all_l, all_mask, None)
+        rows = self._row_of_entries()
+        col = self.col_idx.long()
+        pidx = self.partial if self.partial is not None else torch.full_like(self.col_idx, -1)
+        is_part = (pidx >= 0) | (col == tail)
+        f, p = ~is_part, is_part
+        return KernelLayout(
+            *_csr_lists(rows[f], col[f], None, nrows),
+            *_csr_lists(rows[p], col[p], pidx[p], nrows),
+            self.row_ptr[:-1],
+            self.row_ptr[1:],
+            self.col_idx,
+            pidx.contiguous(),
+            self.elem_mask,
+        )
+
+    def _build_backward_view(self) -> dict:
+        """Per key-block column: the query blocks of its full and partial entries (ascending)."""
+        nqb, nkb = self.num_q_blocks, self.num_k_blocks
+        ncols = self.batch * self.heads * nkb
+        tail = self._tail_col()
+        if self._col_idx is None:  # device-built: ELL over the transposed mask
+            bm = self._block_mask.transpose(-1, -2).reshape(ncols, nqb)
+            is_tail = (torch.arange(ncols, device=bm.device) % nkb == tail).view(-1, 1)
+            full_l, part_l = _ell_lists(bm & ~is_tail), _ell_lists(bm & is_tail)
+            names = ("t_full_begin", "t_full_end", "t_full_idx", "t_part_begin", "t_part_end", "t_part_idx")
+            out = dict(zip(names, (*full_l, *part_l)))
+            out["t_part_mask"] = torch.full_like(part_l[2], -1)
+            return out
+        rows = self._row_of_entries()
+        bh, qb = rows // nqb, rows % nqb
+        col = self.col_idx.long()
+        cols = bh * nkb + col
+        order = torch.argsort(cols * nqb + qb, stable=True)
+        pidx = self.partial if self.partial is not None else torch.full_like(self.col_idx, -1)
+        cols, qb, pidx, col = cols[order], qb[order], pidx[order], col[order]
+        is_part = (pidx >= 0) | (col == tail)
+        f, p = ~is_part, is_part
+        fb, fe, fi = _csr_lists(cols[f], qb[f], None, ncols)
+        pb, pe, pi, pm = _csr_lists(cols[p], qb[p], pidx[p], ncols)
+        return dict(
+            t_full_begin=fb, t_full_end=fe, t_full_idx=fi, t_part_begin=pb, t_part_end=pe, t_part_idx=pi, t_part_mask=pm
         )
 
     def _row_of_entries(self) -> torch.Tensor:
@@ -476,6 +718,36 @@ class BlockLayout:
             col_ptr[1:] = counts.cumsum(0).to(torch.int32)
             self._transpose = (col_ptr, qb[order].to(torch.int32), order.to(torch.int32))
         return self._transpose
+
+
+# The custom op receives tensors; the reference backend wants the objects that own them (their
+# host-side caches). Keyed by id of an owned tensor, both held weakly, checked by identity.
+_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def remember_owner(tensor: torch.Tensor, owner: object) -> None:
+    """Record that `owner` (a layout or modifier) owns `tensor` (skipped while compiling)."""
+    if torch.compiler.is_compiling():
+        return
+    key = id(tensor)
+    hit = _OWNERS.get(key)
+    if hit is not None and hit[0]() is tensor and hit[1]() is owner:
+        return
+    _OWNERS[key] = (weakref.ref(tensor, lambda _, key=key: _OWNERS.pop(key, None)), weakref.ref(owner))
+
+
+def owner_of(tensor: torch.Tensor | None) -> object | None:
+    """The object recorded by `remember_owner` for this very tensor, or None."""
+    if tensor is None:
+        return None
+    hit = _OWNERS.get(id(tensor))
+    if hit is not None and hit[0]() is tensor:
+        return hit[1]()
+    return None
+
+
+#: BlockLayout.dense results, by (q_len, k_len, block_q, block_k, device)
+_DENSE_CACHE: dict[tuple, BlockLayout] = {}
 
 
 def _describe(x: object) -> str:

@@ -1,20 +1,22 @@
 """The one entry point, `attention`, and its torch custom op.
 
-`attention` validates its inputs, picks a backend and calls the custom op
+`attention` checks shapes (never values: no host sync), picks a backend and calls the custom op
 ``torch.ops.attnplug.block_sparse_attention`` (so `torch.compile` traces through it, with a
-fake implementation for shapes and a registered autograd formula). The layout and modifiers
-are flattened to tensors and scalars at the op boundary and rebuilt inside.
+fake implementation for shapes and a registered autograd formula). What crosses the op boundary
+is what the kernels read: the layout's cached `KernelLayout` lists and the modifiers' cached
+device tensors, passed through as they are. Nothing is rebuilt or re-validated per call; the
+reference backend finds the layout / modifier objects behind those tensors in a small registry
+(so their host-side caches are reused too).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
-from .layout import BlockLayout
-from .modifiers import LogitDecay, OutputMix, TileStats, check_modifiers
+from .layout import BlockLayout, KernelLayout, owner_of
+from .modifiers import LogitDecay, OutputMix, TileStats, check_modifiers, prepare_modifiers
 from .reference import reference_attention
 
 __all__ = ["attention", "BACKENDS", "triton_available"]
@@ -41,10 +43,10 @@ def _triton_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
         return f"tensors are on {q.device.type} (Triton needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter)"
     if not triton_available():
         return "the Triton kernels could not be imported (is triton installed?)"
-    from .triton_attention import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS
+    from .triton_attention import MAX_HEAD_DIM, SUPPORTED_DTYPES
 
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head dim {q.shape[-1]}/{v.shape[-1]} is not one of the supported {SUPPORTED_HEAD_DIMS}"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]}/{v.shape[-1]} is above the supported maximum {MAX_HEAD_DIM}"
     if q.dtype not in SUPPORTED_DTYPES:
         return f"dtype {q.dtype} is not one of the supported {SUPPORTED_DTYPES}"
     return None
@@ -103,45 +105,59 @@ def attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse attention ``softmax(q kᵀ·scale + mask) v`` with fused modifiers.
 
-    q ``[B, H, Nq, D]``, k ``[B, H, Nk, D]``, v ``[B, H, Nk, Dv]``; layout: `BlockLayout` or
-    None (dense). modifiers: `LogitDecay` / `OutputMix`. tile_stats: `TileStats` to receive
-    LiteAttention's per-tile feedback (inference only). backend: "auto" (Triton on CUDA, the
-    reference on CPU), "triton" or "reference"; an explicit backend that cannot run raises.
-    Rows that see no key give 0 (lse -inf).
+    q ``[B, H, Nq, D]``, k ``[B, H, Nk, D]``, v ``[B, H, Nk, Dv]`` (D, Dv <= 256); layout:
+    `BlockLayout` or None (dense). modifiers: `LogitDecay` / `OutputMix`. tile_stats: `TileStats`
+    to receive LiteAttention's per-tile feedback (inference only). backend: "auto" (Triton on
+    CUDA, the reference on CPU), "triton" or "reference"; an explicit backend that cannot run
+    raises, and so does "auto" on CUDA when Triton cannot take the call (never a silent slow
+    path). Rows that see no key give 0 (lse -inf). In steady state (same layout and modifier
+    objects) a call does no host work: build layouts once per (shape, phase) and reuse them.
     """
     _validate(q, k, v, layout, scale, backend)
     modifiers = tuple(modifiers)
     B, H, nq, d = q.shape
-    check_modifiers(modifiers, nq, k.shape[2], H)
+    nk = k.shape[2]
+    check_modifiers(modifiers, nq, nk, H)
     if tile_stats is not None and not isinstance(tile_stats, TileStats):
         raise TypeError(f"attention: tile_stats must be a TileStats or None, got {type(tile_stats).__name__}")
-    if tile_stats is not None and layout is None:
-        layout = BlockLayout.dense(nq, k.shape[2])
-    if layout is not None and layout.device != q.device:
+    chosen = _choose(backend, q, v)
+    scale_f = d**-0.5 if scale is None else float(scale)
+    if tile_stats is not None:  # inference-only side output: call the implementation directly
+        layout = (layout if layout is not None else BlockLayout.dense(nq, nk, device=q.device)).to(q.device)
+        with torch.no_grad():
+            out, lse = _impl(chosen, q, k, v, layout, scale_f, modifiers, tile_stats)
+        return (out, lse) if return_lse else out
+    if layout is None:  # dense: the kernels walk every key block without reading lists
+        lay, ldims = [], [nq, nk, 128, 128, 1, 1]
+    else:
         layout = layout.to(q.device)
+        need_bwd = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        lay, ldims = list(layout.kernel_view(backward=need_bwd and chosen == "triton")), _ldims(layout)
+    decay, mix_u = prepare_modifiers(modifiers, H, nq, nk, q.device)
+    dec = [None, -1, None, None] if decay is None else list(decay)
+    out, lse = torch.ops.attnplug.block_sparse_attention(q, k, v, lay, ldims, *dec, mix_u, scale_f, chosen)
+    return (out, lse) if return_lse else out
 
+
+def _choose(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
     if backend == "triton":
         why = _triton_unsupported(q, v)
         if why is not None:
             raise RuntimeError(f"attention(backend='triton') cannot run: {why}")
-        chosen = "triton"
-    elif backend == "auto":
-        why = _triton_unsupported(q, v) if q.is_cuda else "cpu"
-        if q.is_cuda and why is not None:
-            warnings.warn(f"attention(backend='auto'): using the PyTorch reference because {why}", stacklevel=2)
-        chosen = "triton" if why is None else "reference"
-    else:
-        chosen = "reference"
+        return "triton"
+    if backend == "auto" and q.is_cuda:
+        why = _triton_unsupported(q, v)
+        if why is not None:
+            raise RuntimeError(
+                f"attention(backend='auto') cannot run on CUDA: {why}; pass backend='reference' to run the "
+                "PyTorch reference on the GPU (slow)"
+            )
+        return "triton"
+    return "reference"
 
-    if tile_stats is not None:  # inference-only side output: call the implementation directly
-        with torch.no_grad():
-            out, lse = _impl(chosen, q, k, v, layout, scale, modifiers, tile_stats)
-    else:
-        args = _flatten(layout, modifiers, H)
-        out, lse = torch.ops.attnplug.block_sparse_attention(
-            q, k, v, *args, -1.0 if scale is None else float(scale), chosen
-        )
-    return (out, lse) if return_lse else out
+
+def _ldims(layout: BlockLayout) -> list[int]:
+    return [layout.q_len, layout.k_len, layout.block_q, layout.block_k, layout.batch, layout.heads]
 
 
 def _impl(chosen, q, k, v, layout, scale, modifiers, tile_stats=None):
@@ -154,62 +170,51 @@ def _impl(chosen, q, k, v, layout, scale, modifiers, tile_stats=None):
     )
 
 
-# ---------------------------------------------------------------------- custom op plumbing
-def _flatten(layout: BlockLayout | None, modifiers: tuple, heads: int) -> list:
-    decay = next((m for m in modifiers if isinstance(m, LogitDecay)), None)
-    mix = next((m for m in modifiers if isinstance(m, OutputMix)), None)
-    if layout is None:
-        lay = [None, None, None, None, [0, 0, 0, 0, 0, 0]]
-    else:
-        lay = [
-            layout.row_ptr,
-            layout.col_idx,
-            layout.partial,
-            layout.elem_mask,
-            [layout.q_len, layout.k_len, layout.block_q, layout.block_k, layout.batch, layout.heads],
-        ]
-    dev = layout.device if layout is not None else None
-    dec = [None, -1, None, None]
-    if decay is not None:
-        dec = [decay.factors(heads).to(dev) if dev else decay.factors(heads), decay.threshold, decay.q_pos, decay.k_pos]
-    u = None if mix is None else (mix.weights(heads).to(dev) if dev else mix.weights(heads))
-    return [*lay, *dec, u]
+# ---------------------------------------------------------------------- objects behind op tensors
+def _layout_of(kl: KernelLayout, ldims: list[int]) -> BlockLayout:
+    """The BlockLayout behind a kernel view (rebuilt from the merged lists if not registered)."""
+    lay = owner_of(kl.all_idx)
+    if isinstance(lay, BlockLayout):
+        return lay
+    q_len, k_len, bq, bk, bl, hl = ldims  # slow path (tensors that were copied): one host pass
+    nqb, nkb = -(-q_len // bq), -(-k_len // bk)
+    begin, end, idx = kl.all_begin.cpu(), kl.all_end.cpu(), kl.all_idx.cpu().long()
+    mask = torch.zeros(bl * hl * nqb, nkb, dtype=torch.bool)
+    part = torch.full((bl * hl * nqb, nkb), -1, dtype=torch.int32)
+    pm = kl.all_mask.cpu()
+    for r in range(bl * hl * nqb):
+        cols = idx[int(begin[r]) : int(end[r])]
+        mask[r, cols] = True
+        part[r, cols] = pm[int(begin[r]) : int(end[r])]
+    block_mask = mask.view(bl, hl, nqb, nkb)
+    lay = BlockLayout.from_block_mask(block_mask, q_len, k_len, bq, bk)
+    if kl.elem_mask is not None:
+        lay = BlockLayout(
+            lay.row_ptr, lay.col_idx, q_len=q_len, k_len=k_len, block_q=bq, block_k=bk, batch=bl, heads=hl,
+            partial=part.view(bl, hl, nqb, nkb)[block_mask].contiguous(), elem_mask=kl.elem_mask.cpu(),
+        )  # fmt: skip
+    return lay.to(kl.all_idx.device)
 
 
-def _rebuild(row_ptr, col_idx, partial, elem_mask, dims, decay_f, decay_t, q_pos, k_pos, mix_u):
-    layout = None
-    if row_ptr is not None:
-        q_len, k_len, bq, bk, bl, hl = dims
-        layout = BlockLayout(
-            row_ptr,
-            col_idx,
-            q_len=q_len,
-            k_len=k_len,
-            block_q=bq,
-            block_k=bk,
-            batch=bl,
-            heads=hl,
-            partial=partial,
-            elem_mask=elem_mask,
-        )
+def _modifiers_of(decay_f, decay_t, q_pos, k_pos, mix_u) -> tuple:
     mods: list = []
     if decay_f is not None:
-        mods.append(LogitDecay(decay_f.cpu(), int(decay_t), q_pos, k_pos))
+        m = owner_of(decay_f)
+        mods.append(m if isinstance(m, LogitDecay) else LogitDecay(decay_f, int(decay_t), q_pos, k_pos))
     if mix_u is not None:
-        mods.append(OutputMix(mix_u.cpu()))
-    return layout, tuple(mods)
+        m = owner_of(mix_u)
+        mods.append(m if isinstance(m, OutputMix) else OutputMix(mix_u))
+    return tuple(mods)
 
 
+# ---------------------------------------------------------------------- custom op plumbing
 @torch.library.custom_op("attnplug::block_sparse_attention", mutates_args=())
 def _block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    row_ptr: torch.Tensor | None,
-    col_idx: torch.Tensor | None,
-    partial: torch.Tensor | None,
-    elem_mask: torch.Tensor | None,
-    dims: list[int],
+    lay: list[torch.Tensor | None],
+    ldims: list[int],
     decay_factor: torch.Tensor | None,
     decay_threshold: int,
     q_pos: torch.Tensor | None,
@@ -218,56 +223,51 @@ def _block_sparse_attention(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    layout, mods = _rebuild(
-        row_ptr, col_idx, partial, elem_mask, dims, decay_factor, decay_threshold, q_pos, k_pos, mix_u
-    )
-    out, lse = _impl(backend, q, k, v, layout, None if scale < 0 else scale, mods)
+    kl = KernelLayout(*lay) if lay else None
+    if backend == "triton":
+        from .triton_attention import forward
+
+        decay = None if decay_factor is None else (decay_factor, decay_threshold, q_pos, k_pos)
+        out, lse = forward(q, k, v, kl, tuple(ldims), scale, decay, mix_u)
+    else:
+        layout = None if kl is None else _layout_of(kl, ldims)
+        mods = _modifiers_of(decay_factor, decay_threshold, q_pos, k_pos, mix_u)
+        out, lse = reference_attention(q, k, v, layout, scale=scale, modifiers=mods, return_lse=True)
     return out.contiguous(), lse.contiguous()
 
 
 @_block_sparse_attention.register_fake
-def _(
-    q,
-    k,
-    v,
-    row_ptr,
-    col_idx,
-    partial,
-    elem_mask,
-    dims,
-    decay_factor,
-    decay_threshold,
-    q_pos,
-    k_pos,
-    mix_u,
-    scale,
-    backend,
-):
+def _(q, k, v, lay, ldims, decay_factor, decay_threshold, q_pos, k_pos, mix_u, scale, backend):
     B, H, nq, _ = q.shape
     return q.new_empty(B, H, nq, v.shape[-1]), q.new_empty(B, H, nq, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, row_ptr, col_idx, partial, elem_mask, dims, decay_f, decay_t, q_pos, k_pos, mix_u, scale, backend = inputs
+    q, k, v, lay, ldims, decay_f, decay_t, q_pos, k_pos, mix_u, scale, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, row_ptr, col_idx, partial, elem_mask, decay_f, q_pos, k_pos, mix_u)
-    ctx.dims, ctx.decay_t, ctx.scale, ctx.backend = list(dims), decay_t, scale, backend
+    ctx.n_lay = len(lay)
+    ctx.save_for_backward(q, k, v, out, lse, decay_f, q_pos, k_pos, mix_u, *lay)
+    ctx.ldims, ctx.decay_t, ctx.scale, ctx.backend = list(ldims), decay_t, scale, backend
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, row_ptr, col_idx, partial, elem_mask, decay_f, q_pos, k_pos, mix_u = ctx.saved_tensors
-    layout, mods = _rebuild(row_ptr, col_idx, partial, elem_mask, ctx.dims, decay_f, ctx.decay_t, q_pos, k_pos, mix_u)
-    scale = None if ctx.scale < 0 else ctx.scale
+    q, k, v, out, lse, decay_f, q_pos, k_pos, mix_u, *lay = ctx.saved_tensors
+    kl = KernelLayout(*lay) if lay else None
     if ctx.backend == "triton":
-        from .triton_attention import triton_attention_backward
+        from .triton_attention import backward
 
-        dq, dk, dv = triton_attention_backward(grad_out, q, k, v, out, lse, layout, scale=scale, modifiers=mods)
+        if kl is not None and not kl.has_backward:  # forward ran without grad mode in sight: build (once) now
+            kl = _layout_of(kl, ctx.ldims).kernel_view(backward=True)
+        decay = None if decay_f is None else (decay_f, ctx.decay_t, q_pos, k_pos)
+        dq, dk, dv = backward(grad_out, q, k, v, out, lse, kl, tuple(ctx.ldims), ctx.scale, decay, mix_u)
     else:  # reference: differentiate the reference itself
+        layout = None if kl is None else _layout_of(kl, ctx.ldims)
+        mods = _modifiers_of(decay_f, ctx.decay_t, q_pos, k_pos, mix_u)
         with torch.enable_grad():
             qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-            o = reference_attention(qq, kk, vv, layout, scale=scale, modifiers=mods)
+            o = reference_attention(qq, kk, vv, layout, scale=ctx.scale, modifiers=mods)
             dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), grad_out.to(o.dtype))
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, [None] * ctx.n_lay, None, None, None, None, None, None, None, None
 
 
 _block_sparse_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,11 +1,25 @@
 """Triton block-sparse FlashAttention: forward and backward.
 
-In the style of the Triton tutorials' fused attention: one program per (query block,
-batch*head) walks only the key blocks its CSR row lists (online softmax in the exp2 domain,
-fp32 accumulation). Element masks of partial blocks, tails, the fused modifiers and the
-LiteAttention tile statistics are applied by `_score_hook`, so a new score modifier touches the
-hook, not the loops. The backward pass is FlashAttention-2's: a dK/dV kernel per key block
-walking the transposed layout, and a dQ kernel per query block walking the layout.
+In the style of the Triton tutorials' fused attention and FlexAttention's block split: one
+program per (BLOCK_M query rows, batch*head) walks the key blocks its layout row lists, as
+``BLOCK_N``-wide kernel tiles (a 128-token layout block is several tiles: the layout says which
+blocks are visited, the kernel's tile is tuned on its own). It walks two lists of the layout's
+`KernelLayout`: *partial* blocks first (element mask expanded from compact bit words in
+registers, key bounds of the ragged tail block), then *full* blocks (no mask memory, no bounds
+checks). Online softmax in the exp2 domain with fp32 accumulation. LiteAttention's tile
+statistics need the blocks in ascending key order, so that mode walks the merged list and
+branches per block. Score modifiers (UltraViCo's `LogitDecay`) live in `_score_mod` and
+`OutputMix` (SoftPAG) in the epilogue, so the loops never change when a modifier is added. The
+backward pass is FlashAttention-2's: a dK/dV kernel per key tile walking the per-column lists,
+a dQ kernel per query tile walking the per-row lists.
+
+Tiles: each kernel has a candidate table per (head dim, dtype) (`CANDIDATES`), every entry
+compiled for sm_90a without register spills and within the H100's shared memory
+(`python -m attn_kernels.static_check`). On a GPU the candidates are autotuned per key (set
+``ATTNPLUG_AUTOTUNE=0`` to take the table's first fitting entry); elsewhere (the interpreter)
+the table's first entry runs. Head dims up to 256 run padded to the next power of two (masked
+loads). fp16 / bf16 run on tensor cores with fp32 accumulation; fp32 inputs run on tensor cores
+in 3xTF32 (``input_precision="tf32x3"``: about fp32 accuracy, for debugging rather than speed).
 
 On CPU the kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` (tests); there bf16
 is unreliable, so tests use fp32/fp16 there and bf16 on the GPU.
@@ -14,233 +28,721 @@ is unreliable, so tests use fp32/fp16 there and bf16 on the GPU.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
-from .layout import BlockLayout
-from .modifiers import TileStats, check_modifiers
+from .layout import BlockLayout, KernelLayout
 
 __all__ = [
+    "CANDIDATES",
+    "MAX_HEAD_DIM",
     "SUPPORTED_DTYPES",
-    "SUPPORTED_HEAD_DIMS",
     "pick_tiles",
+    "static_configs",
     "triton_attention_backward",
     "triton_attention_forward",
 ]
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.0 / math.log(2.0)
-_LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------- device helpers
+@triton.jit
+def _ld(ptr, m0, m1, USE0: tl.constexpr, USE1: tl.constexpr):
+    """Load with zero fill under the masks that are in use (constexpr: unused masks cost nothing)."""
+    if USE0 and USE1:
+        x = tl.load(ptr, mask=m0 & m1, other=0.0)
+    elif USE0:
+        x = tl.load(ptr, mask=m0, other=0.0)
+    elif USE1:
+        x = tl.load(ptr, mask=m1, other=0.0)
+    else:
+        x = tl.load(ptr)
+    return x
 
 
 @triton.jit
-def _score_hook(
-    s,  # [BM, BN] logits * scale * log2(e)
-    offs_m,  # [BM] query token index
-    offs_n,  # [BN] key token index
-    offs_r,  # [BM] row of the query block (element-mask row)
-    offs_c,  # [BN] column of the key block (element-mask column)
-    idx,  # CSR entry of this (query block, key block)
-    h,
-    Nq,
-    Nk,
-    Partial,
-    ElemMask,
-    DecayF,
-    decay_thr,
-    QPos,
-    KPos,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    WORDS: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_DECAY: tl.constexpr,
-):
-    """Apply score modifiers and masks to one tile; returns (masked scores, decay gate).
+def _score_mod(s, qp, kp, f, decay_thr, HAS_DECAY: tl.constexpr):
+    """Score modifiers, each behind its constexpr flag; returns (scores, gate = ds/ds_raw).
 
-    Every score modifier lives here behind its constexpr flag (the gate is ds/ds_raw for the
-    backward pass); the forward / backward loops only call this hook."""
-    valid = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
-    if HAS_MASK:
-        pidx = tl.load(Partial + idx)
-        wptr = (
-            ElemMask
-            + tl.maximum(pidx, 0).to(tl.int64) * (BLOCK_Q * WORDS)
-            + offs_r[:, None] * WORDS
-            + offs_c[None, :] // 32
-        )
-        words = tl.load(wptr)
-        bit = (words >> (offs_c[None, :] % 32)) & 1
-        valid = valid & ((bit != 0) | (pidx < 0))
-    gate = tl.full([BLOCK_M, BLOCK_N], 1.0, tl.float32)
+    s: fp32 logits * scale * log2(e); qp / kp: query / key positions shaped to broadcast against
+    s ([BM, 1] and [1, BN], or transposed). LogitDecay (UltraViCo): s <- f * s where s > 0 and
+    |qp - kp| > thr, positions < 0 exempt."""
+    gate = 1.0
     if HAS_DECAY:
-        f = tl.load(DecayF + h)
-        qp = tl.load(QPos + offs_m, mask=offs_m < Nq, other=-1)
-        kp = tl.load(KPos + offs_n, mask=offs_n < Nk, other=-1)
-        dist = tl.abs(qp[:, None] - kp[None, :])
-        far = (dist > decay_thr) & (qp[:, None] >= 0) & (kp[None, :] >= 0) & (s > 0)
+        far = (tl.abs(qp - kp) > decay_thr) & (qp >= 0) & (kp >= 0) & (s > 0)
         gate = tl.where(far, f, 1.0)
         s = s * gate
-    s = tl.where(valid, s, float("-inf"))
     return s, gate
+
+
+@triton.jit
+def _block_valid(
+    pidx,  # element-mask index of the block (-1: none)
+    offs_r,  # [BM] rows within the layout block
+    offs_c,  # [BN] columns within the layout block
+    offs_n,  # [BN] key token index
+    Nk,
+    ElemMask,
+    BLOCK_Q,
+    WORDS,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TRANS: tl.constexpr,
+):
+    """Visibility inside a partial block, [BM, BN] (or [BN, BM] when TRANS): key bounds and the
+    element mask, expanded in registers from BLOCK_M x ceil(BLOCK_N / 32) int32 words (one load
+    per row and word, never one per element)."""
+    WPT: tl.constexpr = (BLOCK_N + 31) // 32
+    w0 = tl.min(offs_c, 0) // 32
+    has = pidx >= 0
+    base = ElemMask + tl.maximum(pidx, 0).to(tl.int64) * BLOCK_Q * WORDS + offs_r * WORDS + w0
+    word = tl.load(base, mask=has, other=-1)  # [BM]
+    wsel = (offs_c // 32) - w0
+    if TRANS:
+        words = tl.broadcast_to(word[None, :], [BLOCK_N, BLOCK_M])
+        for i in tl.static_range(1, WPT):
+            words = tl.where((wsel == i)[:, None], tl.load(base + i, mask=has, other=-1)[None, :], words)
+        bit = (words >> (offs_c % 32)[:, None]) & 1
+        valid = (bit != 0) & (offs_n < Nk)[:, None]
+    else:
+        words = tl.broadcast_to(word[:, None], [BLOCK_M, BLOCK_N])
+        for i in tl.static_range(1, WPT):
+            words = tl.where((wsel == i)[None, :], tl.load(base + i, mask=has, other=-1)[:, None], words)
+        bit = (words >> (offs_c % 32)[None, :]) & 1
+        valid = (bit != 0) & (offs_n < Nk)[None, :]
+    return valid
+
+
+# ----------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, need, m_before,
+    q, qp, offs_r, offs_m, k_base, v_base, skn, skd, svn, svd, offs_d, offs_dv,
+    Begin, End, Idx, Mask, row, ElemMask, KPos, Stats, stats_row, stats_thr,
+    Nq, Nk, NKB, BLOCK_Q, BLOCK_K, WORDS, qk_scale, f, decay_thr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, MODE: tl.constexpr,
+    HAS_DECAY: tl.constexpr, HAS_STATS: tl.constexpr, DOT_PREC: tl.constexpr, DENSE: tl.constexpr,
+):  # fmt: skip
+    """Walk one list of a query tile's row. MODE 0: full blocks (no masks, no bounds), 1: partial
+    blocks, 2: every block in ascending key order, masked per block (tile statistics)."""
+    split = BLOCK_K // BLOCK_N
+    tail_kb = tl.where(Nk % BLOCK_K != 0, NKB - 1, -1)
+    if DENSE:  # no lists: keys [0, NKB), the ragged tail block is the partial one
+        nfull = tl.where(tail_kb >= 0, NKB - 1, NKB)
+        begin = tl.where(MODE == 1, nfull, 0)
+        end = tl.where(MODE == 0, nfull, NKB)
+    else:
+        begin = tl.load(Begin + row)
+        end = tl.load(End + row)
+    for it in range(begin * split, end * split):
+        e = it // split
+        sub = it - e * split
+        if DENSE:
+            kb = e
+        else:
+            kb = tl.load(Idx + e)
+        offs_c = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = kb * BLOCK_K + offs_c
+        in_n = offs_n < Nk
+        k = _ld(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, in_n[None, :], offs_d[:, None] < D,
+                MODE != 0, D != HEAD_D)  # fmt: skip
+        v = _ld(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd, in_n[:, None], offs_dv[None, :] < DV,
+                MODE != 0, DV != HEAD_DV)  # fmt: skip
+        s = tl.dot(q, k, input_precision=DOT_PREC) * qk_scale
+        if HAS_DECAY:
+            kp = tl.load(KPos + offs_n, mask=in_n, other=-1)
+            s, _g = _score_mod(s, qp[:, None], kp[None, :], f, decay_thr, HAS_DECAY)
+        if MODE == 1:
+            pidx = -1 if DENSE else tl.load(Mask + e)
+            valid = _block_valid(pidx, offs_r, offs_c, offs_n, Nk, ElemMask, BLOCK_Q, WORDS, BLOCK_M, BLOCK_N, False)
+            s = tl.where(valid, s, float("-inf"))
+        if MODE == 2:
+            pidx = -1 if DENSE else tl.load(Mask + e)
+            if (pidx >= 0) | (kb == tail_kb):
+                valid = _block_valid(
+                    pidx, offs_r, offs_c, offs_n, Nk, ElemMask, BLOCK_Q, WORDS, BLOCK_M, BLOCK_N, False
+                )
+                s = tl.where(valid, s, float("-inf"))
+        tile_max = tl.max(s, 1)
+        if HAS_STATS:
+            # needed <=> some valid row has (block max - running max before the block) > thr; the
+            # block max is the max of its tiles, so OR the per-tile test against m_before
+            m_before = tl.where(sub == 0, m_i, m_before)
+            cond = ((tile_max > m_before + stats_thr) & (offs_m < Nq)).to(tl.int32)  # no -inf - -inf
+            need = tl.where(sub == 0, cond, tl.maximum(need, cond))
+            need_any = tl.max(need, 0)
+            # programs sharing a query block only ever write 1 into a zeroed buffer
+            tl.store(Stats + stats_row + kb, need_any.to(tl.uint8), mask=(sub == split - 1) & (need_any > 0))
+        m_new = tl.maximum(m_i, tile_max)
+        if MODE == 0:  # scores of full blocks are finite, so m_new is
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+        else:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i, need, m_before
 
 
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    RowPtr, ColIdx, Partial, ElemMask,
-    DecayF, decay_thr, QPos, KPos, MixU,
-    Stats, stats_thr,
+    FullB, FullE, FullIdx, PartB, PartE, PartIdx, PartMask, ElemMask,
+    DecayF, decay_thr, QPos, KPos, MixU, Stats, stats_thr,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
-    H, Nq, Nk, NQB, NKB, LB, LH, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
+    H, Nq, Nk, NQB, NKB, LB, LH, BLOCK_Q, BLOCK_K, WORDS, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-    WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DECAY: tl.constexpr, HAS_MIX: tl.constexpr,
-    HAS_STATS: tl.constexpr,
+    HAS_DECAY: tl.constexpr, HAS_MIX: tl.constexpr, HAS_STATS: tl.constexpr, DOT_PREC: tl.constexpr,
+    DENSE: tl.constexpr,
 ):  # fmt: skip
-    # One program = BLOCK_M rows of a layout query block (BLOCK_Q = BLOCK_M*SPLIT_M rows); the loop
-    # walks the CSR row's key blocks in BLOCK_N-wide sub-tiles (BLOCK_K = BLOCK_N*SPLIT_N).
-    BLOCK_Q: tl.constexpr = BLOCK_M * SPLIT_M
-    BLOCK_K: tl.constexpr = BLOCK_N * SPLIT_N
+    """One program = BLOCK_M rows of a layout query block (BLOCK_Q rows); with HAS_STATS the
+    Part* arguments carry the merged list; DENSE: no layout lists (every key block)."""
+    split_m = BLOCK_Q // BLOCK_M
     pid = tl.program_id(0)
-    qb = pid // SPLIT_M
+    qb = pid // split_m
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     bl = tl.where(LB > 1, b, 0)
     hl = tl.where(LH > 1, h, 0)
     row = (bl * LH + hl) * NQB + qb
-    start = tl.load(RowPtr + row)
-    end = tl.load(RowPtr + row + 1)
-
-    offs_r = (pid % SPLIT_M) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = (pid - qb * split_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_m = qb * BLOCK_Q + offs_r
     offs_d = tl.arange(0, HEAD_D)
     offs_dv = tl.arange(0, HEAD_DV)
-    q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < Nq, other=0.0)
+    in_m = offs_m < Nq
+    q = _ld(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+            in_m[:, None], offs_d[None, :] < D, True, D != HEAD_D)  # fmt: skip
     k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    if HAS_DECAY:
+        f = tl.load(DecayF + h)
+        qp = tl.load(QPos + offs_m, mask=in_m, other=-1)
+    else:
+        f = 1.0
+        qp = offs_m
+    stats_row = ((b * H + h) * NQB + qb).to(tl.int64) * NKB
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DV], tl.float32)
-    m_before = tl.full([BLOCK_M], float("-inf"), tl.float32)  # tile stats: running max before the block
     need = tl.zeros([BLOCK_M], tl.int32)
-    for it in range(start * SPLIT_N, end * SPLIT_N):
-        idx = it // SPLIT_N
-        sub = it % SPLIT_N
-        kb = tl.load(ColIdx + idx)
-        offs_c = sub * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_n = kb * BLOCK_K + offs_c
-        k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd, mask=offs_n[None, :] < Nk, other=0.0)
-        s = tl.dot(q, k, input_precision="ieee") * qk_scale
-        s, _gate = _score_hook(
-            s, offs_m, offs_n, offs_r, offs_c, idx, h, Nq, Nk, Partial, ElemMask, DecayF, decay_thr, QPos, KPos,
-            BLOCK_Q, BLOCK_M, BLOCK_N, WORDS, HAS_MASK, HAS_DECAY,
+    m_before = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    if HAS_STATS:
+        acc, l_i, m_i, need, m_before = _fwd_inner(
+            acc, l_i, m_i, need, m_before, q, qp, offs_r, offs_m, k_base, v_base, skn, skd, svn, svd, offs_d, offs_dv,
+            PartB, PartE, PartIdx, PartMask, row, ElemMask, KPos, Stats, stats_row, stats_thr,
+            Nq, Nk, NKB, BLOCK_Q, BLOCK_K, WORDS, qk_scale, f, decay_thr,
+            BLOCK_M, BLOCK_N, D, DV, HEAD_D, HEAD_DV, 2, HAS_DECAY, True, DOT_PREC, DENSE,
         )  # fmt: skip
-        tile_max = tl.max(s, 1)
-        if HAS_STATS:
-            # needed <=> some valid row has (block max - running max before the block) > thr; the
-            # block max is the max of its sub-tiles, so OR the per-sub-tile test against m_before
-            m_before = tl.where(sub == 0, m_i, m_before)
-            cond = ((tile_max > m_before + stats_thr) & (offs_m < Nq)).to(tl.int32)  # no -inf - -inf
-            need = tl.where(sub == 0, cond, tl.maximum(need, cond))
-            need_any = tl.max(need, 0)
-            st_ptr = Stats + ((b * H + h) * NQB + qb).to(tl.int64) * NKB + kb
-            # programs sharing a query block only ever write 1 into a zeroed buffer
-            tl.store(st_ptr, need_any.to(tl.uint8), mask=(sub == SPLIT_N - 1) & (need_any > 0))
-        m_new = tl.maximum(m_i, tile_max)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=offs_n[:, None] < Nk, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+    else:
+        acc, l_i, m_i, need, m_before = _fwd_inner(
+            acc, l_i, m_i, need, m_before, q, qp, offs_r, offs_m, k_base, v_base, skn, skd, svn, svd, offs_d, offs_dv,
+            PartB, PartE, PartIdx, PartMask, row, ElemMask, KPos, Stats, stats_row, stats_thr,
+            Nq, Nk, NKB, BLOCK_Q, BLOCK_K, WORDS, qk_scale, f, decay_thr,
+            BLOCK_M, BLOCK_N, D, DV, HEAD_D, HEAD_DV, 1, HAS_DECAY, False, DOT_PREC, DENSE,
+        )  # fmt: skip
+        acc, l_i, m_i, need, m_before = _fwd_inner(
+            acc, l_i, m_i, need, m_before, q, qp, offs_r, offs_m, k_base, v_base, skn, skd, svn, svd, offs_d, offs_dv,
+            FullB, FullE, FullIdx, PartMask, row, ElemMask, KPos, Stats, stats_row, stats_thr,
+            Nq, Nk, NKB, BLOCK_Q, BLOCK_K, WORDS, qk_scale, f, decay_thr,
+            BLOCK_M, BLOCK_N, D, DV, HEAD_D, HEAD_DV, 0, HAS_DECAY, False, DOT_PREC, DENSE,
+        )  # fmt: skip
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     out = tl.where(has[:, None], out, 0.0)
     if HAS_MIX:
         u = tl.load(MixU + h)
-        vrow = tl.load(
-            v_base + offs_m[:, None] * svn + offs_dv[None, :] * svd, mask=offs_m[:, None] < Nq, other=0.0
-        ).to(tl.float32)
+        vrow = _ld(v_base + offs_m[:, None] * svn + offs_dv[None, :] * svd, in_m[:, None], offs_dv[None, :] < DV,
+                   True, DV != HEAD_DV).to(tl.float32)  # fmt: skip
         out = (1.0 - u) * out + u * vrow
     o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None] * som + offs_dv[None, :] * sod
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < Nq)
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=in_m[:, None] & (offs_dv[None, :] < DV))
     lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(LSE + bh.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
+    tl.store(LSE + bh.to(tl.int64) * Nq + offs_m, lse, mask=in_m)
+
+
+# ----------------------------------------------------------------------------- backward
+@triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, kp, offs_c, offs_n, q_base, do_base, sqm, sqd, sdom, sdod, offs_d, offs_dv,
+    LSE2, Delta, bh, Begin, End, Idx, Mask, col, kb, ElemMask, QPos,
+    Nq, Nk, NQB, NKB, BLOCK_Q, BLOCK_K, WORDS, qk_scale, f, decay_thr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, MODE: tl.constexpr,
+    HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr, DENSE: tl.constexpr,
+):  # fmt: skip
+    """dK/dV of one key tile over one list (MODE 0 full, 1 partial) of its column, computed
+    transposed (rows = keys) as in the Triton tutorial, so no register tile is transposed."""
+    split = BLOCK_Q // BLOCK_M
+    if DENSE:  # every query block; the ragged tail key block's column is the partial one
+        is_tail = (Nk % BLOCK_K != 0) & (kb == NKB - 1)
+        begin = 0
+        end = tl.where(is_tail == (MODE == 1), NQB, 0)
+    else:
+        begin = tl.load(Begin + col)
+        end = tl.load(End + col)
+    for it in range(begin * split, end * split):
+        e = it // split
+        if DENSE:
+            qb = e
+        else:
+            qb = tl.load(Idx + e)
+        offs_r = (it - e * split) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = qb * BLOCK_Q + offs_r
+        in_m = offs_m < Nq
+        qT = _ld(
+            q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+            in_m[None, :],
+            offs_d[:, None] < D,
+            True,
+            D != HEAD_D,
+        )  # fmt: skip  [HEAD_D, BM]
+        do = _ld(
+            do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+            in_m[:, None],
+            offs_dv[None, :] < DV,
+            True,
+            DV != HEAD_DV,
+        )  # fmt: skip  [BM, HEAD_DV]
+        lse2 = tl.load(LSE2 + bh.to(tl.int64) * Nq + offs_m, mask=in_m, other=float("inf"))
+        delta = tl.load(Delta + bh.to(tl.int64) * Nq + offs_m, mask=in_m, other=0.0)
+        sT = tl.dot(k, qT, input_precision=DOT_PREC) * qk_scale  # [BN, BM]
+        gate = 1.0
+        if HAS_DECAY:
+            qp = tl.load(QPos + offs_m, mask=in_m, other=-1)
+            sT, gate = _score_mod(sT, qp[None, :], kp[:, None], f, decay_thr, HAS_DECAY)
+        if MODE == 1:
+            pidx = -1 if DENSE else tl.load(Mask + e)
+            valid = _block_valid(pidx, offs_r, offs_c, offs_n, Nk, ElemMask, BLOCK_Q, WORDS, BLOCK_M, BLOCK_N, True)
+            sT = tl.where(valid, sT, float("-inf"))
+        pT = tl.exp2(sT - lse2[None, :])
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :]) * gate
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE2, Delta, DKo, DVo,
+    TFullB, TFullE, TFullIdx, TPartB, TPartE, TPartIdx, TPartMask, ElemMask,
+    DecayF, decay_thr, QPos, KPos,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdob, sdoh, sdom, sdod,
+    H, Nq, Nk, NQB, NKB, LB, LH, BLOCK_Q, BLOCK_K, WORDS, qk_scale, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
+    DENSE: tl.constexpr,
+):  # fmt: skip
+    """One program = BLOCK_N keys of a layout key block (BLOCK_K keys), accumulating dK and dV over
+    the query blocks of its column in BLOCK_M-row tiles."""
+    split_n = BLOCK_K // BLOCK_N
+    pid = tl.program_id(0)
+    kb = pid // split_n
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bl = tl.where(LB > 1, b, 0)
+    hl = tl.where(LH > 1, h, 0)
+    col = (bl * LH + hl) * NKB + kb
+    offs_c = (pid - kb * split_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = kb * BLOCK_K + offs_c
+    offs_d = tl.arange(0, HEAD_D)
+    offs_dv = tl.arange(0, HEAD_DV)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    in_n = offs_n < Nk
+    k = _ld(K + b64 * skb + h64 * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, in_n[:, None],
+            offs_d[None, :] < D, True, D != HEAD_D)  # fmt: skip
+    v = _ld(V + b64 * svb + h64 * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd, in_n[:, None],
+            offs_dv[None, :] < DV, True, DV != HEAD_DV)  # fmt: skip
+    if HAS_DECAY:
+        f = tl.load(DecayF + h)
+        kp = tl.load(KPos + offs_n, mask=in_n, other=-1)
+    else:
+        f = 1.0
+        kp = offs_n
+    q_base = Q + b64 * sqb + h64 * sqh
+    do_base = DO + b64 * sdob + h64 * sdoh
+    dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DV], tl.float32)
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, kp, offs_c, offs_n, q_base, do_base, sqm, sqd, sdom, sdod, offs_d, offs_dv,
+        LSE2, Delta, bh, TPartB, TPartE, TPartIdx, TPartMask, col, kb, ElemMask, QPos,
+        Nq, Nk, NQB, NKB, BLOCK_Q, BLOCK_K, WORDS, qk_scale, f, decay_thr,
+        BLOCK_M, BLOCK_N, D, DV, HEAD_D, HEAD_DV, 1, HAS_DECAY, DOT_PREC, DENSE,
+    )  # fmt: skip
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, kp, offs_c, offs_n, q_base, do_base, sqm, sqd, sdom, sdod, offs_d, offs_dv,
+        LSE2, Delta, bh, TFullB, TFullE, TFullIdx, TPartMask, col, kb, ElemMask, QPos,
+        Nq, Nk, NQB, NKB, BLOCK_Q, BLOCK_K, WORDS, qk_scale, f, decay_thr,
+        BLOCK_M, BLOCK_N, D, DV, HEAD_D, HEAD_DV, 0, HAS_DECAY, DOT_PREC, DENSE,
+    )  # fmt: skip
+    dk = dk * scale
+    mk = in_n[:, None]
+    dk_ptrs = DKo + bh.to(tl.int64) * Nk * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(dk_ptrs, dk, mask=mk & (offs_d[None, :] < D))
+    dv_ptrs = DVo + bh.to(tl.int64) * Nk * DV + offs_n[:, None] * DV + offs_dv[None, :]
+    tl.store(dv_ptrs, dv, mask=mk & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse2, delta, qp, offs_r, k_base, v_base, skn, skd, svn, svd, offs_d, offs_dv,
+    Begin, End, Idx, Mask, row, ElemMask, KPos,
+    Nk, NKB, BLOCK_Q, BLOCK_K, WORDS, qk_scale, f, decay_thr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, MODE: tl.constexpr,
+    HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr, DENSE: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query tile over one list (MODE 0 full, 1 partial) of its row."""
+    split = BLOCK_K // BLOCK_N
+    if DENSE:
+        nfull = tl.where(Nk % BLOCK_K != 0, NKB - 1, NKB)
+        begin = tl.where(MODE == 1, nfull, 0)
+        end = tl.where(MODE == 0, nfull, NKB)
+    else:
+        begin = tl.load(Begin + row)
+        end = tl.load(End + row)
+    for it in range(begin * split, end * split):
+        e = it // split
+        if DENSE:
+            kb = e
+        else:
+            kb = tl.load(Idx + e)
+        offs_c = (it - e * split) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = kb * BLOCK_K + offs_c
+        in_n = offs_n < Nk
+        kT = _ld(
+            k_base + offs_n[None, :] * skn + offs_d[:, None] * skd,
+            in_n[None, :],
+            offs_d[:, None] < D,
+            MODE != 0,
+            D != HEAD_D,
+        )  # fmt: skip  [HEAD_D, BN]
+        vT = _ld(
+            v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd,
+            in_n[None, :],
+            offs_dv[:, None] < DV,
+            MODE != 0,
+            DV != HEAD_DV,
+        )  # fmt: skip  [HEAD_DV, BN]
+        s = tl.dot(q, kT, input_precision=DOT_PREC) * qk_scale
+        gate = 1.0
+        if HAS_DECAY:
+            kp = tl.load(KPos + offs_n, mask=in_n, other=-1)
+            s, gate = _score_mod(s, qp[:, None], kp[None, :], f, decay_thr, HAS_DECAY)
+        if MODE == 1:
+            pidx = -1 if DENSE else tl.load(Mask + e)
+            valid = _block_valid(pidx, offs_r, offs_c, offs_n, Nk, ElemMask, BLOCK_Q, WORDS, BLOCK_M, BLOCK_N, False)
+            s = tl.where(valid, s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, vT, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None]) * gate
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE2, Delta, DQ,
+    FullB, FullE, FullIdx, PartB, PartE, PartIdx, PartMask, ElemMask,
+    DecayF, decay_thr, QPos, KPos,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdob, sdoh, sdom, sdod,
+    H, Nq, Nk, NQB, NKB, LB, LH, BLOCK_Q, BLOCK_K, WORDS, qk_scale, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, HAS_DECAY: tl.constexpr, DOT_PREC: tl.constexpr,
+    DENSE: tl.constexpr,
+):  # fmt: skip
+    """One program = BLOCK_M rows of a layout query block; walks its row's key tiles."""
+    split_m = BLOCK_Q // BLOCK_M
+    pid = tl.program_id(0)
+    qb = pid // split_m
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bl = tl.where(LB > 1, b, 0)
+    hl = tl.where(LH > 1, h, 0)
+    row = (bl * LH + hl) * NQB + qb
+    offs_r = (pid - qb * split_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = qb * BLOCK_Q + offs_r
+    offs_d = tl.arange(0, HEAD_D)
+    offs_dv = tl.arange(0, HEAD_DV)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    in_m = offs_m < Nq
+    q = _ld(Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, in_m[:, None],
+            offs_d[None, :] < D, True, D != HEAD_D)  # fmt: skip
+    do = _ld(DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, in_m[:, None],
+             offs_dv[None, :] < DV, True, DV != HEAD_DV)  # fmt: skip
+    lse2 = tl.load(LSE2 + bh.to(tl.int64) * Nq + offs_m, mask=in_m, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * Nq + offs_m, mask=in_m, other=0.0)
+    if HAS_DECAY:
+        f = tl.load(DecayF + h)
+        qp = tl.load(QPos + offs_m, mask=in_m, other=-1)
+    else:
+        f = 1.0
+        qp = offs_m
+    k_base = K + b64 * skb + h64 * skh
+    v_base = V + b64 * svb + h64 * svh
+    dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, qp, offs_r, k_base, v_base, skn, skd, svn, svd, offs_d, offs_dv,
+        PartB, PartE, PartIdx, PartMask, row, ElemMask, KPos, Nk, NKB, BLOCK_Q, BLOCK_K, WORDS, qk_scale, f,
+        decay_thr, BLOCK_M, BLOCK_N, D, DV, HEAD_D, HEAD_DV, 1, HAS_DECAY, DOT_PREC, DENSE,
+    )  # fmt: skip
+    dq = _dq_inner(
+        dq, q, do, lse2, delta, qp, offs_r, k_base, v_base, skn, skd, svn, svd, offs_d, offs_dv,
+        FullB, FullE, FullIdx, PartMask, row, ElemMask, KPos, Nk, NKB, BLOCK_Q, BLOCK_K, WORDS, qk_scale, f,
+        decay_thr, BLOCK_M, BLOCK_N, D, DV, HEAD_D, HEAD_DV, 0, HAS_DECAY, DOT_PREC, DENSE,
+    )  # fmt: skip
+    dq = dq * scale
+    dq_ptrs = DQ + bh.to(tl.int64) * Nq * D + offs_m[:, None] * D + offs_d[None, :]
+    tl.store(dq_ptrs, dq, mask=in_m[:, None] & (offs_d[None, :] < D))
+
+
+# ----------------------------------------------------------------------------- tiles
+#: Kernel tiles per (kernel, operand width, padded head dim): (BLOCK_M, BLOCK_N, num_warps,
+#: num_stages), best first. fwd / dq: BLOCK_M query rows per program, BLOCK_N keys per step;
+#: dkdv: BLOCK_N keys per program, BLOCK_M query rows per step. Every entry compiles for sm_90a
+#: with no register spills and fits the H100's shared memory, with every feature flag
+#: (`python -m attn_kernels.static_check`); small entries serve layouts with small blocks.
+CANDIDATES: dict[tuple[str, str, int], list[tuple[int, int, int, int]]] = {
+    ("fwd", "16", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("fwd", "16", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("fwd", "16", 256): [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("fwd", "32", 64): [(64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("fwd", "32", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("fwd", "32", 256): [(32, 32, 4, 2), (16, 16, 4, 2)],
+    ("dkdv", "16", 64): [(32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("dkdv", "16", 128): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("dkdv", "16", 256): [(32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("dkdv", "32", 64): [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("dkdv", "32", 128): [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("dkdv", "32", 256): [(16, 32, 4, 2), (16, 16, 4, 2)],
+    ("dq", "16", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("dq", "16", 128): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("dq", "16", 256): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("dq", "32", 64): [(64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("dq", "32", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("dq", "32", 256): [(32, 32, 4, 2), (16, 16, 4, 2)],
+}
+
+
+def _head_class(d: int, dv: int) -> int:
+    m = max(d, dv)
+    return 64 if m <= 64 else 128 if m <= 128 else 256
+
+
+def _width(dtype: torch.dtype) -> str:
+    return "32" if dtype == torch.float32 else "16"
+
+
+def _fits(kind: str, c: tuple, block_q: int, block_k: int) -> bool:
+    return c[0] <= block_q and c[1] <= block_k
+
+
+def pick_tiles(kind: str, block_q: int, block_k: int, d: int, dv: int, dtype: torch.dtype) -> dict:
+    """The table's first entry that fits a layout's (block_q, block_k): the launch without autotuning."""
+    for c in CANDIDATES[(kind, _width(dtype), _head_class(d, dv))]:
+        if _fits(kind, c, block_q, block_k):
+            return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
+    raise AssertionError(f"no {kind} tile fits blocks ({block_q}, {block_k})")  # tables end with 16x16
+
+
+def _autotune() -> bool:
+    return os.environ.get("ATTNPLUG_AUTOTUNE", "1") != "0" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+_TUNERS: dict[tuple, object] = {}
+_TUNE_KEY = ["BLOCK_Q", "BLOCK_K", "Nq", "Nk", "D", "DV", "HAS_DECAY", "DENSE"]
+
+
+def _tuner(kind: str, kernel, width: str, hc: int):
+    """triton.autotune over the table's candidates, pruned to the layout's blocks (top 4 tried)."""
+    key = (kind, width, hc)
+    if key not in _TUNERS:
+
+        def prune(configs, named_args, **kwargs):
+            ok = [c for c in configs if _fits(kind, (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]),
+                                              named_args["BLOCK_Q"], named_args["BLOCK_K"])]  # fmt: skip
+            return ok[:4]
+
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in CANDIDATES[key]
+        ]
+        extra = ["HAS_MIX", "HAS_STATS"] if kind == "fwd" else []
+        _TUNERS[key] = triton.autotune(
+            configs=configs, key=_TUNE_KEY + extra, prune_configs_by={"early_config_prune": prune}, cache_results=True
+        )(kernel)
+    return _TUNERS[key]
+
+
+def _launch(kind: str, kernel, grid, args: tuple, meta: dict, dtype: torch.dtype, device: torch.device) -> None:
+    """Launch with autotuned tiles on a GPU, else the table's first fitting entry. meta holds the
+    constexprs plus the layout's blocks as `_bq` / `_bk` (for the table)."""
+    bq, bk = meta.pop("_bq"), meta.pop("_bk")
+    if device.type == "cuda" and _autotune():
+        _tuner(kind, kernel, _width(dtype), _head_class(meta["D"], meta["DV"]))[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta, **pick_tiles(kind, bq, bk, meta["D"], meta["DV"], dtype))
+
+
+# ----------------------------------------------------------------------------- host entry points
+def check_inputs(q: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise when the Triton kernels cannot run these tensors (head dim, dtype)."""
+    if not (1 <= q.shape[-1] <= MAX_HEAD_DIM and 1 <= v.shape[-1] <= MAX_HEAD_DIM):
+        raise ValueError(
+            f"Triton attention: head dims must be in [1, {MAX_HEAD_DIM}], got q/k {q.shape[-1]} and v {v.shape[-1]}"
+        )
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"Triton attention: dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
+
+
+def _pad(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
 def _dummy(device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     return torch.zeros(1, dtype=dtype, device=device)
 
 
-def _mod_args(modifiers: tuple, nq: int, nk: int, heads: int, device: torch.device):
-    decay, mix = check_modifiers(modifiers, nq, nk, heads)
-    if decay is not None:
-        qp, kp = decay.positions(nq, nk, device)
-        dargs = (decay.factors(heads).to(device), int(decay.threshold), qp.contiguous(), kp.contiguous())
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kl: KernelLayout | None,
+    ldims: tuple,
+    scale: float,
+    decay: tuple | None = None,
+    mix_u: torch.Tensor | None = None,
+    stats: torch.Tensor | None = None,
+    stats_thr: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward kernel on prepared inputs (no validation, no host sync): returns (out [B,H,Nq,Dv]
+    in q.dtype, lse [B,H,Nq] fp32, natural log). kl None: dense (no lists are read); ldims =
+    (q_len, k_len, block_q, block_k, Bl, Hl);
+    decay = (factors [H] fp32, threshold, q_pos [Nq] int32, k_pos [Nk] int32) on q's device;
+    stats: a zeroed uint8 [B, H, nqb, nkb] buffer to fill with LiteAttention's tile statistics."""
+    B, H, nq, d = q.shape
+    nk, dv = k.shape[2], v.shape[-1]
+    _, _, bq, bk, lb, lh = ldims
+    nqb, nkb = -(-nq // bq), -(-nk // bk)
+    dev = q.device
+    out = torch.empty(B, H, nq, dv, dtype=q.dtype, device=dev)
+    lse = torch.empty(B, H, nq, dtype=torch.float32, device=dev)
+    dargs = decay if decay is not None else (_dummy(dev, torch.float32), 0, _dummy(dev), _dummy(dev))
+    if kl is None:
+        lists = (_dummy(dev),) * 7
+    elif stats is not None:  # merged list, ascending key order
+        lists = (kl.full_begin, kl.full_end, kl.full_idx, kl.all_begin, kl.all_end, kl.all_idx, kl.all_mask)
     else:
-        dargs = (_dummy(device, torch.float32), 0, _dummy(device), _dummy(device))
-    margs = mix.weights(heads).to(device) if mix is not None else _dummy(device, torch.float32)
-    return decay, mix, dargs, margs
+        lists = (kl.full_begin, kl.full_end, kl.full_idx, kl.part_begin, kl.part_end, kl.part_idx, kl.part_mask)
+    elem = kl.elem_mask if kl is not None and kl.elem_mask is not None else _dummy(dev)
+    args = (
+        q, k, v, out, lse, *lists, elem,
+        *dargs, mix_u if mix_u is not None else _dummy(dev, torch.float32),
+        stats if stats is not None else _dummy(dev, torch.uint8), float(stats_thr),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, nq, nk, nqb, nkb, lb, lh, bq, bk, -(-bk // 32), scale * _LOG2E,
+    )  # fmt: skip
+    meta = dict(
+        D=d, DV=dv, HEAD_D=_pad(d), HEAD_DV=_pad(dv), HAS_DECAY=decay is not None, HAS_MIX=mix_u is not None,
+        HAS_STATS=stats is not None, DOT_PREC=_dot_prec(q.dtype), DENSE=kl is None, _bq=bq, _bk=bk,
+    )  # fmt: skip
+    _launch("fwd", _fwd_kernel, lambda m: (nqb * (bq // m["BLOCK_M"]), B * H), args, meta, q.dtype, dev)
+    return out, lse
 
 
-def pick_tiles(kind: str, block_q: int, block_k: int, d: int, dv: int, dtype: torch.dtype) -> dict:
-    """Kernel tile of one program and its launch options, for a layout's (block_q, block_k).
-
-    The kernels split a layout block into ``SPLIT_M x SPLIT_N`` sub-tiles of ``BLOCK_M x BLOCK_N``
-    (the layout only decides which blocks are visited), so 128x128 layouts run with tiles that
-    fit the registers and shared memory. kind: "fwd" (rows per program x keys per step), "dkdv"
-    (query rows per step x keys per program) or "dq" (rows per program x keys per step).
-    Chosen from sm_90 compiles (no register spills, shared memory well under 227 KiB).
-    """
-    if dtype == torch.float32:  # 4-byte operands (GPU fp32 is a debugging path): small tiles
-        bm, bn, stages = 64, 32, 2
-    elif kind == "fwd":
-        bm, bn, stages = 128, 64, 3
-    elif kind == "dkdv":  # keys per program x (k, v, dk, dv) in registers: few query rows per step
-        bm, bn, stages = (32 if max(d, dv) > 64 else 64), 64, 2
-    else:  # dq
-        bm, bn, stages = 128, 64, 2
-    bm, bn = min(bm, block_q), min(bn, block_k)
-    if dtype == torch.float32:
-        warps = 4
-    elif kind == "dkdv":
-        warps = 8 if bm * bn >= 32 * 64 else 4
+def backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kl: KernelLayout | None,
+    ldims: tuple,
+    scale: float,
+    decay: tuple | None = None,
+    mix_u: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashAttention-2 backward of `forward` on prepared inputs: returns (dq, dk, dv)."""
+    if kl is not None and not kl.has_backward:
+        raise RuntimeError("attention backward: the layout's backward lists were not built (kernel_view(True))")
+    B, H, nq, d = q.shape
+    nk, dv_dim = k.shape[2], v.shape[-1]
+    _, _, bq, bk, lb, lh = ldims
+    nqb, nkb = -(-nq // bq), -(-nk // bk)
+    dev = q.device
+    do = grad_out.to(q.dtype).contiguous()
+    if mix_u is not None:  # out = (1-u)·attn + u·v: attention sees (1-u)·dO; delta uses out - u·v
+        u = mix_u.view(1, H, 1, 1)
+        delta = (do.float() * (out.float() - u * v.float())).sum(-1)
+        do_a = ((1 - u) * do.float()).to(q.dtype).contiguous()
     else:
-        warps = 8 if bm >= 128 else 4
-    return dict(BLOCK_M=bm, BLOCK_N=bn, SPLIT_M=block_q // bm, SPLIT_N=block_k // bn, num_warps=warps, num_stages=stages)
-
-
-def _check(q: torch.Tensor, v: torch.Tensor) -> None:
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS or v.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"Triton attention: head dim must be one of {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"Triton attention: dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
-
-
-def _dense_block(n: int) -> int:
-    return 128 if n >= 128 else 64 if n >= 64 else 16
-
-
-def _layout_args(layout: BlockLayout | None, nq: int, nk: int, device: torch.device) -> tuple:
-    if layout is None:
-        layout = BlockLayout.dense(nq, nk, _dense_block(nq), _dense_block(nk)).to(device)
-    has_mask = layout.partial is not None
-    partial = layout.partial if has_mask else _dummy(device)
-    elem = layout.elem_mask if has_mask else _dummy(device)
-    return layout, has_mask, partial, elem
+        delta = (do.float() * out.float()).sum(-1)
+        do_a = do
+    delta = delta.contiguous()
+    lse2 = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse * _LOG2E).contiguous()
+    dq = torch.empty(B, H, nq, d, dtype=torch.float32, device=dev)
+    dk = torch.empty(B, H, nk, d, dtype=torch.float32, device=dev)
+    dv = torch.empty(B, H, nk, dv_dim, dtype=torch.float32, device=dev)
+    dargs = decay if decay is not None else (_dummy(dev, torch.float32), 0, _dummy(dev), _dummy(dev))
+    elem = kl.elem_mask if kl is not None and kl.elem_mask is not None else _dummy(dev)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *do_a.stride())
+    dims = (H, nq, nk, nqb, nkb, lb, lh, bq, bk, -(-bk // 32), scale * _LOG2E, scale)
+    meta = dict(
+        D=d, DV=dv_dim, HEAD_D=_pad(d), HEAD_DV=_pad(dv_dim), HAS_DECAY=decay is not None,
+        DOT_PREC=_dot_prec(q.dtype), DENSE=kl is None, _bq=bq, _bk=bk,
+    )  # fmt: skip
+    if kl is None:
+        t_lists, lists = (_dummy(dev),) * 7, (_dummy(dev),) * 7
+    else:
+        t_lists = (kl.t_full_begin, kl.t_full_end, kl.t_full_idx, kl.t_part_begin, kl.t_part_end, kl.t_part_idx,
+                   kl.t_part_mask)  # fmt: skip
+        lists = (kl.full_begin, kl.full_end, kl.full_idx, kl.part_begin, kl.part_end, kl.part_idx, kl.part_mask)
+    _launch(
+        "dkdv", _bwd_dkdv_kernel, lambda m: (nkb * (bk // m["BLOCK_N"]), B * H),
+        (q, k, v, do_a, lse2, delta, dk, dv, *t_lists, elem, *dargs, *strides, *dims),
+        dict(meta), q.dtype, dev,
+    )  # fmt: skip
+    _launch(
+        "dq", _bwd_dq_kernel, lambda m: (nqb * (bq // m["BLOCK_M"]), B * H),
+        (q, k, v, do_a, lse2, delta, dq, *lists, elem, *dargs, *strides, *dims),
+        meta, q.dtype, dev,
+    )  # fmt: skip
+    if mix_u is not None:
+        dv = dv + mix_u.view(1, H, 1, 1) * do.float()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def triton_attention_forward(
@@ -251,175 +753,26 @@ def triton_attention_forward(
     *,
     scale: float | None = None,
     modifiers: tuple = (),
-    tile_stats: TileStats | None = None,
+    tile_stats=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward kernel: returns (out [B,H,Nq,Dv] in q.dtype, lse [B,H,Nq] fp32, natural log)."""
-    _check(q, v)
+    """`forward` from a `BlockLayout` and modifier objects (prepared once and cached on them)."""
+    from .modifiers import prepare_modifiers
+
+    check_inputs(q, v)
     B, H, nq, d = q.shape
-    nk, dv = k.shape[2], v.shape[-1]
-    scale = d**-0.5 if scale is None else float(scale)
-    layout, has_mask, partial, elem = _layout_args(layout, nq, nk, q.device)
-    decay, mix, dargs, margs = _mod_args(tuple(modifiers), nq, nk, H, q.device)
-    out = torch.empty(B, H, nq, dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, nq, dtype=torch.float32, device=q.device)
-    nqb, nkb = layout.num_q_blocks, layout.num_k_blocks
+    nk = k.shape[2]
+    layout = (layout or BlockLayout.dense(nq, nk, device=q.device)).to(q.device)
+    decay, mix_u = prepare_modifiers(tuple(modifiers), H, nq, nk, q.device)
+    stats = None
     if tile_stats is not None:
-        stats = torch.zeros(B, H, nqb, nkb, dtype=torch.uint8, device=q.device)
-        stats_thr = float(tile_stats.threshold)
-    else:
-        stats, stats_thr = _dummy(q.device, torch.uint8), 0.0
-    tiles = pick_tiles("fwd", layout.block_q, layout.block_k, d, dv, q.dtype)
-    grid = (nqb * tiles["SPLIT_M"], B * H)
-    _fwd_kernel[grid](
-        q, k, v, out, lse,
-        layout.row_ptr, layout.col_idx, partial, elem,
-        *dargs, margs, stats, stats_thr,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, nq, nk, nqb, nkb, layout.batch, layout.heads, scale * _LOG2E,
-        HEAD_D=d, HEAD_DV=dv, WORDS=-(-layout.block_k // 32), HAS_MASK=has_mask, HAS_DECAY=decay is not None,
-        HAS_MIX=mix is not None, HAS_STATS=tile_stats is not None, **tiles,
+        stats = torch.zeros(B, H, layout.num_q_blocks, layout.num_k_blocks, dtype=torch.uint8, device=q.device)
+    out, lse = forward(
+        q, k, v, layout.kernel_view(), _ldims(layout), d**-0.5 if scale is None else float(scale),
+        decay, mix_u, stats, 0.0 if tile_stats is None else float(tile_stats.threshold),
     )  # fmt: skip
     if tile_stats is not None:
         tile_stats.needed = stats
     return out, lse
-
-
-@triton.jit
-def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE2, Delta, DK, DV,
-    ColPtr, RowIdx, Entry, Partial, ElemMask,
-    DecayF, decay_thr, QPos, KPos,
-    sqb, sqh, sqm, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sdob, sdoh, sdom, sdod,
-    H, Nq, Nk, NQB, NKB, LB, LH, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
-    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-    WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DECAY: tl.constexpr,
-):  # fmt: skip
-    # One program = BLOCK_N keys of a layout key block; walks the CSC column's query blocks in
-    # BLOCK_M-row sub-tiles.
-    BLOCK_Q: tl.constexpr = BLOCK_M * SPLIT_M
-    BLOCK_K: tl.constexpr = BLOCK_N * SPLIT_N
-    pid = tl.program_id(0)
-    kb = pid // SPLIT_N
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    bl = tl.where(LB > 1, b, 0)
-    hl = tl.where(LH > 1, h, 0)
-    col = (bl * LH + hl) * NKB + kb
-    start = tl.load(ColPtr + col)
-    end = tl.load(ColPtr + col + 1)
-    offs_c = (pid % SPLIT_N) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_n = kb * BLOCK_K + offs_c
-    offs_d = tl.arange(0, HEAD_D)
-    offs_dv = tl.arange(0, HEAD_DV)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    k = tl.load(
-        K + b64 * skb + h64 * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=offs_n[:, None] < Nk, other=0.0
-    )
-    v = tl.load(
-        V + b64 * svb + h64 * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=offs_n[:, None] < Nk, other=0.0
-    )
-    dk = tl.zeros([BLOCK_N, HEAD_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DV], tl.float32)
-    for it in range(start * SPLIT_M, end * SPLIT_M):
-        j = it // SPLIT_M
-        qb = tl.load(RowIdx + j)
-        idx = tl.load(Entry + j)
-        offs_r = (it % SPLIT_M) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_m = qb * BLOCK_Q + offs_r
-        mrow = offs_m < Nq
-        q = tl.load(
-            Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=mrow[:, None], other=0.0
-        )
-        do = tl.load(
-            DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-            mask=mrow[:, None],
-            other=0.0,
-        )
-        lse2 = tl.load(LSE2 + bh.to(tl.int64) * Nq + offs_m, mask=mrow, other=float("inf"))
-        delta = tl.load(Delta + bh.to(tl.int64) * Nq + offs_m, mask=mrow, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        s, gate = _score_hook(
-            s, offs_m, offs_n, offs_r, offs_c, idx, h, Nq, Nk, Partial, ElemMask, DecayF, decay_thr, QPos, KPos,
-            BLOCK_Q, BLOCK_M, BLOCK_N, WORDS, HAS_MASK, HAS_DECAY,
-        )  # fmt: skip
-        p = tl.exp2(s - lse2[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        ds = p * (dp - delta[:, None]) * gate
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-    dk = dk * scale
-    mk = offs_n[:, None] < Nk
-    tl.store(DK + bh.to(tl.int64) * Nk * HEAD_D + offs_n[:, None] * HEAD_D + offs_d[None, :], dk, mask=mk)
-    tl.store(DV + bh.to(tl.int64) * Nk * HEAD_DV + offs_n[:, None] * HEAD_DV + offs_dv[None, :], dv, mask=mk)
-
-
-@triton.jit
-def _bwd_dq_kernel(
-    Q, K, V, DO, LSE2, Delta, DQ,
-    RowPtr, ColIdx, Partial, ElemMask,
-    DecayF, decay_thr, QPos, KPos,
-    sqb, sqh, sqm, sqd,
-    skb, skh, skn, skd,
-    svb, svh, svn, svd,
-    sdob, sdoh, sdom, sdod,
-    H, Nq, Nk, NQB, NKB, LB, LH, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr,
-    HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr,
-    WORDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DECAY: tl.constexpr,
-):  # fmt: skip
-    BLOCK_Q: tl.constexpr = BLOCK_M * SPLIT_M
-    BLOCK_K: tl.constexpr = BLOCK_N * SPLIT_N
-    pid = tl.program_id(0)
-    qb = pid // SPLIT_M
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    bl = tl.where(LB > 1, b, 0)
-    hl = tl.where(LH > 1, h, 0)
-    row = (bl * LH + hl) * NQB + qb
-    start = tl.load(RowPtr + row)
-    end = tl.load(RowPtr + row + 1)
-    offs_r = (pid % SPLIT_M) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_m = qb * BLOCK_Q + offs_r
-    offs_d = tl.arange(0, HEAD_D)
-    offs_dv = tl.arange(0, HEAD_DV)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    mrow = offs_m < Nq
-    q = tl.load(
-        Q + b64 * sqb + h64 * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=mrow[:, None], other=0.0
-    )
-    do = tl.load(
-        DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, mask=mrow[:, None], other=0.0
-    )
-    lse2 = tl.load(LSE2 + bh.to(tl.int64) * Nq + offs_m, mask=mrow, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * Nq + offs_m, mask=mrow, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_D], tl.float32)
-    for it in range(start * SPLIT_N, end * SPLIT_N):
-        idx = it // SPLIT_N
-        kb = tl.load(ColIdx + idx)
-        offs_c = (it % SPLIT_N) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_n = kb * BLOCK_K + offs_c
-        mk = offs_n[:, None] < Nk
-        k = tl.load(K + b64 * skb + h64 * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=mk, other=0.0)
-        v = tl.load(V + b64 * svb + h64 * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd, mask=mk, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        s, gate = _score_hook(
-            s, offs_m, offs_n, offs_r, offs_c, idx, h, Nq, Nk, Partial, ElemMask, DecayF, decay_thr, QPos, KPos,
-            BLOCK_Q, BLOCK_M, BLOCK_N, WORDS, HAS_MASK, HAS_DECAY,
-        )  # fmt: skip
-        p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        ds = p * (dp - delta[:, None]) * gate
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-    dq = dq * scale
-    tl.store(DQ + bh.to(tl.int64) * Nq * HEAD_D + offs_m[:, None] * HEAD_D + offs_d[None, :], dq, mask=mrow[:, None])
 
 
 def triton_attention_backward(
@@ -434,43 +787,94 @@ def triton_attention_backward(
     scale: float | None = None,
     modifiers: tuple = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FlashAttention-2 style backward of `triton_attention_forward`: returns (dq, dk, dv)."""
-    _check(q, v)
+    """`backward` from a `BlockLayout` and modifier objects."""
+    from .modifiers import prepare_modifiers
+
+    check_inputs(q, v)
     B, H, nq, d = q.shape
-    nk, dv_dim = k.shape[2], v.shape[-1]
-    scale = d**-0.5 if scale is None else float(scale)
-    layout, has_mask, partial, elem = _layout_args(layout, nq, nk, q.device)
-    decay, mix, dargs, _ = _mod_args(tuple(modifiers), nq, nk, H, q.device)
-    do = grad_out.to(q.dtype).contiguous()
-    if mix is not None:  # out = (1-u)·attn + u·v: attention sees (1-u)·dO; delta uses out - u·v
-        u = mix.weights(H).to(q.device).view(1, H, 1, 1)
-        delta = (do.float() * (out.float() - u * v.float())).sum(-1)
-        do_a = ((1 - u) * do.float()).to(q.dtype).contiguous()
-    else:
-        delta = (do.float() * out.float()).sum(-1)
-        do_a = do
-    delta = delta.contiguous()
-    lse2 = torch.where(torch.isinf(lse), torch.full_like(lse, float("inf")), lse * _LOG2E).contiguous()
-    dq = torch.empty(B, H, nq, d, dtype=torch.float32, device=q.device)
-    dk = torch.empty(B, H, nk, d, dtype=torch.float32, device=q.device)
-    dv = torch.empty(B, H, nk, dv_dim, dtype=torch.float32, device=q.device)
-    nqb, nkb = layout.num_q_blocks, layout.num_k_blocks
-    col_ptr, row_idx, entry = layout.transpose()
-    common = dict(
-        HEAD_D=d, HEAD_DV=dv_dim, WORDS=-(-layout.block_k // 32), HAS_MASK=has_mask, HAS_DECAY=decay is not None,
+    nk = k.shape[2]
+    layout = (layout or BlockLayout.dense(nq, nk, device=q.device)).to(q.device)
+    decay, mix_u = prepare_modifiers(tuple(modifiers), H, nq, nk, q.device)
+    return backward(
+        grad_out, q, k, v, out, lse, layout.kernel_view(backward=True), _ldims(layout),
+        d**-0.5 if scale is None else float(scale), decay, mix_u,
     )  # fmt: skip
-    strides = (*q.stride(), *k.stride(), *v.stride(), *do_a.stride())
-    dims = (H, nq, nk, nqb, nkb, layout.batch, layout.heads, scale * _LOG2E, scale)
-    t_kv = pick_tiles("dkdv", layout.block_q, layout.block_k, d, dv_dim, q.dtype)
-    _bwd_dkdv_kernel[(nkb * t_kv["SPLIT_N"], B * H)](
-        q, k, v, do_a, lse2, delta, dk, dv, col_ptr, row_idx, entry, partial, elem, *dargs, *strides, *dims,
-        **common, **t_kv,
-    )  # fmt: skip
-    t_q = pick_tiles("dq", layout.block_q, layout.block_k, d, dv_dim, q.dtype)
-    _bwd_dq_kernel[(nqb * t_q["SPLIT_M"], B * H)](
-        q, k, v, do_a, lse2, delta, dq, layout.row_ptr, layout.col_idx, partial, elem, *dargs, *strides, *dims,
-        **common, **t_q,
-    )  # fmt: skip
-    if mix is not None:
-        dv = dv + u * do.float()
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _ldims(layout: BlockLayout) -> tuple:
+    return (layout.q_len, layout.k_len, layout.block_q, layout.block_k, layout.batch, layout.heads)
+
+
+# ----------------------------------------------------------------------------- static check
+def static_configs() -> Iterator:
+    """Every launch configuration (every table entry, every feature flag, every padded head-dim
+    class, fp16/bf16/fp32) for `attn_kernels.static_check`. Arguments mimic a real launch:
+    diffusers-style [B, N, H, D] strides seen as [B, H, N, D], int32 lists, fp32 statistics."""
+    from .static_check import LaunchConfig
+
+    dims = {64: (64, 64), 128: (128, 128), 256: (256, 256)}
+    padded = {64: (48, 48), 128: (80, 80), 256: (160, 160)}  # a padded dim in every class
+    ci_pick = {("fwd", "16", 128), ("fwd", "16", 64), ("dkdv", "16", 128), ("dq", "16", 128), ("fwd", "32", 64)}
+    for (kind, width, hc), cands in CANDIDATES.items():
+        dtypes = (torch.float32,) if width == "32" else (torch.float16, torch.bfloat16)
+        for dtype in dtypes:
+            for (d, dv), tag in ((dims[hc], ""), (padded[hc], "pad")):
+                if tag and dtype == torch.float16:
+                    continue  # padding masks are dtype-independent: bf16 covers them
+                if kind == "fwd":  # (decay, mix, stats, dense)
+                    feats = [(a, b, c, 0) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
+                    feats += [(0, 0, 0, 1), (1, 1, 0, 1), (0, 0, 1, 1)]
+                else:
+                    feats = [(0, 0, 0, 0), (1, 0, 0, 0), (0, 0, 0, 1), (1, 0, 0, 1)]
+                for j, (bm, bn, w, st) in enumerate(cands):
+                    for decay, mix, stats, dense in feats:
+                        flags = "".join(
+                            f",{n}"
+                            for n, on in (("decay", decay), ("mix", mix), ("stats", stats), ("dense", dense))
+                            if on
+                        )
+                        name = f"attn.{kind}[{str(dtype)[6:]},d{d}/{dv},{bm}x{bn},w{w}s{st}{flags}]"
+                        ci = (kind, width, hc) in ci_pick and j == 0 and not tag and dtype != torch.float16
+                        ci = ci and (decay, mix, stats, dense) in (
+                            (0, 0, 0, 0),
+                            (1, 1, 1, 0),
+                            (1, 0, 0, 0),
+                            (0, 0, 0, 1),
+                        )
+                        kernel, args, meta = _static_launch(kind, dtype, d, dv, decay, mix, stats, dense)
+                        yield LaunchConfig(
+                            name, kernel, args, dict(meta, BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st, ci=ci
+                        )
+
+
+_CI_FEATURES = ((0, 0, 0, 0), (1, 1, 1, 0), (1, 0, 0, 0), (0, 0, 0, 1))
+
+
+def _static_launch(kind: str, dtype: torch.dtype, d: int, dv: int, decay: int, mix: int, stats: int, dense: int):
+    """(kernel, args, constexpr kwargs) of a representative launch: B1 H12 N32760, 128 blocks."""
+    x = torch.empty(1, dtype=dtype)
+    i32, f32, u8 = (torch.empty(1, dtype=t) for t in (torch.int32, torch.float32, torch.uint8))
+    H, N = 12, 32760
+    sq = (N * H * d, d, H * d, 1)
+    sv = (N * H * dv, dv, H * dv, 1)
+    so = (H * N * dv, N * dv, dv, 1)
+    nb = -(-N // 128)
+    lists = (i32,) * 8
+    meta = dict(
+        D=d,
+        DV=dv,
+        HEAD_D=_pad(d),
+        HEAD_DV=_pad(dv),
+        HAS_DECAY=bool(decay),
+        DOT_PREC=_dot_prec(dtype),
+        DENSE=bool(dense),
+    )
+    if kind == "fwd":
+        args = (x, x, x, x, f32, *lists, f32, 0, i32, i32, f32, u8, -10.0, *sq, *sq, *sv, *so,
+                H, N, N, nb, nb, 1, H, 128, 128, 4, 0.127)  # fmt: skip
+        return _fwd_kernel, args, dict(meta, HAS_MIX=bool(mix), HAS_STATS=bool(stats))
+    sdo = (H * N * dv, N * dv, dv, 1)
+    tail = (f32, 0, i32, i32, *sq, *sq, *sv, *sdo, H, N, N, nb, nb, 1, H, 128, 128, 4, 0.127, 0.088)
+    if kind == "dkdv":
+        return _bwd_dkdv_kernel, (x, x, x, x, f32, f32, f32, f32, *lists, *tail), meta
+    return _bwd_dq_kernel, (x, x, x, x, f32, f32, f32, *lists, *tail), meta
