@@ -238,6 +238,7 @@ class Bench:
         self.dtype = getattr(torch, plan.dtype)
         self.extra: dict[str, Any] = {}
         self.save_cb: Callable[[], Any] | None = None
+        self.cut_short = False
 
     def save(self) -> None:
         """Write the JSON so far (set up by main)."""
@@ -246,6 +247,14 @@ class Bench:
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
+
+    def due(self, case: str, impl: str = "all") -> bool:
+        """True while time is left; else records the skip (and that the run was cut short)."""
+        if self.left() > 0:
+            return True
+        self.cut_short = True
+        self.skip(case, impl, "time budget (--budget-s) spent")
+        return False
 
     def skip(self, case: str, impl: str, reason: str) -> None:
         self.skipped.append({"case": case, "impl": impl, "reason": reason})
@@ -445,7 +454,7 @@ def run_wan(bench: Bench, sections: set[str]) -> None:
         del ref, o_ours
         bench.save()
 
-    if "sparse" in sections and bench.left() > 0:
+    if "sparse" in sections and bench.due("wan_sparse"):
         print("wan sparse", flush=True)
         for d, lay in layouts.items():
             case = f"wan_sparse_{d}"
@@ -471,7 +480,7 @@ def run_wan(bench: Bench, sections: set[str]) -> None:
                 bench.fail(case, "ours", e)
         bench.save()
 
-    if "modifiers" in sections and bench.left() > 0:
+    if "modifiers" in sections and bench.due("wan_modifiers"):
         print("wan modifiers", flush=True)
         case = "wan_modifiers"
         u = torch.linspace(0.1, 0.4, H)
@@ -506,13 +515,12 @@ def run_wan(bench: Bench, sections: set[str]) -> None:
             bench.fail(case, "ours_modifiers", e)
         bench.save()
 
-    if "flex" in sections and bench.left() > 0:
+    if "flex" in sections and bench.due("wan_flex"):
         print("wan flex (same block masks)", flush=True)
         all_masks = {1.0: torch.ones(1, 1, nb, nb, dtype=torch.bool, device=dev), **masks}
         for d, bm in all_masks.items():
             case = "wan_dense" if d == 1.0 else f"wan_sparse_{d}"
-            if bench.left() <= 0:
-                bench.skip(case, "flex", "time budget (--budget-s) spent")
+            if not bench.due(case, "flex"):
                 continue
             try:
                 mm = None if p.compile_flex else _block_lookup(bm, blk)
@@ -530,7 +538,7 @@ def run_wan(bench: Bench, sections: set[str]) -> None:
                 bench.fail(case, "flex", e)
         bench.save()
 
-    if "backward" in sections and bench.left() > 0:
+    if "backward" in sections and bench.due("wan_backward"):
         print("wan fwd+bwd", flush=True)
         qg, kg, vg = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
         go = torch.randn(B, H, N, D, generator=g, device=dev, dtype=bench.dtype)
@@ -562,8 +570,7 @@ def run_wan(bench: Bench, sections: set[str]) -> None:
                         makers[f"sdpa_{name}"] = lambda be=be: _sdpa_fn(be, qg, kg, vg)
             grads: dict[str, tuple] = {}
             for impl, make in makers.items():
-                if bench.left() <= 0:
-                    bench.skip(case, impl, "time budget (--budget-s) spent")
+                if not bench.due(case, impl):
                     continue
                 try:
                     fn = fwd_bwd(make())
@@ -652,8 +659,7 @@ def run_gna(bench: Bench, sections: set[str]) -> None:
                 bench.fail(case, impl, e)
         for name in ("cudnn", "flash"):
             be = _sdpa_backends().get(name)
-            if bench.left() <= 0:
-                bench.skip(case, f"sdpa_{name}_dense", "time budget (--budget-s) spent")
+            if not bench.due(case, f"sdpa_{name}_dense"):
                 continue
             try:
                 if be is None:
@@ -667,7 +673,7 @@ def run_gna(bench: Bench, sections: set[str]) -> None:
                 bench.skip(case, f"sdpa_{name}_dense", str(e)[:400])
         bench.save()
 
-    if "gna_flex" in sections and bench.left() > 0:
+    if "gna_flex" in sections and bench.due("gna_flex"):
         try:
             ms_ = [m.to(dev) for m in var.dim_masks(grid)]
             order = torch.arange(N, device=dev) if perm is None else perm
@@ -871,7 +877,7 @@ def build_report(bench: Bench, args: argparse.Namespace, device: dict, versions:
     return {
         "benchmark": "kernel_bench",
         "smoke": bench.smoke,
-        "complete": done,
+        "complete": done and not bench.cut_short,
         "device": device,
         "versions": versions,
         "dtype": bench.plan.dtype,
@@ -955,7 +961,7 @@ def main(argv: list[str] | None = None) -> dict:
         return rep
 
     bench.save_cb = save
-    old = signal.signal(signal.SIGTERM, _on_term) if not args.smoke else None
+    old = signal.signal(signal.SIGTERM, _on_term)
     try:
         if {"flex", "backward", "gna_flex"} & args.sections_set:
             try:
@@ -964,8 +970,7 @@ def main(argv: list[str] | None = None) -> dict:
                 bench.fail("all", "flex", e)
                 args.sections_set -= {"flex", "gna_flex"}
         for runner in (run_wan, run_gna):
-            if bench.left() <= 0:
-                bench.skip(runner.__name__, "all", "time budget (--budget-s) spent")
+            if not bench.due(runner.__name__):
                 continue
             try:
                 runner(bench, args.sections_set)
@@ -974,6 +979,7 @@ def main(argv: list[str] | None = None) -> dict:
             except Exception as e:
                 bench.fail(runner.__name__, "setup", e)
     except _Abort as e:
+        bench.cut_short = True
         bench.skip("all", "rest", f"aborted ({e}): the numbers above are complete measurements")
     finally:
         if old is not None:
