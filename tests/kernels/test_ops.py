@@ -121,7 +121,9 @@ def test_kernel_bench_smoke_writes_json_and_plot(tmp_path):
     before = sorted(results.iterdir())
     with pytest.raises(SystemExit, match="not results"):
         kernel_bench.main(["--smoke", "--out", str(results)])
-    assert root not in kernel_bench._default_out(smoke=True).resolve().parents
+    default = kernel_bench._default_out(smoke=True)  # a fresh temp dir
+    default.rmdir()
+    assert root not in default.resolve().parents
     report = kernel_bench.main(["--smoke", "--out", str(tmp_path)])
     assert sorted(results.iterdir()) == before
     data = json.loads((tmp_path / "kernel_bench_smoke.json").read_text())
