@@ -88,6 +88,7 @@ class AttnPlan:
 
     layout: Any = None  # attn_kernels.BlockLayout on the (permuted) sequence; None = dense
     perm: torch.Tensor | None = None  # int64 [N]; attention runs on x[:, :, perm], output un-permuted
+    inv: torch.Tensor | None = None  # int64 [N], the inverse of perm (give it with a cached perm: no per-call work)
     modifiers: tuple = ()
     tile_stats: Any = None  # attn_kernels.TileStats
     after: list[Callable[..., None]] = field(default_factory=list)
@@ -128,6 +129,12 @@ class Variant:
     def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
         """Contribute to the plan of one attention call; return the (possibly new) plan."""
         raise NotImplementedError
+
+    def phase_steps(self, family: str, num_steps: int | None = None) -> tuple[int, ...]:
+        """One denoising step per phase of this variant (steps whose calls take different code
+        paths: dense warm-up, sparse, ...). `AttnHandle.prepare` runs one forward at each, so every
+        host-built layout exists before a forward is compiled or captured."""
+        return (0,)
 
     def reset(self) -> None:
         """Forget per-generation state (called by the handle at the start of a new generation)."""

@@ -8,7 +8,8 @@ skip set; later calls visit only the surviving tiles, so the skipped set only gr
 
 Our choices (the official code is an FA3 fork with per-instance state):
 * State lives in `ctx.state` (per layer; the adapter clears it on reset) as a bool skip set
-  [B, H, nqb, nkb] per batch size, so CFG batches keep one set per sample and head.
+  [B, H, nqb, nkb] per batch size, so CFG batches keep one set per sample and head. It lives on
+  the attention's device and is updated in place.
 * `warmup_steps` (default 1): steps before it visit every tile; the stats of the last warm-up
   step seed the skip set (with 1, step 0 is dense and seeds it, like the official first call).
 * `recalibrate_every` (None = never): every that many steps after warm-up, all tiles are visited
@@ -20,6 +21,16 @@ Our choices (the official code is an FA3 fork with per-instance state):
   entirely inside must-skip ranges (and holding no text) are never visited, warm-up included
   (the official code also drops blocks that only partly overlap a must-skip range; we keep them so
   no key outside the range is ever dropped).
+
+What runs where: the static parts (always / never block masks, whether any block is never
+visited, the layout of a call that visits every allowed tile) are built on the host once per
+(token layout, device) and kept across generations. Per call, nothing is read on the host: the
+visited-tile mask is computed on the device from the skip set and turned into kernel lists with
+`BlockLayout.from_device_block_mask` (device ops only), and the `after` callback folds the
+kernel's `TileStats.needed` into the skip set with device ops. A steady-state call can therefore
+be captured in a CUDA graph (Triton backend) or traced by torch.compile (the runtime then routes
+the call through an opaque custom op, see `adapters/base.py`). The CPU reference backend still
+derives a host-side plan from each new layout, i.e. on every LiteAttention call.
 """
 
 from __future__ import annotations
@@ -86,6 +97,7 @@ class LiteAttention(Variant):
             raise ValueError(f"LiteAttention.range_unit must be 'frame' or 'token', got {self.range_unit!r}")
         if self.block_size not in _BLOCK_SIZES:
             raise ValueError(f"LiteAttention.block_size must be one of {_BLOCK_SIZES}, got {self.block_size!r}")
+        self._cache: dict = {}  # static masks and layouts per (layout, device); not a dataclass field
 
     # -- static parts -----------------------------------------------------------------------
     def _key_ranges(self, layout: TokenLayout, ranges: tuple[tuple[int, int], ...], name: str) -> torch.Tensor:
@@ -122,6 +134,28 @@ class LiteAttention(Variant):
         never = (skip_blk & ~text_blk & ~do_blk)[None, :].expand(nb, nb) & ~text_blk[:, None]
         return always, never.clone(), text_blk
 
+    def _static(self, layout: TokenLayout, device: torch.device) -> dict[str, Any]:
+        """Per (layout, device), built on the host once and kept across generations: the always /
+        never block masks on `device`, whether any block is never visited, and the layout of a
+        call that visits every allowed tile (warm-up, recalibration). Later calls: a dict lookup."""
+        key = (layout, str(device))
+        hit = self._cache.get(key)
+        if hit is None:
+            from attn_kernels import BlockLayout
+
+            always, never, _ = self.static_masks(layout)
+            n, b = layout.seq_len, self.block_size
+            full = (~never | always)[None, None]  # [1, 1, nqb, nkb]: shared by every sample and head
+            hit = self._cache[key] = {
+                "always": always.to(device),
+                "never": never.to(device),
+                "has_never": bool(never.any()),  # host tensor, once per layout
+                "full_mask": full.to(device),
+                "full_layout": BlockLayout.from_device_block_mask(full.to(device), n, n, b, b),
+                "blocks": always.shape[0],
+            }
+        return hit
+
     # -- per call ---------------------------------------------------------------------------
     def _visit_all(self, ctx: AttnContext) -> bool:
         if ctx.step < self.warmup_steps:
@@ -130,51 +164,54 @@ class LiteAttention(Variant):
             return (ctx.step - self.warmup_steps + 1) % self.recalibrate_every == 0 and ctx.step >= self.warmup_steps
         return False
 
+    def phase_steps(self, family: str, num_steps: int | None = None) -> tuple[int, ...]:
+        """Warm-up (0), the seeding step, the first steady step and the first recalibration."""
+        w = self.warmup_steps
+        steps = {0, w - 1, w}
+        if self.recalibrate_every is not None:
+            steps.add(w - 1 + self.recalibrate_every)
+        return tuple(sorted(steps))
+
     def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
         from attn_kernels import BlockLayout, TileStats
 
         layout = ctx.layout
+        static = self._static(layout, ctx.device)
         key = ("lite", layout, ctx.batch, ctx.heads, self.block_size)
         st = ctx.state.get(key)
-        if st is None:
-            always, never, _ = self.static_masks(layout)
-            nb = always.shape[0]
+        if st is None:  # new generation (or batch / head count): empty skip set, on the device
+            nb = static["blocks"]
             st = ctx.state[key] = {
-                "always": always.to(ctx.device),
-                "never": never.to(ctx.device),
                 "skip": torch.zeros(ctx.batch, ctx.heads, nb, nb, dtype=torch.bool, device=ctx.device),
-                "has_never": bool(never.any()),
                 "updates": 0,
             }
         visit_all = self._visit_all(ctx)
-        if visit_all:
-            visit = (~st["never"]).expand_as(st["skip"])
-        else:
-            visit = ~st["skip"] & ~st["never"]
-        visit = visit | st["always"]
         update = ctx.step >= self.warmup_steps - 1  # early warm-up steps neither mark nor need stats
-        if not update and not st["has_never"]:
+        if not update and not static["has_never"]:
             return plan  # plain dense call (the adapter may use the model's own attention)
-        n = layout.seq_len
-        plan.layout = BlockLayout.from_block_mask(
-            visit.contiguous(), n, n, block_q=self.block_size, block_k=self.block_size
-        )
+        if visit_all:  # static: the cached layout
+            visit = static["full_mask"]
+            plan.layout = static["full_layout"]
+        else:  # the surviving tiles, as kernel lists built with device ops only (no host sync)
+            n, b = layout.seq_len, self.block_size
+            visit = (~st["skip"] & ~static["never"]) | static["always"]
+            plan.layout = BlockLayout.from_device_block_mask(visit, n, n, b, b)
         if not update:
             return plan
         stats = TileStats(threshold=self.threshold)
         plan.tile_stats = stats
         rebuild = visit_all
+        always = static["always"]
 
         def after(out: Any, p: AttnPlan, st: dict = st, visit: torch.Tensor = visit) -> None:
             needed = stats.needed
             if needed is None:
                 raise RuntimeError("LiteAttention: the kernel did not fill TileStats.needed")
-            needed = needed.to(device=visit.device).bool()
-            newly = visit & ~needed & ~st["always"]
-            if rebuild:
-                st["skip"] = newly
+            newly = visit & ~needed.to(device=visit.device, dtype=torch.bool) & ~always
+            if rebuild:  # in place: the skip set keeps its storage (CUDA graphs, compiled graphs)
+                st["skip"].copy_(newly)
             else:
-                st["skip"] = st["skip"] | newly
+                st["skip"].logical_or_(newly)
             st["updates"] += 1
 
         plan.after.append(after)

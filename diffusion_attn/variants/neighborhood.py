@@ -17,7 +17,8 @@ Text tokens attend to everything and every token attends to them. For speed the 
 are permuted so that 3-D tiles of `block_size` tokens are contiguous blocks (GNA's token
 permutation; the tile shape is chosen pad-free when the grid allows); the text goes last. Blocks
 that are only partly inside the neighbourhood carry element-level masks
-(`BlockLayout.from_mask_mod`).
+(`BlockLayout.from_mask_mod`). The layout, permutation and inverse are built on the host at the
+first call of each (token layout, device) and cached; later calls do no host work.
 
 Options are ints (broadcast to every dimension whose extent is > 1; a dimension of extent 1, e.g.
 the frames of an image, then gets kernel 1) or 3-tuples (frames, height, width). Ranges are
@@ -270,6 +271,11 @@ class Neighborhood(Variant):
 
     def build(self, layout: TokenLayout, device: torch.device | str = "cpu") -> tuple[Any, torch.Tensor | None]:
         """(BlockLayout on the permuted sequence, perm) — cached per layout."""
+        return self._static(layout, device)[:2]
+
+    def _static(self, layout: TokenLayout, device: torch.device | str) -> tuple[Any, Any, Any]:
+        """(BlockLayout, perm, inverse perm), built on the host once per (layout, device) and
+        cached; every later call is a dict lookup (no host work, traceable by Dynamo)."""
         key = (layout, str(device))
         hit = self._cache.get(key)
         if hit is None:
@@ -290,13 +296,12 @@ class Neighborhood(Variant):
                 device=device,
             )
             bl = bl.to(device)
-            hit = self._cache[key] = (bl, None if perm is None else perm.to(device))
+            inv = None if perm is None else torch.argsort(perm).to(device)
+            hit = self._cache[key] = (bl, None if perm is None else perm.to(device), inv)
         return hit
 
     def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
-        layout, perm = self.build(ctx.layout, ctx.device)
-        plan.layout = layout
-        plan.perm = perm
+        plan.layout, plan.perm, plan.inv = self._static(ctx.layout, ctx.device)
         return plan
 
     def reset(self) -> None:

@@ -22,6 +22,10 @@ token count and resolution (tail blocks are partial and masked by the kernel), a
 threshold), and text placed before the visual tokens is moved behind them with `AttnPlan.perm`
 so the mask is the official [visual, text] one.
 
+The layout is built on the host at the first sparse call of each (token layout, options,
+device) and cached with its permutation and inverse; every later call is a dict lookup with no
+host work (what CUDA-graph capture and torch.compile need: warm it up with `handle.prepare`).
+
 Schedule: the first `dense_steps` denoising steps, the first `dense_layers` layers and
 optionally the last `dense_last_steps` steps run dense. Defaults (None) come from the layout's
 family: Wan2.1 (1 layer, 12 steps, decay 0.2, sink), HunyuanVideo (0 layers, 12 steps, decay 0.95).
@@ -194,6 +198,15 @@ class Radial(Variant):
                 return True
         return False
 
+    def phase_steps(self, family: str, num_steps: int | None = None) -> tuple[int, ...]:
+        """Dense warm-up step 0 (if any), the first sparse step and the first dense last step."""
+        first_sparse = self.resolved(family)["dense_steps"]
+        steps = {0, first_sparse}
+        total = self.num_steps if self.num_steps is not None else num_steps
+        if self.dense_last_steps > 0 and total is not None:
+            steps.add(max(0, total - self.dense_last_steps))
+        return tuple(sorted(steps))
+
     def block_mask(self, layout: TokenLayout) -> torch.Tensor:
         """Block mask [nb, nb] on the sequence [visual, text] (cached per layout and options)."""
         cfg = self.resolved(layout.family)
@@ -205,7 +218,9 @@ class Radial(Variant):
             block_size=self.block_size,
         )
 
-    def _static(self, layout: TokenLayout, device: torch.device) -> tuple[Any, torch.Tensor | None]:
+    def _static(self, layout: TokenLayout, device: torch.device) -> tuple[Any, Any, Any]:
+        """(BlockLayout, perm, inverse perm) on `device`, built on the host once per (layout, options,
+        device) and cached; every later call is a dict lookup (no host work, traceable by Dynamo)."""
         cfg = self.resolved(layout.family)
         key = (layout, cfg["decay_factor"], cfg["attention_sink"], self.block_size, str(device))
         hit = self._cache.get(key)
@@ -217,20 +232,18 @@ class Radial(Variant):
             bl = BlockLayout.from_block_mask(bm[None, None], n, n, block_q=self.block_size, block_k=self.block_size).to(
                 device
             )
-            perm = None
+            perm = inv = None
             if layout.text_first and layout.text_len > 0:
-                perm = torch.cat([torch.arange(layout.text_len, n), torch.arange(layout.text_len)]).to(
-                    device=device, dtype=torch.int64
-                )
-            hit = self._cache[key] = (bl, perm)
+                perm = torch.cat([torch.arange(layout.text_len, n), torch.arange(layout.text_len)])
+                inv = torch.argsort(perm).to(device)
+                perm = perm.to(device=device, dtype=torch.int64)
+            hit = self._cache[key] = (bl, perm, inv)
         return hit
 
     def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
         if self.is_dense(ctx):
             return plan
-        layout, perm = self._static(ctx.layout, ctx.device)
-        plan.layout = layout
-        plan.perm = perm
+        plan.layout, plan.perm, plan.inv = self._static(ctx.layout, ctx.device)
         return plan
 
     def reset(self) -> None:
