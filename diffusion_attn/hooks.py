@@ -3,9 +3,24 @@ transformer with the library's own mechanisms, and undo it exactly.
 
 * Attention modules get an adapter processor through `module.set_processor` (the originals are
   kept and restored by `remove()`); modules not hooked keep theirs.
-* A diffusers `ModelHook` on the transformer's forward reads the timestep (-> denoising step,
-  new generation when it increases) and the token grid, so step-dependent variants work in any
-  pipeline or custom loop. CFG calls at the same timestep share a step.
+* A diffusers `ModelHook` on the transformer's forward reads the token grid (from shapes) and
+  clears the runtime's per-forward caches. CFG calls at the same timestep share a step.
+
+Where the step comes from (`step_source`):
+
+* "hook" (default): the hook reads the timestep of every forward (`float(timestep)`: one
+  device->host sync per forward, and a graph break if the forward is compiled); the step advances
+  when it decreases and a new generation starts when it increases. Works in any loop.
+* "callback": the step is set from outside with `handle.set_step(i)` (or
+  `attn_pipelines.callbacks.AttnStepCallback` as `callback_on_step_end`), and the forward reads no
+  tensor value on the host: with Radial / GNA / LiteAttention a steady-state forward does no host
+  sync, which is what `torch.cuda.CUDAGraph` capture and `torch.compile(fullgraph=True)` need.
+  `set_step` switches a handle to this mode; `apply(..., step_source="callback")` starts in it.
+
+Warm-up for compile / CUDA graphs: layouts (Radial, GNA, the never-skip part of LiteAttention)
+are built on the host at the first call of each (token layout, device) and cached; a traced or
+captured forward must only look them up. `handle.prepare(**forward_inputs)` runs one eager forward
+per phase of the variants (dense warm-up, sparse, ...) and then starts a fresh generation.
 """
 
 from __future__ import annotations
@@ -15,7 +30,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from .adapters.base import Adapter, AttnRuntime, find_adapter
+from .adapters.base import STEP_SOURCES, Adapter, AttnRuntime, find_adapter
 from .variants.base import Variant
 
 __all__ = ["AttnHandle", "apply", "HOOK_NAME"]
@@ -27,7 +42,7 @@ def _step_hook_cls():
     from diffusers.hooks import ModelHook
 
     class AttnStepHook(ModelHook):
-        """Reads the timestep and the token grid on every transformer forward."""
+        """Token grid, per-forward caches and (step_source "hook") the timestep of every forward."""
 
         _is_stateful = True
 
@@ -37,8 +52,11 @@ def _step_hook_cls():
             self.adapter = adapter
 
         def pre_forward(self, module, *args, **kwargs):
-            self.runtime.grid = self.adapter.grid(module, args, kwargs)
-            self.runtime.observe_timestep(self.adapter.timestep(args, kwargs))
+            rt = self.runtime
+            rt.begin_forward()
+            rt.grid = self.adapter.grid(module, args, kwargs)
+            if rt.step_source == "hook":  # "callback": the forward reads no tensor value
+                rt.observe_timestep(self.adapter.timestep(args, kwargs))
             return args, kwargs
 
         def reset_state(self, module):
@@ -105,8 +123,22 @@ class AttnHandle:
     def step(self) -> int:
         return self.runtimes[0].step
 
+    @property
+    def step_source(self) -> str:
+        """Where the step comes from: "hook" (the timestep, one host read per forward) or
+        "callback" (`set_step`; forwards read no tensor value). See the module docstring."""
+        return self.runtimes[0].step_source
+
+    @step_source.setter
+    def step_source(self, value: str) -> None:
+        if value not in STEP_SOURCES:
+            raise ValueError(f"step_source must be one of {STEP_SOURCES}, got {value!r}")
+        for rt in self.runtimes:
+            rt.step_source = value
+
     def set_step(self, step: int, num_steps: int | None = None) -> None:
-        """Set the denoising step from outside (callback_on_step_end); disables timestep tracking."""
+        """Set the denoising step from outside (callback_on_step_end); switches the handle to
+        step_source "callback" (timestep tracking off: forwards read no tensor value)."""
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"set_step(step=...) must be an int >= 0, got {step!r}")
         for rt in self.runtimes:
@@ -119,6 +151,41 @@ class AttnHandle:
         """Start a new generation: step 0 and every variant's per-generation state cleared."""
         for rt in self.runtimes:
             rt.reset()
+
+    def phase_steps(self) -> tuple[int, ...]:
+        """One step per phase of the applied variants (see `Variant.phase_steps`), ascending."""
+        steps: set[int] = set()
+        for rt in self.runtimes:
+            for v in self.variants:
+                steps.update(v.phase_steps(rt.family, rt.num_steps))
+        return tuple(sorted(steps))
+
+    def prepare(self, *args: Any, steps: Iterable[int] | None = None, **kwargs: Any) -> tuple[int, ...]:
+        """Build every phase's layouts now, for the shapes of these transformer inputs.
+
+        `args` / `kwargs` are what the transformer's forward will be called with (same shapes,
+        batch, dtype and device as the calls to come). Runs one eager forward without grad per
+        step of `steps` (default `phase_steps()`: e.g. Radial's dense warm-up and first sparse step)
+        on every hooked transformer, then starts a fresh generation (`reset()`, step 0) and restores
+        `step_source`. Afterwards a forward of these shapes only looks layouts up: compile it or
+        capture it in a CUDA graph (with step_source "callback"). Returns the steps it ran.
+        """
+        import torch
+
+        steps = tuple(self.phase_steps() if steps is None else steps)
+        saved = [(rt.step_source, rt.step, rt.num_steps) for rt in self.runtimes]
+        try:
+            with torch.no_grad():
+                for step in steps:
+                    for rt in self.runtimes:
+                        rt.step_source, rt.step = "callback", int(step)
+                    for model in self._hooked:
+                        model(*args, **kwargs)
+        finally:
+            for rt, (source, _, num_steps) in zip(self.runtimes, saved):
+                rt.reset()
+                rt.step_source, rt.num_steps = source, num_steps
+        return steps
 
     @property
     def attention_calls(self) -> int:
@@ -157,14 +224,29 @@ class AttnHandle:
         return f"AttnHandle(variants={[v.name for v in self.variants]}, {state})"
 
 
-def apply(pipe_or_model: Any, *variants: Variant, num_steps: int | None = None) -> AttnHandle:
+def apply(
+    pipe_or_model: Any,
+    *variants: Variant,
+    num_steps: int | None = None,
+    step_source: str = "hook",
+    kernel_backend: str = "auto",
+) -> AttnHandle:
     """Hook `variants` into a diffusers pipeline's transformer(s) or a transformer model.
 
     Everything is validated before anything is patched; a model already patched by attnplug is
     refused (remove the first handle, or pass all variants in one call). `num_steps` is the
     number of denoising steps, needed only by options that count from the end (e.g. dense last
-    steps). Returns an `AttnHandle`; `handle.remove()` restores the model exactly.
+    steps). `step_source`: "hook" (step from the timestep) or "callback" (step from
+    `handle.set_step`; no host read per forward), see the module docstring. `kernel_backend`:
+    the `attn_kernels.attention` backend of sparse calls ("auto": Triton on CUDA, the PyTorch
+    reference on CPU). Returns an `AttnHandle`; `handle.remove()` restores the model exactly.
     """
+    if step_source not in STEP_SOURCES:
+        raise ValueError(f"apply(): step_source must be one of {STEP_SOURCES}, got {step_source!r}")
+    from attn_kernels import BACKENDS
+
+    if kernel_backend not in BACKENDS:
+        raise ValueError(f"apply(): kernel_backend must be one of {BACKENDS}, got {kernel_backend!r}")
     models = _transformers_of(pipe_or_model)
     plan: list[tuple[nn.Module, Adapter]] = []
     for model in models:
@@ -190,7 +272,12 @@ def apply(pipe_or_model: Any, *variants: Variant, num_steps: int | None = None) 
         for model, adapter in plan:
             mods = adapter.attention_modules(model)
             runtime = AttnRuntime(
-                family=adapter.name, variants=tuple(variants), num_layers=len(mods), num_steps=num_steps
+                family=adapter.name,
+                variants=tuple(variants),
+                num_layers=len(mods),
+                num_steps=num_steps,
+                step_source=step_source,
+                kernel_backend=kernel_backend,
             )
             for layer, (_, module) in enumerate(mods):
                 original = module.processor

@@ -3,7 +3,10 @@ single-stream blocks.
 
 Sequence [video, text] (text appended after the video tokens); RoPE on the video part only;
 padded text tokens are masked as keys (the model's [B, 1, 1, N] mask), which attnplug turns
-into a key mask on the block layout.
+into a key mask on the block layout. The model builds that mask once per forward and passes the
+same tensor to every block: its key mask and the key-masked layouts are resolved at the first
+sparse layer of a forward (one host sync: a comparison with the previous forward's mask, and
+`BlockLayout.with_key_mask` on the host only when the contents changed) and reused by the others.
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ import torch
 import torch.nn as nn
 
 from .base import Adapter, SparseProcessor, hidden_states_arg, register_adapter
+
+
+def _key_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    return attention_mask[:, 0, 0]
 
 
 class HunyuanVideoSparseProcessor(SparseProcessor):
@@ -58,7 +65,7 @@ class HunyuanVideoSparseProcessor(SparseProcessor):
                     "attnplug[hunyuan_video]: expected the model's boolean key-padding mask [B, 1, 1, N], got "
                     f"{attention_mask.dtype} {tuple(attention_mask.shape)}"
                 )
-            key_mask = attention_mask[:, 0, 0]
+            key_mask = self.runtime.key_mask_of(attention_mask, _key_mask)  # one tensor for all layers
         out = self.attend(
             query, key, value, text_len=n_txt, text_first=False, key_mask=key_mask, dense_mask=attention_mask
         )
