@@ -41,9 +41,11 @@ class AttnStepCallback:
     to; with `num_steps=` when the handle accepts it); after the last step it calls
     `handle.reset()` so the next generation starts at step 0 with fresh variant state (e.g.
     LiteAttention's skip lists). Call `start()` before a generation that follows an interrupted
-    one. Note: diffusion_attn's handle then stops reading the step from the timestep (its
-    default) and relies on this callback; that is exact even for pipelines whose timesteps
-    repeat or that call the transformer several times per step.
+    one. Note: a diffusion_attn handle is switched to `step_source = "callback"` when this
+    callback is made: it stops reading the step from the timestep (its default) and relies on
+    this callback; that is exact even for pipelines whose timesteps repeat or that call the
+    transformer several times per step, and the transformer's forwards then read no tensor value
+    on the host (no sync per step; what CUDA graphs and `torch.compile(fullgraph=True)` need).
     """
 
     def __init__(self, handle: Any) -> None:
@@ -56,6 +58,8 @@ class AttnStepCallback:
             self._pass_num_steps = "num_steps" in inspect.signature(handle.set_step).parameters
         except (TypeError, ValueError):  # builtins / C callables without a signature
             self._pass_num_steps = False
+        if hasattr(handle, "step_source"):  # from the first forward on, not only after step 0
+            handle.step_source = "callback"
 
     def start(self) -> None:
         """Reset the handle to step 0 (start of a new generation)."""
