@@ -122,10 +122,16 @@ def attention(
         raise TypeError(f"attention: tile_stats must be a TileStats or None, got {type(tile_stats).__name__}")
     chosen = _choose(backend, q, v)
     scale_f = d**-0.5 if scale is None else float(scale)
-    if tile_stats is not None:  # inference-only side output: call the implementation directly
+    if tile_stats is not None:  # inference-only side output, through its own op (no autograd)
         layout = (layout if layout is not None else BlockLayout.dense(nq, nk, device=q.device)).to(q.device)
+        decay, mix_u = prepare_modifiers(modifiers, H, nq, nk, q.device)
+        dec = [None, -1, None, None] if decay is None else list(decay)
         with torch.no_grad():
-            out, lse = _impl(chosen, q, k, v, layout, scale_f, modifiers, tile_stats)
+            out, lse, needed = torch.ops.attnplug.block_sparse_attention_stats(
+                q, k, v, list(layout.kernel_view()), _ldims(layout), *dec, mix_u, scale_f, chosen,
+                float(tile_stats.threshold),
+            )  # fmt: skip
+        tile_stats.needed = needed
         return (out, lse) if return_lse else out
     if layout is None:  # dense: the kernels walk every key block without reading lists
         lay, ldims = [], [nq, nk, 128, 128, 1, 1]
@@ -158,16 +164,6 @@ def _choose(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
 
 def _ldims(layout: BlockLayout) -> list[int]:
     return [layout.q_len, layout.k_len, layout.block_q, layout.block_k, layout.batch, layout.heads]
-
-
-def _impl(chosen, q, k, v, layout, scale, modifiers, tile_stats=None):
-    if chosen == "triton":
-        from .triton_attention import triton_attention_forward
-
-        return triton_attention_forward(q, k, v, layout, scale=scale, modifiers=modifiers, tile_stats=tile_stats)
-    return reference_attention(
-        q, k, v, layout, scale=scale, modifiers=modifiers, return_lse=True, tile_stats=tile_stats
-    )
 
 
 # ---------------------------------------------------------------------- objects behind op tensors
@@ -236,6 +232,53 @@ def _block_sparse_attention(
     return out.contiguous(), lse.contiguous()
 
 
+@torch.library.custom_op("attnplug::block_sparse_attention_stats", mutates_args=())
+def _block_sparse_attention_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lay: list[torch.Tensor | None],
+    ldims: list[int],
+    decay_factor: torch.Tensor | None,
+    decay_threshold: int,
+    q_pos: torch.Tensor | None,
+    k_pos: torch.Tensor | None,
+    mix_u: torch.Tensor | None,
+    scale: float,
+    backend: str,
+    threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward with LiteAttention's tile statistics as a third output (uint8 [B, H, nqb, nkb])."""
+    kl = KernelLayout(*lay)
+    B, H, nq, _ = q.shape
+    q_len, k_len, bq, bk = ldims[:4]
+    if backend == "triton":
+        from .triton_attention import forward
+
+        decay = None if decay_factor is None else (decay_factor, decay_threshold, q_pos, k_pos)
+        needed = torch.zeros(B, H, -(-q_len // bq), -(-k_len // bk), dtype=torch.uint8, device=q.device)
+        out, lse = forward(q, k, v, kl, tuple(ldims), scale, decay, mix_u, needed, threshold)
+    else:
+        stats = TileStats(threshold)
+        mods = _modifiers_of(decay_factor, decay_threshold, q_pos, k_pos, mix_u)
+        out, lse = reference_attention(
+            q, k, v, _layout_of(kl, ldims), scale=scale, modifiers=mods, return_lse=True, tile_stats=stats
+        )
+        needed = stats.needed
+    return out.contiguous(), lse.contiguous(), needed.contiguous()
+
+
+@_block_sparse_attention_stats.register_fake
+def _(q, k, v, lay, ldims, decay_factor, decay_threshold, q_pos, k_pos, mix_u, scale, backend, threshold):
+    B, H, nq, _ = q.shape
+    nqb, nkb = -(-ldims[0] // ldims[2]), -(-ldims[1] // ldims[3])
+    return (
+        q.new_empty(B, H, nq, v.shape[-1]),
+        q.new_empty(B, H, nq, dtype=torch.float32),
+        q.new_empty(B, H, nqb, nkb, dtype=torch.uint8),
+    )
+
+
 @_block_sparse_attention.register_fake
 def _(q, k, v, lay, ldims, decay_factor, decay_threshold, q_pos, k_pos, mix_u, scale, backend):
     B, H, nq, _ = q.shape
@@ -245,7 +288,9 @@ def _(q, k, v, lay, ldims, decay_factor, decay_threshold, q_pos, k_pos, mix_u, s
 def _setup_context(ctx, inputs, output):
     q, k, v, lay, ldims, decay_f, decay_t, q_pos, k_pos, mix_u, scale, backend = inputs
     out, lse = output
-    ctx.n_lay = len(lay)
+    # torch's custom-op autograd treats a list holding None as one leaf (its grad: None) and a list
+    # of tensors as a list (its grad: a list of None)
+    ctx.lay_grad = [None] * len(lay) if all(t is not None for t in lay) else None
     ctx.save_for_backward(q, k, v, out, lse, decay_f, q_pos, k_pos, mix_u, *lay)
     ctx.ldims, ctx.decay_t, ctx.scale, ctx.backend = list(ldims), decay_t, scale, backend
 
@@ -267,7 +312,7 @@ def _backward(ctx, grad_out, grad_lse):
             qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
             o = reference_attention(qq, kk, vv, layout, scale=ctx.scale, modifiers=mods)
             dq, dk, dv = torch.autograd.grad(o, (qq, kk, vv), grad_out.to(o.dtype))
-    return dq, dk, dv, [None] * ctx.n_lay, None, None, None, None, None, None, None, None
+    return dq, dk, dv, ctx.lay_grad, None, None, None, None, None, None, None, None
 
 
 _block_sparse_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -177,12 +177,9 @@ class AttnRuntime:
         blayout = plan.layout
         if key_mask is not None:
             blayout = self._key_masked(blayout, key_mask, perm, N, q.device)
-        if plan.tile_stats is not None and torch.compiler.is_compiling():
-            out = _traced_tile_stats_attention(qh, kh, vh, blayout, plan, self.kernel_backend)
-        else:
-            out = attention(
-                qh, kh, vh, blayout, modifiers=plan.modifiers, tile_stats=plan.tile_stats, backend=self.kernel_backend
-            )
+        out = attention(
+            qh, kh, vh, blayout, modifiers=plan.modifiers, tile_stats=plan.tile_stats, backend=self.kernel_backend
+        )
         for cb in plan.after:
             cb(out, plan)
         if inv is not None:
@@ -244,48 +241,6 @@ class AttnRuntime:
 # host-side plans from every new layout: Dynamo cannot trace that. Inside a compiled region such a
 # call therefore runs as this opaque op, which takes the call's block mask (built on the device by
 # the variant) and returns the tile statistics as a tensor. Eager calls do not use it.
-@torch.library.custom_op("diffusion_attn::tile_stats_attention", mutates_args=())
-def _tile_stats_attention_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_mask: torch.Tensor,
-    q_len: int,
-    k_len: int,
-    block_q: int,
-    block_k: int,
-    threshold: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from attn_kernels import BlockLayout, TileStats, attention
-
-    layout = BlockLayout.from_device_block_mask(block_mask.contiguous(), q_len, k_len, block_q, block_k)
-    stats = TileStats(threshold=threshold)
-    out = attention(q, k, v, layout, tile_stats=stats, backend=backend)
-    return out.contiguous(), stats.needed.clone()
-
-
-@_tile_stats_attention_op.register_fake
-def _(q, k, v, block_mask, q_len, k_len, block_q, block_k, threshold, backend):
-    B, H, nq, _ = q.shape
-    nqb, nkb = block_mask.shape[-2:]
-    return q.new_empty(B, H, nq, v.shape[-1]), q.new_empty(B, H, nqb, nkb, dtype=torch.uint8)
-
-
-def _traced_tile_stats_attention(q, k, v, layout: Any, plan: AttnPlan, backend: str) -> torch.Tensor:
-    if layout.has_element_mask or plan.modifiers:
-        raise RuntimeError(
-            "attnplug: LiteAttention with a key-padding mask or score modifiers cannot run inside torch.compile "
-            "(its per-call layout would need element masks built on the host); run that model eagerly"
-        )
-    out, needed = _tile_stats_attention_op(
-        q, k, v, layout.to_block_mask(), layout.q_len, layout.k_len, layout.block_q, layout.block_k,
-        float(plan.tile_stats.threshold), backend,
-    )  # fmt: skip
-    plan.tile_stats.needed = needed
-    return out
-
-
 class SparseProcessor:
     """Base of the adapters' processors: keeps the original processor and its backend choice."""
 

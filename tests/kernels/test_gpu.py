@@ -37,3 +37,108 @@ def test_backward_bf16_and_modifiers():
     gr = torch.autograd.grad(ref.sum(), (qf, kf, vf))
     for a, b in zip(g, gr):
         assert (a.float().cpu() - b).abs().max() / b.abs().max() < 3e-2
+
+
+def _radial_like(n: int, heads: int, block: int, device: str = "cuda") -> BlockLayout:
+    """Per-head band layout with element masks at the band edges (partial blocks) and a ragged tail."""
+    return BlockLayout.from_mask_mod(
+        lambda b, h, i, j: (i - j).abs() < 300 + 200 * h, n, n, H=heads, block_q=block, block_k=block, device=device
+    )
+
+
+@pytest.mark.parametrize("block", [64, 128])
+def test_backward_with_128_blocks_launches_and_matches(block):
+    """128-token layout blocks (the default of Radial, GNA, LiteAttention) train: both backward
+    kernels launch (sub-tiles keep shared memory within the H100 limit) and match fp32."""
+    B, H, n, d = 1, 2, 4096 + 37, 128
+    lay = _radial_like(n, H, block)
+    q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    go = torch.randn(B, H, n, d, device="cuda", dtype=torch.bfloat16)
+    out = attention(q, k, v, lay, backend="triton")
+    g = torch.autograd.grad(out, (q, k, v), go)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = attention(qf, kf, vf, lay, backend="reference")
+    gr = torch.autograd.grad(ref, (qf, kf, vf), go.float())
+    assert (out.float() - ref).abs().max() < 2e-2
+    for a, b in zip(g, gr):
+        assert (a.float() - b).abs().max() / b.abs().max() < 3e-2
+
+
+@pytest.mark.parametrize("d", [72, 80, 96, 160, 256])
+def test_padded_head_dims_on_gpu(d):
+    """Head dims that are not powers of two (PixArt/Open-Sora 72, 80, 96, ...) up to 256 run on the
+    Triton path (padded in the kernel), forward and backward."""
+    B, H, n = 2, 3, 1000
+    q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    lay = _radial_like(n, H, 128)
+    out = attention(q, k, v, lay, backend="triton")
+    g = torch.autograd.grad(out.float().sum(), (q, k, v))
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = attention(qf, kf, vf, lay, backend="reference")
+    gr = torch.autograd.grad(ref.sum(), (qf, kf, vf))
+    assert (out.float() - ref).abs().max() < 2e-2
+    for a, b in zip(g, gr):
+        assert (a.float() - b).abs().max() / b.abs().max() < 3e-2
+
+
+def test_fp32_runs_at_stated_precision():
+    """fp32 on CUDA runs on tensor cores in 3xTF32: close to fp32 (not TF32's ~1e-3)."""
+    q, k, v = (torch.randn(1, 2, 777, 64, device="cuda") for _ in range(3))
+    lay = _radial_like(777, 2, 64)
+    out = attention(q, k, v, lay, backend="triton")
+    ref = attention(q.double(), k.double(), v.double(), lay, backend="reference")
+    assert (out.double() - ref).abs().max() < 1e-4
+
+
+def test_steady_state_call_is_sync_free():
+    """After the first call (autotune, layout lists), forward and backward with element masks and
+    both modifiers make no device->host synchronisation."""
+    n, H = 3000, 2
+    lay = _radial_like(n, H, 128)
+    mods = (LogitDecay(torch.tensor([0.9, 0.7]), 500), OutputMix(torch.tensor([0.0, 0.3])))
+    q, k, v = (torch.randn(1, H, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def step():
+        out = attention(q, k, v, lay, modifiers=mods)
+        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        attention(q.detach(), k.detach(), v.detach())  # dense: no lists at all
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_cuda_graph_capture_of_attention():
+    """One attention call is CUDA-graph capturable after warm-up and replays to the eager result."""
+    n, H = 2048 + 5, 2
+    lay = _radial_like(n, H, 128)
+    q, k, v = (torch.randn(1, H, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mods = (LogitDecay(0.8, 400),)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            attention(q, k, v, lay, modifiers=mods)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention(q, k, v, lay, modifiers=mods)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, attention(q, k, v, lay, modifiers=mods))
+
+
+def test_autotuned_and_table_tiles_agree(monkeypatch):
+    """The autotuned launch and the table's first entry compute the same result."""
+    n = 3000
+    lay = _radial_like(n, 2, 128)
+    q, k, v = (torch.randn(1, 2, n, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    tuned = attention(q, k, v, lay)
+    monkeypatch.setenv("ATTNPLUG_AUTOTUNE", "0")
+    table = attention(q, k, v, lay)
+    assert (tuned.float() - table.float()).abs().max() < 1e-2

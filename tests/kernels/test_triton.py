@@ -124,8 +124,8 @@ def test_sub_tiles_match_reference(monkeypatch):
     seen = []
 
     def small(kind, bq, bk, d, dv, dtype):
-        t = dict(real(kind, bq, bk, d, dv, dtype), BLOCK_M=16, BLOCK_N=16, SPLIT_M=bq // 16, SPLIT_N=bk // 16)
-        seen.append((kind, t["SPLIT_M"], t["SPLIT_N"]))
+        t = dict(real(kind, bq, bk, d, dv, dtype), BLOCK_M=16, BLOCK_N=16)
+        seen.append((kind, bq // 16, bk // 16))
         return t
 
     monkeypatch.setattr(ta, "pick_tiles", small)
@@ -145,3 +145,53 @@ def test_sub_tiles_match_reference(monkeypatch):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert {("fwd", 2, 2), ("dkdv", 2, 2), ("dq", 2, 2)} <= set(seen)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter: the GPU runs these sizes in test_gpu.py")
+@pytest.mark.parametrize(
+    "d, block, dtype", [(64, 64, torch.float32), (128, 128, torch.float16), (128, 64, torch.float32)]
+)
+def test_production_tiles_multiword_masks(monkeypatch, d, block, dtype):
+    """The tiles the GPU launches (each table's first entry: e.g. 128x64 at d128, so a 128-key
+    block is two kernel tiles) with multi-word element masks, a ragged tail, both modifiers and
+    all gradients, against the reference, in the interpreter at a small length."""
+    from attn_kernels import triton_attention as ta
+
+    seen = []
+    real = ta.pick_tiles
+    monkeypatch.setattr(ta, "pick_tiles", lambda *a: seen.append(a[0]) or real(*a))
+    n = 2 * block + 37
+    g = torch.Generator().manual_seed(d + block)
+    q, k, v = (torch.randn(1, 2, n, d, generator=g).to(dtype) for _ in range(3))
+    lay = BlockLayout.from_mask_mod(lambda b, h, i, j: ((i - j).abs() < 70 + 30 * h) | (j % 7 == 0), n, n, H=2,
+                                    block_q=block, block_k=block)  # fmt: skip
+    assert lay.has_element_mask and lay.block_k >= 64  # >= 2 mask words per row
+    mods = (LogitDecay(torch.tensor([0.5, 0.8]), 40), OutputMix(torch.tensor([0.25, 0.0])))
+    go = torch.randn(1, 2, n, d, generator=g)
+    res = []
+    for backend in ("triton", "reference"):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = attention(qq, kk, vv, lay, modifiers=mods, backend=backend)
+        res.append((out, *torch.autograd.grad((out.float() * go).sum(), (qq, kk, vv))))
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-3, rtol=3e-3)
+    for a, b in zip(*res):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    assert {"fwd", "dkdv", "dq"} <= set(seen)
+    t = real("fwd", block, block, d, d, dtype)
+    assert block // t["BLOCK_N"] >= 1 and (dtype == torch.float32 or t["BLOCK_N"] < block)
+
+
+@pytest.mark.parametrize("n", [48, 131])
+def test_dense_without_lists_matches_reference(n):
+    """layout=None runs the kernels' DENSE mode (no lists read; the ragged tail block is the
+    partial one): forward, lse, modifiers and gradients equal the reference."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(1, 2, n, 32, generator=g).to(DEV) for _ in range(3))
+    mods = (LogitDecay(0.6, 20), OutputMix(torch.tensor([0.1, 0.6])))
+    res = []
+    for backend in ("triton", "reference"):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out, lse = attention(qq, kk, vv, modifiers=mods, return_lse=True, backend=backend)
+        res.append((out, lse, *torch.autograd.grad(out.sum(), (qq, kk, vv))))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
