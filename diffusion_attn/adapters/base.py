@@ -235,12 +235,6 @@ class AttnRuntime:
         return masked
 
 
-# -- LiteAttention under torch.compile --------------------------------------------------------
-# `attn_kernels.attention(..., tile_stats=...)` calls its implementation directly (not through its
-# custom op) and hands the statistics back on a Python object, and the reference backend derives
-# host-side plans from every new layout: Dynamo cannot trace that. Inside a compiled region such a
-# call therefore runs as this opaque op, which takes the call's block mask (built on the device by
-# the variant) and returns the tile statistics as a tensor. Eager calls do not use it.
 class SparseProcessor:
     """Base of the adapters' processors: keeps the original processor and its backend choice."""
 
