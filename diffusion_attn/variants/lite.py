@@ -28,9 +28,8 @@ visited, the layout of a call that visits every allowed tile) are built on the h
 visited-tile mask is computed on the device from the skip set and turned into kernel lists with
 `BlockLayout.from_device_block_mask` (device ops only), and the `after` callback folds the
 kernel's `TileStats.needed` into the skip set with device ops. A steady-state call can therefore
-be captured in a CUDA graph (Triton backend) or traced by torch.compile (the runtime then routes
-the call through an opaque custom op, see `adapters/base.py`). The CPU reference backend still
-derives a host-side plan from each new layout, i.e. on every LiteAttention call.
+be captured in a CUDA graph (Triton backend) or traced by torch.compile (the statistics come back
+through their own custom op, `attnplug::block_sparse_attention_stats`).
 """
 
 from __future__ import annotations
