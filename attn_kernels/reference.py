@@ -1,15 +1,23 @@
-"""Exact PyTorch reference of the block-sparse attention kernel (every feature), chunked.
+"""Exact PyTorch reference of the block-sparse attention kernel (every feature).
 
-Computes in fp32 one query block (or, without a layout, one chunk of query rows) at a time, so
-memory is ``B*H*chunk*Nk`` instead of ``B*H*Nq*Nk``. Differentiable through autograd. Used on
-CPU and as the test oracle of the Triton kernel.
+Runs on CPU (the "reference" backend) and is the oracle of the Triton kernel, so it must be exact
+and fast enough to live with. It visits only the listed key blocks: each query block gets the
+tokens of its key blocks gathered, and torch's fused attention runs on them, with an additive
+mask only where element masks, ragged tails or padding need one. Query blocks are batched into a
+few large calls (blocks with similar key counts are folded into the batch dimension; blocks with
+identical keys share them), because per-call overhead, not arithmetic, dominates small calls.
+Everything derived from the layout is built once and cached on it: a repeated call does no host
+work. LogitDecay and TileStats need the logits, so they use explicit fp32 math on the same
+gathered keys. Computation in fp32; differentiable through autograd.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .layout import BlockLayout
 from .modifiers import TileStats, check_modifiers
@@ -17,6 +25,13 @@ from .modifiers import TileStats, check_modifiers
 __all__ = ["reference_attention"]
 
 _LOG2E = 1.0 / math.log(2.0)
+_NEG_INF = float("-inf")
+# torch's fused CPU attention returning (out, logsumexp); autograd covers `out`
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_GATHER_BUDGET = 1 << 24  # elements of keys + values gathered at once
+_SCORE_BUDGET = 1 << 22  # elements of one score tensor per explicit step
+_CALL_COST = 1 / 16  # cost of one more call, as a fraction of all gathered keys (bucketing trade-off)
+_FORCE_ORDER: str | None = None  # "sorted" / "natural" to force a plan order (tests)
 
 
 def reference_attention(
@@ -31,64 +46,526 @@ def reference_attention(
     tile_stats: TileStats | None = None,
     chunk: int = 256,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Reference of `attn_kernels.attention` (same arguments); rows with no key give 0 / lse -inf."""
+    """Reference of `attn_kernels.attention` (same arguments); rows with no key give 0 / lse -inf.
+
+    ``chunk``: query rows per step of the explicit path without a layout. The lse is
+    differentiable too: asking for it with grad enabled takes the explicit path."""
     B, H, nq, d = q.shape
     nk = k.shape[2]
     scale = d**-0.5 if scale is None else float(scale)
     decay, mix = check_modifiers(tuple(modifiers), nq, nk, H)
+    if tile_stats is not None and layout is None:
+        raise ValueError("tile_stats needs a BlockLayout (tiles are the layout's blocks)")
+    qf, kf, vf = q.float(), k.float(), v.float()
+    lse_grad = return_lse and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    explicit = decay is not None or tile_stats is not None or lse_grad or not _fused_ok(q)
+    if layout is None or (tile_stats is None and layout.is_full):
+        if explicit:
+            out, lse = _dense_explicit(qf, kf, vf, scale, decay, max(1, chunk))
+        else:
+            out, lse = _fused(qf, kf, vf, None, scale)
+    else:
+        out, lse = _sparse(qf, kf, vf, scale, decay, _plan(layout, q.device), layout, tile_stats, explicit)
+    if mix is not None:
+        out = mix.reference_output(out, vf, H)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def _fused_ok(q: torch.Tensor) -> bool:
+    return _FLASH_CPU is not None and q.device.type == "cpu"
+
+
+def _fused(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's fused CPU attention on fp32; head dims padded to one size (it needs D == Dv)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if d < dv:
+        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+    elif dv < d:
+        v = F.pad(v, (0, d - dv))
+    out, lse = _FLASH_CPU(q, k, v, attn_mask=bias, scale=scale)
+    return (out[..., :dv] if dv < d else out), lse
+
+
+def _softmax_out(s: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits s [B,H,rows,L] (-inf = hidden), values [B,H,L,Dv] -> (out, lse); empty rows 0 / -inf."""
+    m = s.amax(-1, keepdim=True)
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m_safe)
+    denom = p.sum(-1, keepdim=True)
+    o = torch.einsum("bhqk,bhkd->bhqd", p, v) / denom.clamp_min(1e-30)
+    o = torch.where(denom > 0, o, torch.zeros_like(o))
+    seen = denom[..., 0] > 0
+    lse = torch.where(seen, m_safe[..., 0] + torch.log(torch.where(seen, denom[..., 0], 1.0)), _NEG_INF)  # no NaN grads
+    return o, lse
+
+
+def _dense_explicit(q, k, v, scale, decay, chunk):
+    """Explicit fp32 math over all keys, `chunk` query rows at a time."""
+    H, nq, nk = q.shape[1], q.shape[2], k.shape[2]
     if decay is not None:
         qpos, kpos = decay.positions(nq, nk, q.device)
         factors = decay.factors(H)
-    kf, vf = k.float(), v.float()
-    if layout is None:
-        step = max(1, chunk)
-        starts = range(0, nq, step)
-    else:
-        step = layout.block_q
-        starts = range(0, layout.num_q_blocks * step, step)
-        if tile_stats is not None:
-            nkb = layout.num_k_blocks
-            needed = torch.zeros(B, H, layout.num_q_blocks, nkb, dtype=torch.uint8, device=q.device)
-    if tile_stats is not None and layout is None:
-        raise ValueError("tile_stats needs a BlockLayout (tiles are the layout's blocks)")
     outs, lses = [], []
-    for i, r0 in enumerate(starts):
-        r1 = min(r0 + step, nq)
-        s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, r0:r1].float(), kf) * scale
+    for r0 in range(0, nq, chunk):
+        r1 = min(r0 + chunk, nq)
+        s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, r0:r1], k) * scale
         if decay is not None:
             s = decay.reference_scores(s, qpos[r0:r1], kpos, factors)
-        if layout is not None:
-            allowed = layout.row_token_mask(i)[:, :, : r1 - r0]  # [Bl,Hl,rows,Nk]
-            s = s.masked_fill(~allowed, float("-inf"))
-            if tile_stats is not None:
-                needed[:, :, i] = _tile_needed(s.detach(), layout, tile_stats.threshold)
-        m = s.amax(-1, keepdim=True)
-        m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp(s - m_safe)
-        denom = p.sum(-1, keepdim=True)
-        o = torch.einsum("bhqk,bhkd->bhqd", p, vf) / denom.clamp_min(1e-30)
-        o = torch.where(denom > 0, o, torch.zeros_like(o))
-        if mix is not None:
-            o = mix.reference_output(o, vf[:, :, r0:r1], H)
+        o, lse = _softmax_out(s, v)
         outs.append(o)
-        lses.append(torch.where(denom[..., 0] > 0, m_safe[..., 0] + torch.log(denom[..., 0]), float("-inf")))
-    out = torch.cat(outs, 2).to(q.dtype)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+# ---------------------------------------------------------------------- per-layout plan
+class _Row:
+    """Keys of one query block while planning (CPU): idx ``[L]`` or ``[Bl, Hl, L]``, slot like idx
+    (-1 for padding), blk ``[S]`` or ``[Bl, Hl, S]`` (nkb for padding), visible bool
+    ``[Bl|1, Hl|1, rows, L]`` or None (all visible)."""
+
+    __slots__ = ("qb", "rows", "idx", "slot", "blk", "visible")
+
+    def __init__(self, qb, rows, idx, slot, blk, visible) -> None:
+        self.qb, self.rows, self.idx, self.slot, self.blk, self.visible = qb, rows, idx, slot, blk, visible
+
+    @property
+    def L(self) -> int:
+        return self.idx.shape[-1]
+
+
+def _row_keys(layout: BlockLayout, sel: torch.Tensor, qb: int) -> _Row:
+    """Gathered keys of query block `qb` (sel: bool [Bl, Hl, nkb] its listed key blocks)."""
+    bq, bk, nk, nkb = layout.block_q, layout.block_k, layout.k_len, layout.num_k_blocks
+    Bl, Hl = sel.shape[:2]
+    rows = min(bq, layout.q_len - qb * bq)
+    ar_bk = torch.arange(bk)
+    if bool((sel == sel[:1, :1]).all()):  # one key list for every batch entry and head
+        blk = sel[0, 0].nonzero()[:, 0]
+        tok = (blk[:, None] * bk + ar_bk).reshape(-1)
+        slot = torch.arange(blk.numel()).repeat_interleave(bk)
+        keep = tok < nk  # the ragged last block
+        idx, slot, visible = tok[keep], slot[keep], None
+    else:  # per (batch, head) lists, padded to the longest
+        counts = sel.sum(-1)
+        S = int(counts.max())
+        ar = torch.arange(nkb)
+        cols = torch.where(sel, ar, ar + nkb).sort(-1).values[..., :S]  # listed blocks first, ascending
+        has = torch.arange(S) < counts[..., None]
+        blk = torch.where(has, cols, nkb)
+        tok = (cols[..., None] * bk + ar_bk).reshape(Bl, Hl, S * bk)
+        ok = has.repeat_interleave(bk, -1) & (tok < nk)
+        n_ok = ok.sum(-1)
+        pos = torch.arange(S * bk)
+        order = torch.where(ok, pos, pos + S * bk).sort(-1).values[..., : int(n_ok.max())] % (S * bk)
+        valid = torch.arange(order.shape[-1]) < n_ok[..., None]
+        idx = torch.where(valid, tok.gather(-1, order), 0)
+        slot = torch.where(valid, torch.arange(S).repeat_interleave(bk).expand(Bl, Hl, -1).gather(-1, order), -1)
+        visible = None if bool(valid.all()) else valid[:, :, None, :].expand(Bl, Hl, rows, -1)
+    if layout.partial is not None:
+        tm = layout.row_token_mask(qb).cpu()[:, :, :rows]  # [Bl, Hl, rows, nk]
+        g = tm[..., idx] if idx.dim() == 1 else tm.gather(-1, idx[:, :, None, :].expand(-1, -1, rows, -1))
+        g = g if visible is None else g & visible
+        visible = None if bool(g.all()) else g
+    return _Row(qb, rows, idx, slot, blk, visible)
+
+
+def _void_row(layout: BlockLayout, qb: int) -> _Row:
+    """A query block that sees no key (inside a natural-order bucket: all its keys are padding)."""
+    e = torch.zeros(0, dtype=torch.long)
+    return _Row(qb, min(layout.block_q, layout.q_len - qb * layout.block_q), e, e, e, None)
+
+
+def _segments(lengths: list[int], call_cost: float, sorted_desc: bool) -> tuple[list[int], float]:
+    """Split a list of key counts into runs, each padded to its longest: minimise
+    ``sum(call_cost + len(run) * max(run))`` (dynamic programming). Returns (run starts, cost)."""
+    n = len(lengths)
+    if n == 0:
+        return [], 0.0
+    L = torch.tensor(lengths, dtype=torch.float64)
+    best = torch.zeros(n + 1, dtype=torch.float64)
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        span_max = L[:j] if sorted_desc else torch.flip(torch.cummax(torch.flip(L[:j], (0,)), 0).values, (0,))
+        cost = best[:j] + call_cost + (j - torch.arange(j, dtype=torch.float64)) * span_max
+        i = int(cost.argmin())
+        best[j], start[j] = cost[i], i
+    out, j = [], n
+    while j > 0:
+        out.append(start[j])
+        j = start[j]
+    return out[::-1], float(best[n])
+
+
+def _same_keys(rows: list[_Row]) -> bool:
+    first = rows[0].idx
+    return all(r.idx.shape == first.shape and torch.equal(r.idx, first) for r in rows[1:])
+
+
+def _group(layout: BlockLayout, rows: list[_Row | None]) -> tuple[bool, list[tuple[str, list[_Row], int]]]:
+    """Buckets ("fold" | "common" | "void", rows, query rows per block) and whether they are sorted.
+
+    Natural order (contiguous runs of query blocks: no permutation of queries and outputs) is
+    used unless sorting by key count saves more than the two permutations cost."""
+    bq, nq = layout.block_q, layout.q_len
+    live = [r for r in rows if r is not None]
+    call_cost = _CALL_COST * max(1, sum(r.L for r in live))
+    # sorted: identical key sets of >= 4 blocks share their keys, the rest is folded by key count
+    by_keys: dict = {}
+    for r in live:
+        by_keys.setdefault((tuple(r.idx.shape), r.idx.numpy().tobytes()), []).append(r)
+    srt, rest, cost_s = [], [], 2 * call_cost
+    for same in by_keys.values():
+        if len(same) >= 4:
+            srt.append(("common", same, bq))
+            cost_s += call_cost + len(same) * same[0].L
+        else:
+            rest.extend(same)
+    rest.sort(key=lambda r: -r.L)
+    starts, c = _segments([r.L for r in rest], call_cost, True)
+    srt += [("fold", rest[a:b], bq) for a, b in zip(starts, starts[1:] + [len(rest)])]
+    cost_s += c
+    void = [_void_row(layout, qb) for qb, r in enumerate(rows) if r is None]
+    if void:
+        srt.append(("void", void, bq))
+    # natural: the ragged last query block is a bucket of its own (no padded query rows)
+    nat_rows = [r if r is not None else _void_row(layout, qb) for qb, r in enumerate(rows)]
+    tail = [nat_rows.pop()] if nq % bq else []
+    starts, cost_n = _segments([r.L for r in nat_rows], call_cost, False)
+    nat = []
+    for run in [nat_rows[a:b] for a, b in zip(starts, starts[1:] + [len(nat_rows)])] + ([tail] if tail else []):
+        n = run[0].rows
+        if all(r.L == 0 for r in run):
+            nat.append(("void", run, n))
+        elif len(run) == 1 or (all(r.L > 0 for r in run) and _same_keys(run)):
+            nat.append(("common", run, n))
+        else:
+            nat.append(("fold", run, n))
+    if tail:
+        cost_n += call_cost + tail[0].L
+    if _FORCE_ORDER is not None:  # tests exercise both
+        return (True, srt) if _FORCE_ORDER == "sorted" else (False, nat)
+    return (True, srt) if cost_s < cost_n else (False, nat)
+
+
+class _Bucket:
+    """Query blocks computed together: positions ``s0 .. s0+G`` of the plan's block order.
+
+    kind: "fold" (each block its own L keys, padded; blocks become the batch dim of the fused
+    call), "common" (one key set of L for all G blocks; their rows are concatenated) or "void"
+    (no keys: output 0). rows: query rows per block (block_q, less for a ragged last block of
+    its own). Per-(batch, head) tensors have a row-set dim R: 1 when every batch entry and head
+    agrees, else the layout's Bl*Hl. t0: where the keys start in the plan's flat idx; span:
+    ``(a, b)`` when they are the contiguous range a..b-1 (a slice; t0 is then None). bias
+    (0 / -inf): fold ``[G, R, bq, L]``, common ``[R, G*rows, L]``; None = all visible. row_ok:
+    bool ``[G, bq]`` rows inside q_len (None = all). For TileStats: slot ``[G|1, R, L]``, the
+    position of each key's block in its query block's ascending block list (S = padding), and
+    blocks ``[G|1, R, S]``, the key block at each position (num_k_blocks = padding).
+    """
+
+    __slots__ = ("kind", "s0", "G", "L", "rows", "t0", "span", "bias", "row_ok", "slot", "blocks")
+
+    def __init__(self, **kw) -> None:
+        for name in self.__slots__:
+            setattr(self, name, kw.get(name))
+
+
+class _Plan:
+    """A layout's buckets. idx: flat key token ids ``[R, T]``; bounds: offsets into idx where a
+    block's keys start or end (gathers cut there); tok_order: the query token of each sorted row
+    (None = natural order); inv ``[nqb]``: sorted position of each query block (None = natural
+    order); empty: bool ``[Bl|1, Hl|1, nqb*bq]`` rows that see no key (None = none); per_bh:
+    R-dim tensors expanded to B*H rows, per (B, H)."""
+
+    __slots__ = ("buckets", "idx", "bounds", "dims", "tok_order", "inv", "empty", "per_bh")
+
+    def __init__(self, **kw) -> None:
+        for name in self.__slots__:
+            setattr(self, name, kw[name])
+
+
+def _plan(layout: BlockLayout, device: torch.device) -> _Plan:
+    """The layout's plan on `device`, built once (host work) and cached on the layout."""
+    key = ("ref_plan", str(device))
+    plan = layout._dense_cache.get(key)
+    if plan is None:
+        plan = layout._dense_cache[key] = _build_plan(layout, device)
+    return plan
+
+
+def _build_plan(layout: BlockLayout, device: torch.device) -> _Plan:
+    bq, nq, nqb = layout.block_q, layout.q_len, layout.num_q_blocks
+    bm = layout.to_block_mask().cpu()  # [Bl, Hl, nqb, nkb]
+    Bl, Hl = bm.shape[:2]
+    rows = [_row_keys(layout, bm[:, :, qb], qb) if bool(bm[:, :, qb].any()) else None for qb in range(nqb)]
+    live = [r for r in rows if r is not None]
+    wide = any(r.idx.dim() == 3 or (r.visible is not None and r.visible.shape[:2].numel() > 1) for r in live)
+    dims = (Bl, Hl) if wide else (1, 1)
+    R = dims[0] * dims[1]
+    is_sorted, groups = _group(layout, rows)
+    buckets, keys, bounds, order = [], [], [0], []
+    empty = torch.zeros(R, nqb * bq, dtype=torch.bool)
+    t = 0
+    for kind, grp, n in groups:
+        b, kb, e = _bucket(layout, kind, grp, n, dims, len(order), t, device)
+        if kb is not None:
+            keys.append(kb)
+            step = kb.shape[1] if kind == "common" else b.L
+            bounds.extend(range(t + step, t + kb.shape[1] + 1, step))
+            t += kb.shape[1]
+        for j, r in enumerate(grp):
+            empty[:, r.qb * bq : r.qb * bq + e.shape[-1]] = e[j]
+        buckets.append(b)
+        order.extend(r.qb for r in grp)
+    inv = tok_order = None
+    if is_sorted:
+        inv = torch.empty(nqb, dtype=torch.long)
+        inv[torch.tensor(order)] = torch.arange(nqb)
+        inv = inv.to(device)
+        tok = torch.tensor(order, dtype=torch.long)[:, None] * bq + torch.arange(bq)
+        tok_order = tok.reshape(-1).clamp(max=nq - 1).to(device)  # padded rows read the last row (dropped)
+    idx = torch.cat(keys, 1) if keys else torch.zeros(R, 0, dtype=torch.long)
+    return _Plan(
+        buckets=buckets, idx=idx.to(device), bounds=bounds, dims=dims, tok_order=tok_order, inv=inv,
+        empty=empty.view(*dims, -1).to(device) if bool(empty.any()) else None, per_bh={},
+    )  # fmt: skip
+
+
+def _to_sets(x: torch.Tensor, dims: tuple[int, int], lead: int) -> torch.Tensor:
+    """A per-block tensor, ``[*rest]`` (lead 0: shared) or ``[Bl', Hl', *rest]`` (lead 2), as ``[R, *rest]``."""
+    rest = x.shape[lead:]
+    if lead == 0:
+        return x.expand(dims[0] * dims[1], *rest)
+    return x.expand(*dims, *rest).reshape(dims[0] * dims[1], *rest)
+
+
+def _bucket(layout: BlockLayout, kind: str, rows: list[_Row], n: int, dims, s0: int, t0: int, device):
+    """One bucket (on `device`), its flat key ids ``[R, T_b]`` (None: span or void) and its empty
+    rows ``[G, R, rows]`` (CPU)."""
+    nkb = layout.num_k_blocks
+    R = dims[0] * dims[1]
+    G, L = len(rows), max(r.L for r in rows)
+    if kind == "void":
+        return _Bucket(kind=kind, s0=s0, G=G, L=0, rows=n), None, torch.ones(G, R, n, dtype=torch.bool)
+    S = max(r.blk.shape[-1] for r in rows)
+    n_sets = 1 if kind == "common" else G
+    idx = torch.zeros(n_sets, R, L, dtype=torch.long)
+    slot = torch.full((n_sets, R, L), S, dtype=torch.long)
+    blocks = torch.full((n_sets, R, S), nkb, dtype=torch.long)
+    for j, r in enumerate(rows[:n_sets]):
+        lead = 2 if r.idx.dim() == 3 else 0
+        idx[j, :, : r.L] = _to_sets(r.idx, dims, lead)
+        sl = _to_sets(r.slot, dims, lead)
+        slot[j, :, : r.L] = torch.where(sl < 0, S, sl)
+        blocks[j, :, : r.blk.shape[-1]] = _to_sets(r.blk, dims, lead)
+    vis = torch.ones(G, R, n, L, dtype=torch.bool)  # padded rows stay visible: never "empty", dropped
+    for j, r in enumerate(rows):
+        vis[j, :, : r.rows, r.L :] = False
+        if r.visible is not None:
+            vis[j, :, : r.rows, : r.L] = _to_sets(r.visible, dims, 2)
+    bias = None
+    if any(r.visible is not None or r.L < L for r in rows):
+        bias = torch.zeros(vis.shape).masked_fill_(~vis, _NEG_INF)
+        if kind == "common":
+            bias = bias.permute(1, 0, 2, 3).reshape(R, G * n, L)
+        bias = bias.to(device)
+    row_ok = None
+    if any(r.rows < n for r in rows):
+        row_ok = torch.stack([torch.arange(n) < r.rows for r in rows]).to(device)
+    keys, span = idx.permute(1, 0, 2).reshape(R, n_sets * L), None
+    if kind == "common" and R == 1 and int(idx[0, 0, -1] - idx[0, 0, 0]) == L - 1:  # ascending, unique
+        keys, span = None, (int(idx[0, 0, 0]), int(idx[0, 0, -1]) + 1)
+    b = _Bucket(
+        kind=kind, s0=s0, G=G, L=L, rows=n, t0=None if span else t0, span=span, bias=bias, row_ok=row_ok,
+        slot=slot.to(device), blocks=blocks.to(device),
+    )  # fmt: skip
+    return b, keys, ~vis.any(-1)
+
+
+def _per_bh(plan: _Plan, B: int, H: int) -> dict:
+    """The plan's R-dim tensors expanded to B*H rows (cached per (B, H)); {} when R == 1."""
+    if plan.dims == (1, 1):
+        return {}
+    hit = plan.per_bh.get((B, H))
+    if hit is None:
+        (Bl, Hl), dev = plan.dims, plan.idx.device
+        bl = torch.arange(B, device=dev) if Bl > 1 else torch.zeros(B, dtype=torch.long, device=dev)
+        hl = torch.arange(H, device=dev) if Hl > 1 else torch.zeros(H, dtype=torch.long, device=dev)
+        rs = (bl[:, None] * Hl + hl[None, :]).reshape(-1)
+        hit = {"idx": plan.idx.index_select(0, rs)}
+        for i, b in enumerate(plan.buckets):
+            if b.bias is not None:
+                hit[("bias", i)] = b.bias.index_select(0 if b.kind == "common" else 1, rs)
+            if b.slot is not None:
+                hit[("slot", i)] = b.slot.index_select(1, rs)
+                hit[("blocks", i)] = b.blocks.index_select(1, rs)
+        plan.per_bh[(B, H)] = hit
+    return hit
+
+
+# ---------------------------------------------------------------------- sparse path
+def _take(x: torch.Tensor, idx: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+    """Tokens idx[:, t0:t1] of x ``[1, BH, N, D]`` -> ``[1, BH, t1-t0, D]`` (idx rows: 1 or BH)."""
+    if idx.shape[0] == 1:
+        return x.index_select(2, idx[0, t0:t1])
+    return x.gather(2, idx[None, :, t0:t1, None].expand(1, x.shape[1], t1 - t0, x.shape[3]))
+
+
+def _sparse(q, k, v, scale, decay, plan: _Plan, layout: BlockLayout, tile_stats, explicit):
+    """Every bucket, in pieces within the memory budgets; results put back in query order.
+
+    Batch and heads are merged into one head dim of B*H, so every piece is a strided view: queries
+    are permuted once (sorted plans only), keys and values gathered once per budget-sized run."""
+    B, H, nq, D = q.shape
+    nk, Dv = k.shape[2], v.shape[-1]
+    BH, bq, nqb, nkb = B * H, layout.block_q, layout.num_q_blocks, layout.num_k_blocks
+    q4, k4, v4 = q.reshape(1, BH, nq, D), k.reshape(1, BH, nk, D), v.reshape(1, BH, nk, Dv)
+    if not explicit and D != Dv:  # the fused kernel wants one head size: zero-pad once
+        q4, k4 = (F.pad(t, (0, max(D, Dv) - D)) for t in (q4, k4))
+        v4 = F.pad(v4, (0, max(D, Dv) - Dv))
+    Dq, Do = q4.shape[-1], v4.shape[-1]
+    qs = q4 if plan.tok_order is None else q4.index_select(2, plan.tok_order)
+    ex = _per_bh(plan, B, H)
+    idx = ex.get("idx", plan.idx)  # [1|BH, T]
+    ctx = None
+    if explicit:
+        ctx = {"threshold": None if tile_stats is None else tile_stats.threshold, "nkb": nkb, "decay": decay}
+        if decay is not None:
+            qpos, kpos = decay.positions(nq, nk, q.device)
+            ctx["qpos"] = qpos if plan.tok_order is None else qpos[plan.tok_order]
+            ctx["kpos"] = kpos
+            ctx["factors"] = decay.factors(H).to(q.device).repeat(B)
+    span_tokens = max(1, _GATHER_BUDGET // (BH * (Dq + Do)))
+    outs, lses, needs = [], [], []
+    gk = gv = None
+    gs = ge = 0  # token range of idx held in gk / gv
+    for i, b in enumerate(plan.buckets):
+        if b.kind == "void":
+            outs.append(_zeros_in_graph(q4, k4, v4, (BH, b.G * b.rows, Do)))
+            lses.append(q.new_full((BH, b.G * b.rows), _NEG_INF))
+            needs.append(torch.zeros(BH, b.G, nkb, dtype=torch.uint8, device=q.device))
+            continue
+        L, common = b.L, b.kind == "common"
+        if explicit:  # scores of a piece within budget
+            step = max(1, _SCORE_BUDGET // (BH * b.rows * L))
+        else:  # a piece's gathered keys within budget
+            step = b.G if common else max(1, span_tokens // L)
+        bias_all = ex.get(("bias", i), b.bias)
+        for g0 in range(0, b.G, step):
+            g1 = min(b.G, g0 + step)
+            g = g1 - g0
+            r0, r1 = b.s0 * bq + g0 * b.rows, b.s0 * bq + g1 * b.rows
+            if b.span is not None:
+                ks, vs = k4[:, :, b.span[0] : b.span[1]], v4[:, :, b.span[0] : b.span[1]]
+            else:
+                t0, t1 = (b.t0, b.t0 + L) if common else (b.t0 + g0 * L, b.t0 + g1 * L)
+                if gk is None or t0 < gs or t1 > ge:  # gather the next run of pieces
+                    gs = t0
+                    ge = max(t1, plan.bounds[bisect.bisect_right(plan.bounds, t0 + span_tokens) - 1])
+                    gk, gv = _take(k4, idx, gs, ge), _take(v4, idx, gs, ge)
+                ks, vs = gk[:, :, t0 - gs : t1 - gs], gv[:, :, t0 - gs : t1 - gs]
+                if not common:
+                    ks = ks[0].view(BH, g, L, Dq).transpose(0, 1)
+                    vs = vs[0].view(BH, g, L, Do).transpose(0, 1)
+            if common:
+                qp = qs[:, :, r0:r1]  # [1, BH, g*rows, Dq]
+                bias = None if bias_all is None else bias_all[None, :, g0 * b.rows : g1 * b.rows]
+            else:
+                qp = qs[0, :, r0:r1].view(BH, g, bq, Dq).transpose(0, 1)  # [g, BH, bq, Dq]
+                bias = None if bias_all is None else bias_all[g0:g1]
+            if explicit:
+                kpos_p = None
+                if decay is not None:
+                    kp = ctx["kpos"]
+                    if b.span is not None:
+                        kpos_p = kp[b.span[0] : b.span[1]].view(1, 1, L)
+                    elif common:
+                        kpos_p = kp[idx[:, t0:t1]][None]
+                    else:
+                        kpos_p = kp[idx[:, t0:t1]].view(-1, g, L).transpose(0, 1)
+                o, lse, need = _explicit(qp, ks, vs, bias, scale, b, i, g0, g1, r0, r1, kpos_p, ex, ctx)
+                needs.append(None if need is None else need.transpose(0, 1))
+            else:
+                o, lse = _FLASH_CPU(qp, ks, vs, attn_mask=bias, scale=scale)
+            if common:  # -> [BH, g*rows, .]
+                o, lse = o[0], lse[0]
+            else:
+                o, lse = o.transpose(0, 1).reshape(BH, g * bq, Do), lse.transpose(0, 1).reshape(BH, g * bq)
+            outs.append(o)
+            lses.append(lse)
+    out, lse = _unsort(outs, plan, bq), _unsort(lses, plan, bq)
+    out, lse = out[:, :nq].view(B, H, nq, Do)[..., :Dv], lse[:, :nq].view(B, H, nq)
+    if plan.empty is not None:
+        e = plan.empty[..., :nq]
+        out, lse = out.masked_fill(e[..., None], 0.0), lse.masked_fill(e, _NEG_INF)
     if tile_stats is not None:
-        tile_stats.needed = needed
-    if return_lse:
-        return out, torch.cat(lses, 2)
-    return out
+        tile_stats.needed = _unsort(needs, plan, 1).view(B, H, nqb, nkb)
+    return out, lse
 
 
-def _tile_needed(s: torch.Tensor, layout: BlockLayout, threshold: float) -> torch.Tensor:
-    """LiteAttention rule on one query block: s [B,H,rows,Nk] masked logits -> uint8 [B,H,nkb]."""
-    B, H, rows, nk = s.shape
-    bk, nkb = layout.block_k, layout.num_k_blocks
-    pad = nkb * bk - nk
-    sp = torch.nn.functional.pad(s, (0, pad), value=float("-inf")) if pad else s
-    tile_max = sp.view(B, H, rows, nkb, bk).amax(-1)  # [B,H,rows,nkb]; -inf where unvisited/masked
-    # running max before each tile, tiles visited in ascending key-block order
+def _zeros_in_graph(q4, k4, v4, shape) -> torch.Tensor:
+    """Zeros that stay in the autograd graph of q, k and v (gradient 0, never NaN), so that a layout
+    with no key at all still differentiates like any other."""
+    if not (torch.is_grad_enabled() and (q4.requires_grad or k4.requires_grad or v4.requires_grad)):
+        return q4.new_zeros(shape)
+    anchor = q4[0, :, :1, :1] + k4[0, :, :1, :1] + v4[0, :, :1, :1]  # [BH, 1, 1]
+    return torch.where(torch.zeros((), dtype=torch.bool, device=q4.device), anchor, 0.0).expand(shape)
+
+
+def _unsort(parts: list[torch.Tensor], plan: _Plan, rows: int) -> torch.Tensor:
+    """Pieces ``[BH, n_i, ...]`` in bucket order -> one ``[BH, n, ...]`` in query order (``rows``
+    per block: sorted plans permute whole blocks)."""
+    x = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+    if plan.inv is None:
+        return x
+    BH, rest = x.shape[0], x.shape[2:]
+    return x.view(BH, -1, rows, *rest).index_select(1, plan.inv).view(BH, -1, *rest)
+
+
+def _explicit(q, k, v, bias, scale, b: _Bucket, i, g0, g1, r0, r1, kpos, ex, ctx):
+    """Explicit fp32 math for one piece, in the fused call's layouts (fold: q ``[g, BH, bq, D]``;
+    common: ``[1, BH, g*rows, D]``). Returns (out, lse, needed uint8 ``[g, BH, nkb]`` or None)."""
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
+    g, common = g1 - g0, b.kind == "common"
+    BH, L, n = s.shape[1], s.shape[-1], b.rows
+    s4 = s[0].view(BH, g, n, L).transpose(0, 1) if common else s  # [g, BH, rows, L]
+    decay = ctx["decay"]
+    if decay is not None:  # LogitDecay.reference_scores on gathered keys
+        qp = ctx["qpos"][r0:r1].long().view(g, 1, n, 1)
+        kp = kpos.long()[:, :, None, :]  # [g|1, 1|BH, 1, L]
+        far = ((qp - kp).abs() > decay.threshold) & (qp >= 0) & (kp >= 0)
+        s4 = torch.where(far & (s4 > 0), s4 * ctx["factors"].view(1, BH, 1, 1), s4)
+    if bias is not None:
+        s4 = s4 + (bias[0].view(-1, g, n, L).transpose(0, 1) if common else bias)
+    need = None
+    if ctx["threshold"] is not None:
+        slot = ex.get(("slot", i), b.slot)
+        blocks = ex.get(("blocks", i), b.blocks)
+        if not common:
+            slot, blocks = slot[g0:g1], blocks[g0:g1]
+        row_ok = None if b.row_ok is None else b.row_ok[g0:g1]
+        need = _tile_needed(s4.detach(), slot, blocks, row_ok, ctx["threshold"], ctx["nkb"])
+    s = s4.transpose(0, 1).reshape(1, BH, g * n, L) if common else s4
+    o, lse = _softmax_out(s, v)
+    return o, lse, need
+
+
+def _tile_needed(s4, slot, blocks, row_ok, threshold: float, nkb: int) -> torch.Tensor:
+    """LiteAttention rule: logits ``[g, BH, rows, L]`` of gathered keys -> uint8 ``[g, BH, nkb]``.
+
+    A query block's tiles are its listed key blocks in ascending order (an unlisted block would
+    only add -inf to the running max, so leaving it out changes nothing); padded rows count for
+    nothing."""
+    g, BH, n, L = s4.shape
+    S = blocks.shape[-1]
+    index = slot[:, :, None, :].expand(g, BH, n, L)
+    tile_max = s4.new_full((g, BH, n, S + 1), _NEG_INF).scatter_reduce_(-1, index, s4, "amax")[..., :S]
+    if row_ok is not None:
+        tile_max = tile_max.masked_fill(~row_ok[:, None, :, None], _NEG_INF)
     run = torch.cummax(tile_max, dim=-1).values
-    before = torch.cat([torch.full_like(run[..., :1], float("-inf")), run[..., :-1]], -1)
-    need_row = tile_max * _LOG2E > before * _LOG2E + threshold  # False for -inf tiles, True after -inf
-    return need_row.any(2).to(torch.uint8)
+    before = torch.cat([torch.full_like(run[..., :1], _NEG_INF), run[..., :-1]], -1)
+    need = (tile_max * _LOG2E > before * _LOG2E + threshold).any(2)  # False for -inf tiles, True after -inf
+    out = torch.zeros(g, BH, nkb + 1, dtype=torch.uint8, device=s4.device)
+    return out.scatter_(-1, blocks.expand(g, BH, S), need.to(torch.uint8))[..., :nkb]
