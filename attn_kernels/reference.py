@@ -5,7 +5,8 @@ and fast enough to live with. It visits only the listed key blocks: each query b
 tokens of its key blocks gathered, and torch's fused attention runs on them, with an additive
 mask only where element masks, ragged tails or padding need one. Query blocks are batched into a
 few large calls (blocks with similar key counts are folded into the batch dimension; blocks with
-identical keys share them), because per-call overhead, not arithmetic, dominates small calls.
+identical keys share them), because per-call overhead, not arithmetic, dominates small calls; a
+layout so dense that gathering would cost more than it saves runs as one masked dense call.
 Everything derived from the layout is built once and cached on it: a repeated call does no host
 work. LogitDecay and TileStats need the logits, so they use explicit fp32 math on the same
 gathered keys. Computation in fp32; differentiable through autograd.
@@ -30,8 +31,10 @@ _NEG_INF = float("-inf")
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _GATHER_BUDGET = 1 << 24  # elements of keys + values gathered at once
 _SCORE_BUDGET = 1 << 22  # elements of one score tensor per explicit step
-_CALL_COST = 1 / 16  # cost of one more call, as a fraction of all gathered keys (bucketing trade-off)
-_FORCE_ORDER: str | None = None  # "sorted" / "natural" to force a plan order (tests)
+_CALL_COST = 1 / 32  # cost of one more call, as a fraction of all gathered keys (bucketing trade-off)
+_FORCE_ORDER: str | None = None  # tests: force a "sorted" / "natural" plan, or "masked_dense" (fused path)
+_DENSE_IF = (1.56, 34.0, 1.1)  # fused path: masked dense call when pd * (a + b / block_q) > c (see _plan)
+_MASK_BUDGET = 1 << 24  # elements of a layout-wide mask for the masked dense call
 
 
 def reference_attention(
@@ -65,7 +68,8 @@ def reference_attention(
         else:
             out, lse = _fused(qf, kf, vf, None, scale)
     else:
-        out, lse = _sparse(qf, kf, vf, scale, decay, _plan(layout, q.device), layout, tile_stats, explicit)
+        plan = _plan(layout, q.device, explicit)
+        out, lse = _sparse(qf, kf, vf, scale, decay, plan, layout, tile_stats, explicit)
     if mix is not None:
         out = mix.reference_output(out, vf, H)
     out = out.to(q.dtype)
@@ -245,7 +249,7 @@ def _group(layout: BlockLayout, rows: list[_Row | None]) -> tuple[bool, list[tup
             nat.append(("fold", run, n))
     if tail:
         cost_n += call_cost + tail[0].L
-    if _FORCE_ORDER is not None:  # tests exercise both
+    if _FORCE_ORDER in ("sorted", "natural"):  # tests exercise both
         return (True, srt) if _FORCE_ORDER == "sorted" else (False, nat)
     return (True, srt) if cost_s < cost_n else (False, nat)
 
@@ -279,20 +283,57 @@ class _Plan:
     order); empty: bool ``[Bl|1, Hl|1, nqb*bq]`` rows that see no key (None = none); per_bh:
     R-dim tensors expanded to B*H rows, per (B, H)."""
 
-    __slots__ = ("buckets", "idx", "bounds", "dims", "tok_order", "inv", "empty", "per_bh")
+    __slots__ = ("buckets", "idx", "bounds", "dims", "tok_order", "inv", "empty", "per_bh", "masked_dense")
 
     def __init__(self, **kw) -> None:
         for name in self.__slots__:
-            setattr(self, name, kw[name])
+            setattr(self, name, kw.get(name))
 
 
-def _plan(layout: BlockLayout, device: torch.device) -> _Plan:
-    """The layout's plan on `device`, built once (host work) and cached on the layout."""
-    key = ("ref_plan", str(device))
+def _plan(layout: BlockLayout, device: torch.device, explicit: bool) -> _Plan:
+    """The layout's plan on `device`, built once (host work) and cached on the layout.
+
+    The fused path runs a dense-enough layout as one masked dense call instead (gathering keys
+    per query block then costs more than computing every pair; see `_DENSE_IF`)."""
+    key = ("ref_plan", str(device), "explicit" if explicit else "fused")
     plan = layout._dense_cache.get(key)
     if plan is None:
-        plan = layout._dense_cache[key] = _build_plan(layout, device)
+        other = ("ref_plan", str(device), "fused" if explicit else "explicit")
+        plan = layout._dense_cache.get(other)
+        if plan is None or plan.masked_dense:
+            plan = _build_plan(layout, device)
+        if not explicit and _prefer_masked_dense(layout, plan):
+            plan = _masked_dense_plan(layout, device)
+        layout._dense_cache[key] = plan
     return plan
+
+
+def _prefer_masked_dense(layout: BlockLayout, plan: _Plan) -> bool:
+    """Cost model of the fused path (fit on CPU timings): gathered, padded pair density ``pd``
+    costs ``pd * (a + b / block_q)`` of a dense call; a masked dense call ~1.1."""
+    if _FORCE_ORDER is not None:
+        return _FORCE_ORDER == "masked_dense"
+    if layout.batch * layout.heads * layout.q_len * layout.k_len > _MASK_BUDGET:
+        return False
+    pd = sum(b.G * b.rows * b.L for b in plan.buckets) / (layout.q_len * layout.k_len)
+    a, b, dense = _DENSE_IF
+    return pd * (a + b / layout.block_q) > dense
+
+
+def _masked_dense_plan(layout: BlockLayout, device: torch.device) -> _Plan:
+    """Every query against every key in one call, the layout as an additive mask."""
+    nq, nk, bq, nqb = layout.q_len, layout.k_len, layout.block_q, layout.num_q_blocks
+    vis = torch.cat([layout.row_token_mask(qb).cpu() for qb in range(nqb)], 2)[:, :, :nq]  # [Bl, Hl, nq, nk]
+    dims = tuple(vis.shape[:2])
+    R = dims[0] * dims[1]
+    vis = vis.reshape(R, nq, nk)
+    bias = torch.zeros(vis.shape).masked_fill_(~vis, _NEG_INF).to(device)
+    b = _Bucket(kind="common", s0=0, G=1, L=nk, rows=nq, span=(0, nk), bias=bias)
+    e = F.pad(~vis.any(-1), (0, nqb * bq - nq))
+    return _Plan(
+        buckets=[b], idx=torch.zeros(R, 0, dtype=torch.long, device=device), bounds=[0], dims=dims, tok_order=None,
+        inv=None, empty=e.view(*dims, -1).to(device) if bool(e.any()) else None, per_bh={}, masked_dense=True,
+    )  # fmt: skip
 
 
 def _build_plan(layout: BlockLayout, device: torch.device) -> _Plan:
@@ -360,17 +401,17 @@ def _bucket(layout: BlockLayout, kind: str, rows: list[_Row], n: int, dims, s0: 
         sl = _to_sets(r.slot, dims, lead)
         slot[j, :, : r.L] = torch.where(sl < 0, S, sl)
         blocks[j, :, : r.blk.shape[-1]] = _to_sets(r.blk, dims, lead)
-    vis = torch.ones(G, R, n, L, dtype=torch.bool)  # padded rows stay visible: never "empty", dropped
-    for j, r in enumerate(rows):
-        vis[j, :, : r.rows, r.L :] = False
-        if r.visible is not None:
-            vis[j, :, : r.rows, : r.L] = _to_sets(r.visible, dims, 2)
-    bias = None
+    bias, empty = None, torch.zeros(G, R, n, dtype=torch.bool)
     if any(r.visible is not None or r.L < L for r in rows):
+        vis = torch.ones(G, R, n, L, dtype=torch.bool)  # padded rows stay visible: never "empty", dropped
+        for j, r in enumerate(rows):
+            vis[j, :, : r.rows, r.L :] = False
+            if r.visible is not None:
+                vis[j, :, : r.rows, : r.L] = _to_sets(r.visible, dims, 2)
         bias = torch.zeros(vis.shape).masked_fill_(~vis, _NEG_INF)
         if kind == "common":
             bias = bias.permute(1, 0, 2, 3).reshape(R, G * n, L)
-        bias = bias.to(device)
+        bias, empty = bias.to(device), ~vis.any(-1)
     row_ok = None
     if any(r.rows < n for r in rows):
         row_ok = torch.stack([torch.arange(n) < r.rows for r in rows]).to(device)
@@ -381,7 +422,7 @@ def _bucket(layout: BlockLayout, kind: str, rows: list[_Row], n: int, dims, s0: 
         kind=kind, s0=s0, G=G, L=L, rows=n, t0=None if span else t0, span=span, bias=bias, row_ok=row_ok,
         slot=slot.to(device), blocks=blocks.to(device),
     )  # fmt: skip
-    return b, keys, ~vis.any(-1)
+    return b, keys, empty
 
 
 def _per_bh(plan: _Plan, B: int, H: int) -> dict:
