@@ -9,34 +9,46 @@ middle step is differentiated by autograd. Gates: ``sigmoid`` (paper) or ``2·si
 strip poolings (row and column means), the small conv/BN/gate part on [B, C, H+W] in PyTorch,
 one fused rescale ``x * a_h * a_w``; backward one read of x and dy for both gate gradients
 (``sum_w dy·x·a_w`` and ``sum_h dy·x·a_h``), autograd through the small part, and one fused
-``dx = dy·a_h·a_w + dmean_h/W + dmean_w/H``. On CPU the eager path is used unless
-``TRITON_INTERPRET=1``.
+``dx = dy·a_h·a_w + dmean_h/W + dmean_w/H``.
+
+Work split: the reductions run one program per (b, c) plane, and when B*C planes alone give
+fewer than about 4 programs per SM (batch 1, few channels) each plane's reduction is split into
+chunks whose fp32 partials are summed afterwards (deterministic, no atomics); the rescales are
+tiled over the plane anyway. All arithmetic is fp32 whatever the input dtype. Every launch
+configuration (lane counts, flags, plane-size specialisations) compiles for sm_90a without
+register spills (``python -m attn_kernels.static_check --match 'eca|coord'``). On CPU the eager
+path is used unless ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["coord_fused", "eca_fused", "eca_reference"]
+__all__ = ["MAX_W", "coord_fused", "eca_fused", "eca_reference", "static_configs"]
 
 
-@triton.jit
-def _rowsum_kernel(X, Y, OUT, HW, scale, BLOCK: tl.constexpr, HAS_Y: tl.constexpr):
-    """OUT[row] = scale * sum_j X[row, j] (* Y[row, j]) over a contiguous [rows, HW] view."""
+@triton.jit(do_not_specialize=["n_split"])
+def _rowsum_kernel(X, Y, OUT, HW, chunk, n_split, scale, BLOCK: tl.constexpr, HAS_Y: tl.constexpr):
+    """OUT[row, split] = scale * sum_j X[row, j] (* Y[row, j]) over one chunk of a contiguous [rows, HW] view."""
     row = tl.program_id(0)
+    split = tl.program_id(1)
     base = row.to(tl.int64) * HW
     acc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, HW, BLOCK):
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, HW)
+    for start in range(lo, hi, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         m = offs < HW
         x = tl.load(X + base + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_Y:
             x = x * tl.load(Y + base + offs, mask=m, other=0.0).to(tl.float32)
         acc += x
-    tl.store(OUT + row, tl.sum(acc, 0) * scale)
+    tl.store(OUT + row.to(tl.int64) * n_split + split, tl.sum(acc, 0) * scale)
 
 
 @triton.jit
@@ -60,11 +72,35 @@ def _block(hw: int) -> int:
     return max(16, min(1024, triton.next_power_of_2(hw)))
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: plan as for an H100
+
+
+def _split(length: int, block: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """(n_split, chunk): split a per-plane reduction of `length` into whole-block chunks when
+    `programs` planes alone give fewer than about 4 programs per SM (B*C small at batch 1)."""
+    blocks = triton.cdiv(length, block)
+    want = max(1, min(blocks, triton.cdiv(4 * _sm_count(device), programs)))
+    per = triton.cdiv(blocks, want)
+    return triton.cdiv(blocks, per), per * block
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 16-byte aligned, as every compiled variant assumes."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def _rowsum(x: torch.Tensor, y: torch.Tensor | None, scale: float) -> torch.Tensor:
     rows, hw = x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]
-    out = torch.empty(rows, dtype=torch.float32, device=x.device)
-    _rowsum_kernel[(rows,)](x, x if y is None else y, out, hw, scale, BLOCK=_block(hw), HAS_Y=y is not None)
-    return out.view(x.shape[0], x.shape[1])
+    block = _block(hw)
+    n_split, chunk = _split(hw, block, rows, x.device)
+    out = torch.empty(rows, n_split, dtype=torch.float32, device=x.device)
+    _rowsum_kernel[(rows, n_split)](x, x if y is None else y, out, hw, chunk, n_split, scale, BLOCK=block,
+                                    HAS_Y=y is not None)  # fmt: skip
+    return (out if n_split == 1 else out.sum(1)).view(x.shape[0], x.shape[1])
 
 
 def _scale(x: torch.Tensor, g: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
@@ -88,7 +124,7 @@ def _gate(mean: torch.Tensor, weight: torch.Tensor, gate_scale: float) -> torch.
 class _EcaFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gate_scale):
-        x = x.contiguous()
+        x = _aligned(x)
         mean = _rowsum(x, None, 1.0 / (x.shape[2] * x.shape[3]))
         g = _gate(mean, weight, gate_scale)
         ctx.save_for_backward(x, weight, mean)
@@ -98,7 +134,7 @@ class _EcaFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean = ctx.saved_tensors
-        dy = dy.contiguous()
+        dy = _aligned(dy.to(x.dtype))
         with torch.enable_grad():
             m = mean.detach().requires_grad_(True)
             w = weight.detach().requires_grad_(weight.requires_grad)
@@ -137,27 +173,28 @@ def eca_fused(x: torch.Tensor, weight: torch.Tensor, gate_scale: float = 1.0, ba
 # ---------------------------------------------------------------------------------------------
 # Coordinate attention: x * a_h[b, c, h] * a_w[b, c, w]
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _hw_sums_kernel(X, Y, SH, SW, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, HAS_Y: tl.constexpr):
-    """For one (b, c) plane: SH[h] = sum_w X*Y (or X), SW[w] = sum_h X*Y, in a single read."""
+@triton.jit(do_not_specialize=["H", "n_split"])
+def _hw_sums_kernel(X, SH, SW, H, W, chunk, n_split, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """For rows [split*chunk, +chunk) of one (b, c) plane, in a single read: SH[h] = sum_w X and
+    the partial column sums SW[split, w] = sum_h X."""
     plane = tl.program_id(0)
+    split = tl.program_id(1)
     base = plane.to(tl.int64) * H * W
     cols = tl.arange(0, BLOCK_W)
     mc = cols < W
     col_acc = tl.zeros([BLOCK_W], tl.float32)
-    for h0 in range(0, H, BLOCK_H):
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, H)
+    for h0 in range(lo, hi, BLOCK_H):
         rows = h0 + tl.arange(0, BLOCK_H)
         m = (rows[:, None] < H) & mc[None, :]
-        offs = base + rows[:, None] * W + cols[None, :]
-        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_Y:
-            x = x * tl.load(Y + offs, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(X + base + rows[:, None] * W + cols[None, :], mask=m, other=0.0).to(tl.float32)
         tl.store(SH + plane.to(tl.int64) * H + rows, tl.sum(x, 1), mask=rows < H)
         col_acc += tl.sum(x, 0)
-    tl.store(SW + plane.to(tl.int64) * W + cols, col_acc, mask=mc)
+    tl.store(SW + (plane.to(tl.int64) * n_split + split) * W + cols, col_acc, mask=mc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H"])
 def _hw_scale_kernel(X, AH, AW, GH, GW, OUT, H, W, inv_h, inv_w, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                      HAS_ADD: tl.constexpr):  # fmt: skip
     """OUT = X * AH[h] * AW[w] (+ GH[h] / W + GW[w] / H) for one (b, c) plane, row chunk program_id(1)."""
@@ -177,44 +214,63 @@ def _hw_scale_kernel(X, AH, AW, GH, GW, OUT, H, W, inv_h, inv_w, BLOCK_H: tl.con
     tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=m)
 
 
-def _hw_blocks(W: int) -> tuple[int, int]:
+#: widest plane the coordinate-attention kernels take (one row of lanes per program row)
+MAX_W = 4096
+
+
+def _hw_blocks(W: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_W, num_warps): a whole row of lanes, up to 4096 elements per tile; 8 warps
+    from 2048 (4 warps spill there with unaligned rows: one 64-bit address per element)."""
     bw = triton.next_power_of_2(W)
-    return max(1, min(64, 4096 // bw)), bw
+    bh = max(1, min(64, 4096 // bw))
+    return bh, bw, 8 if bh * bw >= 2048 else 4
 
 
-def _hw_sums(x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _hw_plan(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(BLOCK_H, BLOCK_W, num_warps, n_split, chunk): row tiles, split over H when the B*C planes
+    alone underfill the GPU."""
     B, C, H, W = x.shape
+    bh, bw, nw = _hw_blocks(W)
+    n_split, chunk = _split(H, bh, B * C, x.device)
+    return bh, bw, nw, n_split, chunk
+
+
+def _hw_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, C, H, W = x.shape
+    bh, bw, nw, n_split, chunk = _hw_plan(x)
     sh = torch.empty(B, C, H, dtype=torch.float32, device=x.device)
-    sw = torch.empty(B, C, W, dtype=torch.float32, device=x.device)
-    bh, bw = _hw_blocks(W)
-    _hw_sums_kernel[(B * C,)](x, x if y is None else y, sh, sw, H, W, BLOCK_H=bh, BLOCK_W=bw, HAS_Y=y is not None)
-    return sh, sw
+    sw = torch.empty(B, C, n_split, W, dtype=torch.float32, device=x.device)
+    _hw_sums_kernel[(B * C, n_split)](x, sh, sw, H, W, chunk, n_split, BLOCK_H=bh, BLOCK_W=bw, num_warps=nw)
+    return sh, sw.sum(2) if n_split > 1 else sw.view(B, C, W)
 
 
 def _hw_scale(x, ah, aw, gh=None, gw=None) -> torch.Tensor:
     B, C, H, W = x.shape
     out = torch.empty_like(x)
-    bh, bw = _hw_blocks(W)
+    bh, bw, nw = _hw_blocks(W)
     ah, aw = ah.float().contiguous(), aw.float().contiguous()
     add = gh is not None
     _hw_scale_kernel[(B * C, triton.cdiv(H, bh))](
         x, ah, aw, gh.contiguous() if add else ah, gw.contiguous() if add else aw, out, H, W, 1.0 / H, 1.0 / W,
-        BLOCK_H=bh, BLOCK_W=bw, HAS_ADD=add,
+        BLOCK_H=bh, BLOCK_W=bw, HAS_ADD=add, num_warps=nw,
     )  # fmt: skip
     return out
 
 
-@triton.jit
-def _hw_grad_kernel(X, DY, AH, AW, DAH, DAW, H, W, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Gate gradients of ``out = x * a_h * a_w`` for one (b, c) plane in a single read of x and dy:
-    DAH[h] = sum_w dy*x*a_w[w], DAW[w] = sum_h dy*x*a_h[h]."""
+@triton.jit(do_not_specialize=["H", "n_split"])
+def _hw_grad_kernel(X, DY, AH, AW, DAH, DAW, H, W, chunk, n_split, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Gate gradients of ``out = x * a_h * a_w`` for rows [split*chunk, +chunk) of one (b, c) plane in a
+    single read of x and dy: DAH[h] = sum_w dy*x*a_w[w], partial DAW[split, w] = sum_h dy*x*a_h[h]."""
     plane = tl.program_id(0)
+    split = tl.program_id(1)
     base = plane.to(tl.int64) * H * W
     cols = tl.arange(0, BLOCK_W)
     mc = cols < W
     aw = tl.load(AW + plane.to(tl.int64) * W + cols, mask=mc, other=0.0)
     col_acc = tl.zeros([BLOCK_W], tl.float32)
-    for h0 in range(0, H, BLOCK_H):
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, H)
+    for h0 in range(lo, hi, BLOCK_H):
         rows = h0 + tl.arange(0, BLOCK_H)
         mr = rows < H
         m = mr[:, None] & mc[None, :]
@@ -223,16 +279,17 @@ def _hw_grad_kernel(X, DY, AH, AW, DAH, DAW, H, W, BLOCK_H: tl.constexpr, BLOCK_
         ah = tl.load(AH + plane.to(tl.int64) * H + rows, mask=mr, other=0.0)
         tl.store(DAH + plane.to(tl.int64) * H + rows, tl.sum(p * aw[None, :], 1), mask=mr)
         col_acc += tl.sum(p * ah[:, None], 0)
-    tl.store(DAW + plane.to(tl.int64) * W + cols, col_acc, mask=mc)
+    tl.store(DAW + (plane.to(tl.int64) * n_split + split) * W + cols, col_acc, mask=mc)
 
 
 def _hw_grad(x: torch.Tensor, dy: torch.Tensor, ah: torch.Tensor, aw: torch.Tensor):
     B, C, H, W = x.shape
+    bh, bw, nw, n_split, chunk = _hw_plan(x)
     dah = torch.empty(B, C, H, dtype=torch.float32, device=x.device)
-    daw = torch.empty(B, C, W, dtype=torch.float32, device=x.device)
-    bh, bw = _hw_blocks(W)
-    _hw_grad_kernel[(B * C,)](x, dy, ah, aw, dah, daw, H, W, BLOCK_H=bh, BLOCK_W=bw)
-    return dah, daw
+    daw = torch.empty(B, C, n_split, W, dtype=torch.float32, device=x.device)
+    _hw_grad_kernel[(B * C, n_split)](x, dy, ah, aw, dah, daw, H, W, chunk, n_split, BLOCK_H=bh, BLOCK_W=bw,
+                                      num_warps=nw)  # fmt: skip
+    return dah, daw.sum(2) if n_split > 1 else daw.view(B, C, W)
 
 
 class _CoordFused(torch.autograd.Function):
@@ -244,8 +301,8 @@ class _CoordFused(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gates_fn, *params):
-        x = x.contiguous()
-        sh, sw = _hw_sums(x, None)
+        x = _aligned(x)
+        sh, sw = _hw_sums(x)
         mh, mw = sh / x.shape[3], sw / x.shape[2]
         with torch.enable_grad():
             mh_, mw_ = mh.detach().requires_grad_(True), mw.detach().requires_grad_(True)
@@ -259,7 +316,7 @@ class _CoordFused(torch.autograd.Function):
         x, *params = ctx.saved_tensors
         mh, mw, ah, aw = ctx.graph
         ctx.graph = None
-        dy = dy.contiguous()
+        dy = _aligned(dy.to(x.dtype))
         ah_d, aw_d = ah.detach().float().contiguous(), aw.detach().float().contiguous()
         dah, daw = _hw_grad(x, dy, ah_d, aw_d)
         inputs = [mh, mw] + [p for p in params if p.requires_grad]
@@ -286,6 +343,10 @@ def coord_fused(x: torch.Tensor, module: torch.nn.Module, backend: str = "auto")
         if backend == "triton":
             raise ValueError("coord_fused: modules with has_skip=True are not supported by the fused kernel")
         return module(x)
+    if x.shape[3] > MAX_W:
+        if backend == "triton":
+            raise ValueError(f"coord_fused: the fused kernel takes planes up to {MAX_W} wide, got W={x.shape[3]}")
+        return module(x)
     if backend == "eager" or (backend == "auto" and not x.is_cuda):
         return module(x)
     H, W = x.shape[2], x.shape[3]
@@ -299,3 +360,53 @@ def coord_fused(x: torch.Tensor, module: torch.nn.Module, backend: str = "auto")
         return a_h, a_w
 
     return _CoordFused.apply(x, gates, *[p for p in module.parameters()])
+
+
+# ----------------------------------------------------------------------------- static check
+def _size_cases(block: int) -> list[tuple[str, int]]:
+    """Sizes that give distinct compiles for a power-of-two lane count: == 1, % 16 == 0, neither."""
+    cases = [("one", 1)] if block == 1 else []
+    if block >= 16:
+        cases.append(("a16", block))
+    if block > 1:
+        cases.append(("odd", block * 3 // 4 + 1 if block >= 4 else block))
+    return cases
+
+
+def static_configs() -> Iterator:
+    """Every launch configuration for `attn_kernels.static_check`: per dtype, every lane count
+    (`_block`, `_hw_blocks` up to `MAX_W`), each feature flag, and each specialisation of the
+    plane size (== 1, divisible by 16, neither); heights, chunks and splits are not specialised."""
+    from .static_check import LaunchConfig
+
+    f = torch.empty(1, dtype=torch.float32)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x = torch.empty(1, dtype=dtype)
+        dt = str(dtype)[6:]
+        for block in (16, 32, 64, 128, 256, 512, 1024):
+            cases = _size_cases(block) if block < 1024 else [("a16", 3136), ("odd", 3025)]  # 56x56, 55x55
+            for tag, hw in ([("one", 1)] if block == 16 else []) + cases:
+                ci = dtype == torch.bfloat16 and block == 1024 and tag == "a16"
+                for flag in (False, True):
+                    name = f"[{dt},{block},hw_{tag}"
+                    args = (x, x, f, hw, 4 * block, 3, 0.5)
+                    yield LaunchConfig(f"eca.rowsum{name}{',y' * flag}]", _rowsum_kernel, args,
+                                       dict(BLOCK=block, HAS_Y=flag), ci=ci)  # fmt: skip
+                    args = (x, f, f, x, hw, 1.0 / hw)
+                    yield LaunchConfig(f"eca.scale{name}{',add' * flag}]", _scale_add_kernel, args,
+                                       dict(BLOCK=block, HAS_A=flag), ci=ci)  # fmt: skip
+        W = 1
+        while W <= MAX_W:
+            bh, bw, nw = _hw_blocks(W)
+            for tag, w in _size_cases(bw):
+                meta = dict(BLOCK_H=bh, BLOCK_W=bw)
+                kw = dict(num_warps=nw, ci=dtype == torch.bfloat16 and bw == 64 and tag == "a16")
+                name = f"[{dt},{bh}x{bw},w_{tag},w{nw}"
+                yield LaunchConfig(f"coord.sums{name}]", _hw_sums_kernel, (x, f, f, 56, w, 4 * bh, 3), meta, **kw)
+                args = (x, x, f, f, f, f, 56, w, 4 * bh, 3)
+                yield LaunchConfig(f"coord.grad{name}]", _hw_grad_kernel, args, meta, **kw)
+                for add in (False, True):
+                    args = (x, f, f, f, f, x, 56, w, 1 / 56, 1 / w)
+                    yield LaunchConfig(f"coord.scale{name}{',add' * add}]", _hw_scale_kernel, args,
+                                       dict(meta, HAS_ADD=add), **kw)  # fmt: skip
+            W *= 2

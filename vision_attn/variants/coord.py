@@ -26,9 +26,10 @@ class FusedCoordAttn(CoordAttn):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and not self.has_skip:
-            from attn_kernels.channel_attn import coord_fused
+            from attn_kernels.channel_attn import MAX_W, coord_fused
 
-            return coord_fused(x, self, backend="triton")
+            if x.shape[-1] <= MAX_W:
+                return coord_fused(x, self, backend="triton")
         return super().forward(x)
 
 
