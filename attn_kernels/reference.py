@@ -15,7 +15,9 @@ gathered keys. Computation in fp32; differentiable through autograd.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +33,9 @@ _NEG_INF = float("-inf")
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _GATHER_BUDGET = 1 << 24  # elements of keys + values gathered at once
 _SCORE_BUDGET = 1 << 22  # elements of one score tensor per explicit step
-_CALL_COST = 1 / 32  # cost of one more call, as a fraction of all gathered keys (bucketing trade-off)
+_CALL_COST = 0.01  # cost of one more fused call (and its output copy), as a fraction of a dense call
 _FORCE_ORDER: str | None = None  # tests: force a "sorted" / "natural" plan, or "masked_dense" (fused path)
-_DENSE_IF = (1.56, 34.0, 1.1)  # fused path: masked dense call when pd * (a + b / block_q) > c (see _plan)
+_DENSE_IF = (1.56, 34.0, 0.9)  # fused path: masked dense call when pd * (a + b / block_q) > c (see _plan)
 _MASK_BUDGET = 1 << 24  # elements of a layout-wide mask for the masked dense call
 
 
@@ -126,60 +128,51 @@ def _dense_explicit(q, k, v, scale, decay, chunk):
 
 # ---------------------------------------------------------------------- per-layout plan
 class _Row:
-    """Keys of one query block while planning (CPU): idx ``[L]`` or ``[Bl, Hl, L]``, slot like idx
-    (-1 for padding), blk ``[S]`` or ``[Bl, Hl, S]`` (nkb for padding), visible bool
-    ``[Bl|1, Hl|1, rows, L]`` or None (all visible)."""
+    """Keys of one query block while planning (CPU), whole key blocks: blk ``[S]`` (shared) or
+    ``[Bl, Hl, S]`` (per batch entry / head, padded with block 0), has ``[Bl, Hl, S]`` which of
+    those are listed (None = all), visible bool ``[Bl|1, Hl|1, rows, S*block_k]`` or None (all
+    visible; covers element masks, the ragged last key block and padding)."""
 
-    __slots__ = ("qb", "rows", "idx", "slot", "blk", "visible")
+    __slots__ = ("qb", "rows", "blk", "has", "visible")
 
-    def __init__(self, qb, rows, idx, slot, blk, visible) -> None:
-        self.qb, self.rows, self.idx, self.slot, self.blk, self.visible = qb, rows, idx, slot, blk, visible
+    def __init__(self, qb, rows, blk, has, visible) -> None:
+        self.qb, self.rows, self.blk, self.has, self.visible = qb, rows, blk, has, visible
 
     @property
-    def L(self) -> int:
-        return self.idx.shape[-1]
+    def S(self) -> int:
+        return self.blk.shape[-1]
 
 
 def _row_keys(layout: BlockLayout, sel: torch.Tensor, qb: int) -> _Row:
-    """Gathered keys of query block `qb` (sel: bool [Bl, Hl, nkb] its listed key blocks)."""
+    """Key blocks of query block `qb` (sel: bool [Bl, Hl, nkb] its listed key blocks)."""
     bq, bk, nk, nkb = layout.block_q, layout.block_k, layout.k_len, layout.num_k_blocks
     Bl, Hl = sel.shape[:2]
     rows = min(bq, layout.q_len - qb * bq)
-    ar_bk = torch.arange(bk)
     if bool((sel == sel[:1, :1]).all()):  # one key list for every batch entry and head
-        blk = sel[0, 0].nonzero()[:, 0]
-        tok = (blk[:, None] * bk + ar_bk).reshape(-1)
-        slot = torch.arange(blk.numel()).repeat_interleave(bk)
-        keep = tok < nk  # the ragged last block
-        idx, slot, visible = tok[keep], slot[keep], None
+        blk, has = sel[0, 0].nonzero()[:, 0], None
+        ok = (blk[:, None] * bk + torch.arange(bk)).reshape(1, 1, -1) < nk  # the ragged last block
     else:  # per (batch, head) lists, padded to the longest
         counts = sel.sum(-1)
-        S = int(counts.max())
         ar = torch.arange(nkb)
-        cols = torch.where(sel, ar, ar + nkb).sort(-1).values[..., :S]  # listed blocks first, ascending
-        has = torch.arange(S) < counts[..., None]
-        blk = torch.where(has, cols, nkb)
-        tok = (cols[..., None] * bk + ar_bk).reshape(Bl, Hl, S * bk)
-        ok = has.repeat_interleave(bk, -1) & (tok < nk)
-        n_ok = ok.sum(-1)
-        pos = torch.arange(S * bk)
-        order = torch.where(ok, pos, pos + S * bk).sort(-1).values[..., : int(n_ok.max())] % (S * bk)
-        valid = torch.arange(order.shape[-1]) < n_ok[..., None]
-        idx = torch.where(valid, tok.gather(-1, order), 0)
-        slot = torch.where(valid, torch.arange(S).repeat_interleave(bk).expand(Bl, Hl, -1).gather(-1, order), -1)
-        visible = None if bool(valid.all()) else valid[:, :, None, :].expand(Bl, Hl, rows, -1)
+        cols = torch.where(sel, ar, ar + nkb).sort(-1).values[..., : int(counts.max())]  # listed first, ascending
+        has = torch.arange(cols.shape[-1]) < counts[..., None]
+        blk = torch.where(has, cols, 0)
+        ok = has.repeat_interleave(bk, -1) & ((blk[..., None] * bk + torch.arange(bk)).reshape(Bl, Hl, -1) < nk)
+    visible = None if bool(ok.all()) else ok[:, :, None, :].expand(-1, -1, rows, -1)
     if layout.partial is not None:
+        tok = (blk[..., None] * bk + torch.arange(bk)).flatten(-2).clamp(max=nk - 1)
         tm = layout.row_token_mask(qb).cpu()[:, :, :rows]  # [Bl, Hl, rows, nk]
-        g = tm[..., idx] if idx.dim() == 1 else tm.gather(-1, idx[:, :, None, :].expand(-1, -1, rows, -1))
+        g = tm[..., tok] if tok.dim() == 1 else tm.gather(-1, tok[:, :, None, :].expand(-1, -1, rows, -1))
         g = g if visible is None else g & visible
         visible = None if bool(g.all()) else g
-    return _Row(qb, rows, idx, slot, blk, visible)
+    return _Row(qb, rows, blk, has, visible)
 
 
 def _void_row(layout: BlockLayout, qb: int) -> _Row:
     """A query block that sees no key (inside a natural-order bucket: all its keys are padding)."""
-    e = torch.zeros(0, dtype=torch.long)
-    return _Row(qb, min(layout.block_q, layout.q_len - qb * layout.block_q), e, e, e, None)
+    return _Row(
+        qb, min(layout.block_q, layout.q_len - qb * layout.block_q), torch.zeros(0, dtype=torch.long), None, None
+    )
 
 
 def _segments(lengths: list[int], call_cost: float, sorted_desc: bool) -> tuple[list[int], float]:
@@ -203,9 +196,8 @@ def _segments(lengths: list[int], call_cost: float, sorted_desc: bool) -> tuple[
     return out[::-1], float(best[n])
 
 
-def _same_keys(rows: list[_Row]) -> bool:
-    first = rows[0].idx
-    return all(r.idx.shape == first.shape and torch.equal(r.idx, first) for r in rows[1:])
+def _key_of(r: _Row) -> tuple:
+    return (tuple(r.blk.shape), r.blk.numpy().tobytes(), None if r.has is None else r.has.numpy().tobytes())
 
 
 def _group(layout: BlockLayout, rows: list[_Row | None]) -> tuple[bool, list[tuple[str, list[_Row], int]]]:
@@ -215,20 +207,20 @@ def _group(layout: BlockLayout, rows: list[_Row | None]) -> tuple[bool, list[tup
     used unless sorting by key count saves more than the two permutations cost."""
     bq, nq = layout.block_q, layout.q_len
     live = [r for r in rows if r is not None]
-    call_cost = _CALL_COST * max(1, sum(r.L for r in live))
+    call_cost = _CALL_COST * layout.num_q_blocks * layout.num_k_blocks  # in key blocks per query block
     # sorted: identical key sets of >= 4 blocks share their keys, the rest is folded by key count
     by_keys: dict = {}
     for r in live:
-        by_keys.setdefault((tuple(r.idx.shape), r.idx.numpy().tobytes()), []).append(r)
+        by_keys.setdefault(_key_of(r), []).append(r)
     srt, rest, cost_s = [], [], 2 * call_cost
     for same in by_keys.values():
         if len(same) >= 4:
             srt.append(("common", same, bq))
-            cost_s += call_cost + len(same) * same[0].L
+            cost_s += call_cost + len(same) * same[0].S
         else:
             rest.extend(same)
-    rest.sort(key=lambda r: -r.L)
-    starts, c = _segments([r.L for r in rest], call_cost, True)
+    rest.sort(key=lambda r: -r.S)
+    starts, c = _segments([r.S for r in rest], call_cost, True)
     srt += [("fold", rest[a:b], bq) for a, b in zip(starts, starts[1:] + [len(rest)])]
     cost_s += c
     void = [_void_row(layout, qb) for qb, r in enumerate(rows) if r is None]
@@ -237,18 +229,18 @@ def _group(layout: BlockLayout, rows: list[_Row | None]) -> tuple[bool, list[tup
     # natural: the ragged last query block is a bucket of its own (no padded query rows)
     nat_rows = [r if r is not None else _void_row(layout, qb) for qb, r in enumerate(rows)]
     tail = [nat_rows.pop()] if nq % bq else []
-    starts, cost_n = _segments([r.L for r in nat_rows], call_cost, False)
+    starts, cost_n = _segments([r.S for r in nat_rows], call_cost, False)
     nat = []
     for run in [nat_rows[a:b] for a, b in zip(starts, starts[1:] + [len(nat_rows)])] + ([tail] if tail else []):
         n = run[0].rows
-        if all(r.L == 0 for r in run):
+        if all(r.S == 0 for r in run):
             nat.append(("void", run, n))
-        elif len(run) == 1 or (all(r.L > 0 for r in run) and _same_keys(run)):
+        elif len(run) == 1 or (all(r.S > 0 for r in run) and len({_key_of(r) for r in run}) == 1):
             nat.append(("common", run, n))
         else:
             nat.append(("fold", run, n))
     if tail:
-        cost_n += call_cost + tail[0].L
+        cost_n += call_cost + tail[0].S
     if _FORCE_ORDER in ("sorted", "natural"):  # tests exercise both
         return (True, srt) if _FORCE_ORDER == "sorted" else (False, nat)
     return (True, srt) if cost_s < cost_n else (False, nat)
@@ -257,16 +249,17 @@ def _group(layout: BlockLayout, rows: list[_Row | None]) -> tuple[bool, list[tup
 class _Bucket:
     """Query blocks computed together: positions ``s0 .. s0+G`` of the plan's block order.
 
-    kind: "fold" (each block its own L keys, padded; blocks become the batch dim of the fused
-    call), "common" (one key set of L for all G blocks; their rows are concatenated) or "void"
+    kind: "fold" (each block its own S key blocks, padded; blocks become the batch dim of the
+    fused call), "common" (one key set for all G blocks; their rows are concatenated) or "void"
     (no keys: output 0). rows: query rows per block (block_q, less for a ragged last block of
-    its own). Per-(batch, head) tensors have a row-set dim R: 1 when every batch entry and head
-    agrees, else the layout's Bl*Hl. t0: where the keys start in the plan's flat idx; span:
-    ``(a, b)`` when they are the contiguous range a..b-1 (a slice; t0 is then None). bias
-    (0 / -inf): fold ``[G, R, bq, L]``, common ``[R, G*rows, L]``; None = all visible. row_ok:
-    bool ``[G, bq]`` rows inside q_len (None = all). For TileStats: slot ``[G|1, R, L]``, the
-    position of each key's block in its query block's ascending block list (S = padding), and
-    blocks ``[G|1, R, S]``, the key block at each position (num_k_blocks = padding).
+    its own). L = S * block_k keys per block. Per-(batch, head) tensors have a row-set dim R: 1
+    when every batch entry and head agrees, else the layout's Bl*Hl. t0: where the key blocks
+    start in the plan's flat block ids; span: ``(a, b)`` when the keys are the contiguous token
+    range a..b-1 of the padded keys (a slice; t0 is then None). bias (0 / -inf): fold
+    ``[G, R, bq, L]``, common ``[R, G*rows, L]``; None = all visible. row_ok: bool ``[G, bq]``
+    rows inside q_len (None = all). For TileStats: slot ``[G|1, R, L]``, the position of each
+    key's block in its query block's ascending list (S = padding), and blocks ``[G|1, R, S]``,
+    the key block at each position (num_k_blocks = padding).
     """
 
     __slots__ = ("kind", "s0", "G", "L", "rows", "t0", "span", "bias", "row_ok", "slot", "blocks")
@@ -277,11 +270,11 @@ class _Bucket:
 
 
 class _Plan:
-    """A layout's buckets. idx: flat key token ids ``[R, T]``; bounds: offsets into idx where a
-    block's keys start or end (gathers cut there); tok_order: the query token of each sorted row
-    (None = natural order); inv ``[nqb]``: sorted position of each query block (None = natural
-    order); empty: bool ``[Bl|1, Hl|1, nqb*bq]`` rows that see no key (None = none); per_bh:
-    R-dim tensors expanded to B*H rows, per (B, H)."""
+    """A layout's buckets. idx: flat key block ids ``[R, T]``; bounds: offsets into idx where a
+    query block's keys start or end (gathers cut there); tok_order: the query token of each
+    sorted row (None = natural order); inv ``[nqb]``: sorted position of each query block (None
+    = natural order); empty: bool ``[Bl|1, Hl|1, nqb*bq]`` rows that see no key (None = none);
+    per_bh: per (B, H), tensors expanded to B*H rows; masked_dense: one masked dense call."""
 
     __slots__ = ("buckets", "idx", "bounds", "dims", "tok_order", "inv", "empty", "per_bh", "masked_dense")
 
@@ -342,7 +335,7 @@ def _build_plan(layout: BlockLayout, device: torch.device) -> _Plan:
     Bl, Hl = bm.shape[:2]
     rows = [_row_keys(layout, bm[:, :, qb], qb) if bool(bm[:, :, qb].any()) else None for qb in range(nqb)]
     live = [r for r in rows if r is not None]
-    wide = any(r.idx.dim() == 3 or (r.visible is not None and r.visible.shape[:2].numel() > 1) for r in live)
+    wide = any(r.blk.dim() == 3 or (r.visible is not None and r.visible.shape[:2].numel() > 1) for r in live)
     dims = (Bl, Hl) if wide else (1, 1)
     R = dims[0] * dims[1]
     is_sorted, groups = _group(layout, rows)
@@ -353,7 +346,7 @@ def _build_plan(layout: BlockLayout, device: torch.device) -> _Plan:
         b, kb, e = _bucket(layout, kind, grp, n, dims, len(order), t, device)
         if kb is not None:
             keys.append(kb)
-            step = kb.shape[1] if kind == "common" else b.L
+            step = kb.shape[1] if kind == "common" else b.L // layout.block_k
             bounds.extend(range(t + step, t + kb.shape[1] + 1, step))
             t += kb.shape[1]
         for j, r in enumerate(grp):
@@ -383,31 +376,30 @@ def _to_sets(x: torch.Tensor, dims: tuple[int, int], lead: int) -> torch.Tensor:
 
 
 def _bucket(layout: BlockLayout, kind: str, rows: list[_Row], n: int, dims, s0: int, t0: int, device):
-    """One bucket (on `device`), its flat key ids ``[R, T_b]`` (None: span or void) and its empty
-    rows ``[G, R, rows]`` (CPU)."""
-    nkb = layout.num_k_blocks
+    """One bucket (on `device`), its flat key block ids ``[R, T_b]`` (None: span or void) and its
+    empty rows ``[G, R, rows]`` (CPU)."""
+    bk, nkb = layout.block_k, layout.num_k_blocks
     R = dims[0] * dims[1]
-    G, L = len(rows), max(r.L for r in rows)
+    G, S = len(rows), max(r.S for r in rows)
+    L = S * bk
     if kind == "void":
         return _Bucket(kind=kind, s0=s0, G=G, L=0, rows=n), None, torch.ones(G, R, n, dtype=torch.bool)
-    S = max(r.blk.shape[-1] for r in rows)
     n_sets = 1 if kind == "common" else G
-    idx = torch.zeros(n_sets, R, L, dtype=torch.long)
-    slot = torch.full((n_sets, R, L), S, dtype=torch.long)
+    blk = torch.zeros(n_sets, R, S, dtype=torch.long)  # padding reads block 0 (masked)
     blocks = torch.full((n_sets, R, S), nkb, dtype=torch.long)
     for j, r in enumerate(rows[:n_sets]):
-        lead = 2 if r.idx.dim() == 3 else 0
-        idx[j, :, : r.L] = _to_sets(r.idx, dims, lead)
-        sl = _to_sets(r.slot, dims, lead)
-        slot[j, :, : r.L] = torch.where(sl < 0, S, sl)
-        blocks[j, :, : r.blk.shape[-1]] = _to_sets(r.blk, dims, lead)
+        lead = 2 if r.blk.dim() == 3 else 0
+        blk[j, :, : r.S] = _to_sets(r.blk, dims, lead)
+        listed = _to_sets(r.has, dims, 2) if r.has is not None else torch.ones(R, r.S, dtype=torch.bool)
+        blocks[j, :, : r.S] = torch.where(listed, blk[j, :, : r.S], nkb)
+    slot = torch.where(blocks == nkb, S, torch.arange(S)).repeat_interleave(bk, -1)
     bias, empty = None, torch.zeros(G, R, n, dtype=torch.bool)
-    if any(r.visible is not None or r.L < L for r in rows):
+    if any(r.visible is not None or r.S < S for r in rows):
         vis = torch.ones(G, R, n, L, dtype=torch.bool)  # padded rows stay visible: never "empty", dropped
         for j, r in enumerate(rows):
-            vis[j, :, : r.rows, r.L :] = False
+            vis[j, :, : r.rows, r.S * bk :] = False
             if r.visible is not None:
-                vis[j, :, : r.rows, : r.L] = _to_sets(r.visible, dims, 2)
+                vis[j, :, : r.rows, : r.S * bk] = _to_sets(r.visible, dims, 2)
         bias = torch.zeros(vis.shape).masked_fill_(~vis, _NEG_INF)
         if kind == "common":
             bias = bias.permute(1, 0, 2, 3).reshape(R, G * n, L)
@@ -415,9 +407,9 @@ def _bucket(layout: BlockLayout, kind: str, rows: list[_Row], n: int, dims, s0: 
     row_ok = None
     if any(r.rows < n for r in rows):
         row_ok = torch.stack([torch.arange(n) < r.rows for r in rows]).to(device)
-    keys, span = idx.permute(1, 0, 2).reshape(R, n_sets * L), None
-    if kind == "common" and R == 1 and int(idx[0, 0, -1] - idx[0, 0, 0]) == L - 1:  # ascending, unique
-        keys, span = None, (int(idx[0, 0, 0]), int(idx[0, 0, -1]) + 1)
+    keys, span = blk.permute(1, 0, 2).reshape(R, n_sets * S), None
+    if kind == "common" and R == 1 and int(blk[0, 0, -1] - blk[0, 0, 0]) == S - 1:  # ascending, unique
+        keys, span = None, (int(blk[0, 0, 0]) * bk, (int(blk[0, 0, -1]) + 1) * bk)
     b = _Bucket(
         kind=kind, s0=s0, G=G, L=L, rows=n, t0=None if span else t0, span=span, bias=bias, row_ok=row_ok,
         slot=slot.to(device), blocks=blocks.to(device),
@@ -425,63 +417,104 @@ def _bucket(layout: BlockLayout, kind: str, rows: list[_Row], n: int, dims, s0: 
     return b, keys, empty
 
 
-def _per_bh(plan: _Plan, B: int, H: int) -> dict:
-    """The plan's R-dim tensors expanded to B*H rows (cached per (B, H)); {} when R == 1."""
-    if plan.dims == (1, 1):
-        return {}
+def _per_bh(plan: _Plan, B: int, H: int, nkb: int) -> dict:
+    """Per (B, H), cached: "flat" block ids into keys viewed ``[B*H*nkb, block_k, D]``
+    (``[B*H, T]``) and the plan's R-dim tensors expanded to B*H rows."""
     hit = plan.per_bh.get((B, H))
     if hit is None:
         (Bl, Hl), dev = plan.dims, plan.idx.device
         bl = torch.arange(B, device=dev) if Bl > 1 else torch.zeros(B, dtype=torch.long, device=dev)
         hl = torch.arange(H, device=dev) if Hl > 1 else torch.zeros(H, dtype=torch.long, device=dev)
         rs = (bl[:, None] * Hl + hl[None, :]).reshape(-1)
-        hit = {"idx": plan.idx.index_select(0, rs)}
-        for i, b in enumerate(plan.buckets):
-            if b.bias is not None:
-                hit[("bias", i)] = b.bias.index_select(0 if b.kind == "common" else 1, rs)
-            if b.slot is not None:
-                hit[("slot", i)] = b.slot.index_select(1, rs)
-                hit[("blocks", i)] = b.blocks.index_select(1, rs)
+        hit = {"flat": plan.idx.index_select(0, rs) + torch.arange(B * H, device=dev)[:, None] * nkb}
+        if plan.dims != (1, 1):
+            for i, b in enumerate(plan.buckets):
+                if b.bias is not None:
+                    hit[("bias", i)] = b.bias.index_select(0 if b.kind == "common" else 1, rs)
+                if b.slot is not None:
+                    hit[("slot", i)] = b.slot.index_select(1, rs)
+                    hit[("blocks", i)] = b.blocks.index_select(1, rs)
         plan.per_bh[(B, H)] = hit
     return hit
 
 
 # ---------------------------------------------------------------------- sparse path
-def _take(x: torch.Tensor, idx: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
-    """Tokens idx[:, t0:t1] of x ``[1, BH, N, D]`` -> ``[1, BH, t1-t0, D]`` (idx rows: 1 or BH)."""
-    if idx.shape[0] == 1:
-        return x.index_select(2, idx[0, t0:t1])
-    return x.gather(2, idx[None, :, t0:t1, None].expand(1, x.shape[1], t1 - t0, x.shape[3]))
+@contextlib.contextmanager
+def _serial():
+    """Run memory-bound copies (gathers, permutations) on one intra-op thread: more threads gain
+    them little, and every parallel region waits at a barrier, which costs milliseconds when the
+    cores are busy. Restores the caller's setting (per calling thread with OpenMP)."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _take(xb: torch.Tensor, flat: torch.Tensor, t0: int, t1: int, bufs: dict | None, name: str) -> torch.Tensor:
+    """Key blocks flat[:, t0:t1] of xb ``[BH*nkb, block_k, D]`` -> ``[1, BH, (t1-t0)*block_k, D]``.
+
+    Without autograd, into a buffer kept per (layout, thread): fresh memory for every gather
+    costs page faults comparable to the copy itself."""
+    BH, (bk, D) = flat.shape[0], xb.shape[1:]
+    ids = flat[:, t0:t1].reshape(-1)
+    if bufs is None:
+        out = xb.index_select(0, ids)
+    else:
+        buf = bufs.get(name)
+        if buf is None or buf.shape[0] < ids.numel() or buf.shape[1:] != xb.shape[1:]:
+            buf = bufs[name] = xb.new_empty(ids.numel(), bk, D)
+        out = torch.index_select(xb, 0, ids, out=buf[: ids.numel()])
+    return out.view(1, BH, (t1 - t0) * bk, D)
 
 
 def _sparse(q, k, v, scale, decay, plan: _Plan, layout: BlockLayout, tile_stats, explicit):
     """Every bucket, in pieces within the memory budgets; results put back in query order.
 
     Batch and heads are merged into one head dim of B*H, so every piece is a strided view: queries
-    are permuted once (sorted plans only), keys and values gathered once per budget-sized run."""
+    are permuted once (sorted plans only), key blocks gathered once per budget-sized run."""
     B, H, nq, D = q.shape
     nk, Dv = k.shape[2], v.shape[-1]
-    BH, bq, nqb, nkb = B * H, layout.block_q, layout.num_q_blocks, layout.num_k_blocks
+    BH, bq, bk, nqb, nkb = B * H, layout.block_q, layout.block_k, layout.num_q_blocks, layout.num_k_blocks
     q4, k4, v4 = q.reshape(1, BH, nq, D), k.reshape(1, BH, nk, D), v.reshape(1, BH, nk, Dv)
     if not explicit and D != Dv:  # the fused kernel wants one head size: zero-pad once
         q4, k4 = (F.pad(t, (0, max(D, Dv) - D)) for t in (q4, k4))
         v4 = F.pad(v4, (0, max(D, Dv) - Dv))
     Dq, Do = q4.shape[-1], v4.shape[-1]
-    qs = q4 if plan.tok_order is None else q4.index_select(2, plan.tok_order)
-    ex = _per_bh(plan, B, H)
-    idx = ex.get("idx", plan.idx)  # [1|BH, T]
+    if nkb * bk != nk:  # whole key blocks: pad the ragged last one (its padding is masked)
+        k4, v4 = F.pad(k4, (0, 0, 0, nkb * bk - nk)), F.pad(v4, (0, 0, 0, nkb * bk - nk))
+    kb, vb = k4.contiguous().view(BH * nkb, bk, Dq), v4.contiguous().view(BH * nkb, bk, Do)
+    ex = _per_bh(plan, B, H, nkb)
+    flat = ex["flat"]  # [BH, T]
+    bufs = None  # gather buffers (inference only: autograd keeps what it saved)
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        bufs = ex.setdefault(("buffers", threading.get_ident(), q.dtype), {})
+    if plan.tok_order is None:
+        qs = q4
+    elif bufs is None:
+        qs = q4.index_select(2, plan.tok_order)
+    else:
+        qs = bufs.get("q")
+        if qs is None or qs.shape[1:] != (BH, plan.tok_order.numel(), Dq):
+            qs = bufs["q"] = q4.new_empty(1, BH, plan.tok_order.numel(), Dq)
+        with _serial():
+            torch.index_select(q4, 2, plan.tok_order, out=qs)
     ctx = None
     if explicit:
         ctx = {"threshold": None if tile_stats is None else tile_stats.threshold, "nkb": nkb, "decay": decay}
         if decay is not None:
             qpos, kpos = decay.positions(nq, nk, q.device)
             ctx["qpos"] = qpos if plan.tok_order is None else qpos[plan.tok_order]
-            ctx["kpos"] = kpos
+            ctx["kpos"] = F.pad(kpos, (0, nkb * bk - nk)).view(nkb, bk)
             ctx["factors"] = decay.factors(H).to(q.device).repeat(B)
-    span_tokens = max(1, _GATHER_BUDGET // (BH * (Dq + Do)))
+    span_blocks = max(1, _GATHER_BUDGET // (BH * (Dq + Do) * bk))
     outs, lses, needs = [], [], []
     gk = gv = None
-    gs = ge = 0  # token range of idx held in gk / gv
+    gs = ge = 0  # block range of flat held in gk / gv
     for i, b in enumerate(plan.buckets):
         if b.kind == "void":
             outs.append(_zeros_in_graph(q4, k4, v4, (BH, b.G * b.rows, Do)))
@@ -489,10 +522,11 @@ def _sparse(q, k, v, scale, decay, plan: _Plan, layout: BlockLayout, tile_stats,
             needs.append(torch.zeros(BH, b.G, nkb, dtype=torch.uint8, device=q.device))
             continue
         L, common = b.L, b.kind == "common"
+        S = L // bk
         if explicit:  # scores of a piece within budget
             step = max(1, _SCORE_BUDGET // (BH * b.rows * L))
         else:  # a piece's gathered keys within budget
-            step = b.G if common else max(1, span_tokens // L)
+            step = b.G if common else max(1, span_blocks // S)
         bias_all = ex.get(("bias", i), b.bias)
         for g0 in range(0, b.G, step):
             g1 = min(b.G, g0 + step)
@@ -501,12 +535,13 @@ def _sparse(q, k, v, scale, decay, plan: _Plan, layout: BlockLayout, tile_stats,
             if b.span is not None:
                 ks, vs = k4[:, :, b.span[0] : b.span[1]], v4[:, :, b.span[0] : b.span[1]]
             else:
-                t0, t1 = (b.t0, b.t0 + L) if common else (b.t0 + g0 * L, b.t0 + g1 * L)
+                t0, t1 = (b.t0, b.t0 + S) if common else (b.t0 + g0 * S, b.t0 + g1 * S)
                 if gk is None or t0 < gs or t1 > ge:  # gather the next run of pieces
                     gs = t0
-                    ge = max(t1, plan.bounds[bisect.bisect_right(plan.bounds, t0 + span_tokens) - 1])
-                    gk, gv = _take(k4, idx, gs, ge), _take(v4, idx, gs, ge)
-                ks, vs = gk[:, :, t0 - gs : t1 - gs], gv[:, :, t0 - gs : t1 - gs]
+                    ge = max(t1, plan.bounds[bisect.bisect_right(plan.bounds, t0 + span_blocks) - 1])
+                    with _serial():
+                        gk, gv = _take(kb, flat, gs, ge, bufs, "k"), _take(vb, flat, gs, ge, bufs, "v")
+                ks, vs = gk[:, :, (t0 - gs) * bk : (t1 - gs) * bk], gv[:, :, (t0 - gs) * bk : (t1 - gs) * bk]
                 if not common:
                     ks = ks[0].view(BH, g, L, Dq).transpose(0, 1)
                     vs = vs[0].view(BH, g, L, Do).transpose(0, 1)
@@ -519,13 +554,12 @@ def _sparse(q, k, v, scale, decay, plan: _Plan, layout: BlockLayout, tile_stats,
             if explicit:
                 kpos_p = None
                 if decay is not None:
-                    kp = ctx["kpos"]
+                    kp = ctx["kpos"]  # [nkb, bk]
                     if b.span is not None:
-                        kpos_p = kp[b.span[0] : b.span[1]].view(1, 1, L)
-                    elif common:
-                        kpos_p = kp[idx[:, t0:t1]][None]
+                        kpos_p = kp.view(-1)[b.span[0] : b.span[1]].view(1, 1, L)
                     else:
-                        kpos_p = kp[idx[:, t0:t1]].view(-1, g, L).transpose(0, 1)
+                        ids = flat[:, t0:t1] % nkb  # [BH, S*g] block ids
+                        kpos_p = kp[ids].view(BH, -1, L).transpose(0, 1)  # [g|1, BH, L]
                 o, lse, need = _explicit(qp, ks, vs, bias, scale, b, i, g0, g1, r0, r1, kpos_p, ex, ctx)
                 needs.append(None if need is None else need.transpose(0, 1))
             else:
@@ -536,7 +570,8 @@ def _sparse(q, k, v, scale, decay, plan: _Plan, layout: BlockLayout, tile_stats,
                 o, lse = o.transpose(0, 1).reshape(BH, g * bq, Do), lse.transpose(0, 1).reshape(BH, g * bq)
             outs.append(o)
             lses.append(lse)
-    out, lse = _unsort(outs, plan, bq), _unsort(lses, plan, bq)
+    with _serial():
+        out, lse = _unsort(outs, plan, bq), _unsort(lses, plan, bq)
     out, lse = out[:, :nq].view(B, H, nq, Do)[..., :Dv], lse[:, :nq].view(B, H, nq)
     if plan.empty is not None:
         e = plan.empty[..., :nq]
