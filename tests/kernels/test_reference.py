@@ -453,3 +453,22 @@ def test_cpu_reference_bench_smoke(tmp_path):
     assert all(c["max_abs_err_vs_sdpa"] < 1e-4 for c in data["cases"].values())
     assert {t["target"] for t in data["targets"]} == {"dense_vs_sdpa", "sparse_0.25_vs_dense"}
     assert rep["ratios"]["dense_vs_sdpa"] > 0
+
+
+@pytest.mark.parametrize("order", ["sorted", "natural"])
+def test_repeated_calls_reuse_buffers_without_aliasing(order):
+    """Inference calls reuse the layout's gather buffers: every result stays right, earlier
+    outputs are not overwritten, and the caller's thread count is restored."""
+    g = torch.Generator().manual_seed(5)
+    tm = torch.rand(1, 2, 90, 70, generator=g) < 0.3
+    lay = BlockLayout.from_token_mask(tm, 16, 16)
+    threads = torch.get_num_threads()
+    results = []
+    with torch.inference_mode():
+        for _ in range(3):
+            q, k, v = _qkv(2, 2, 90, 70, 16)
+            out = _with_order(order, lambda q=q, k=k, v=v: reference_attention(q, k, v, lay))
+            results.append((q, k, v, out))
+    assert torch.get_num_threads() == threads
+    for q, k, v, out in results:
+        torch.testing.assert_close(out.double(), naive_attention(q, k, v, tm), atol=1e-5, rtol=1e-5)
