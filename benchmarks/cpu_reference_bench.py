@@ -6,10 +6,12 @@ block masks (diagonal kept) at block densities 0.5 / 0.25 / 0.1. Cases are timed
 (each repeat runs every case once, so machine load hits all alike) after a warm-up call that also
 builds the layout's cached plan; the medians are reported. Targets: our dense within 1.5x of
 SDPA; 25% density at most 0.5x our dense. A spot check compares each output with SDPA under the
-equivalent boolean mask. Writes <out>/cpu_reference.{json,png}.
+equivalent boolean mask. Runs once per intra-op thread count (torch's, then 1): on a shared
+machine every parallel region waits for busy cores, which a single thread never does; the load
+average is recorded. Writes <out>/cpu_reference.{json,png}.
 
     python benchmarks/cpu_reference_bench.py                      # -> benchmarks/results/
-    python benchmarks/cpu_reference_bench.py --threads 1          # one intra-op thread
+    python benchmarks/cpu_reference_bench.py --threads 4          # one thread count only
     python benchmarks/cpu_reference_bench.py --smoke [--out DIR]  # tiny shapes (a temp dir by default)
 """
 
@@ -99,31 +101,48 @@ def check(name: str, value: float) -> dict:
     return {"target": name, "value": value, "cmp": cmp, "threshold": thr, "what": what, "pass": bool(ok)}
 
 
+def summarize(res: dict) -> dict:
+    """Medians, ratios and target checks of one run."""
+    med = {n: statistics.median(s) for n, s in res["samples_ms"].items()}
+    ratios = {"dense_vs_sdpa": med["dense"] / med["sdpa"]}
+    ratios.update({f"{n}_vs_dense": med[n] / med["dense"] for n in med if n.startswith("sparse_")})
+    return {"median_ms": med, "ratios": ratios, "targets": [check(name, ratios[name]) for name in TARGETS]}
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ms = report["median_ms"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    names = list(ms)
-    a.bar(names, [ms[n] for n in names], color=["gray"] + ["C0"] * (len(names) - 1))
+    runs = report["by_threads"]
+    names = list(report["median_ms"])
+    width = 0.8 / len(runs)
+    for j, (threads, run) in enumerate(runs.items()):
+        xs = [i + (j - (len(runs) - 1) / 2) * width for i in range(len(names))]
+        a.bar(xs, [run["median_ms"][n] for n in names], width, label=f"{threads} thread(s)")
+    a.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
     a.set_ylabel("median ms")
     a.set_title(report["shape_label"], fontsize=9)
-    a.tick_params(axis="x", rotation=30, labelsize=8)
+    a.legend(fontsize=7)
     sparse = [n for n in names if n.startswith("sparse_")]
     dens = [report["cases"][n]["block_density"] for n in sparse]
-    b.plot(dens, [ms[n] / ms["dense"] for n in sparse], "o-", label="ours sparse / ours dense")
+    top = 1.6
+    for threads, run in runs.items():
+        ms = run["median_ms"]
+        ys = [ms[n] / ms["dense"] for n in sparse]
+        top = max(top, *ys)
+        b.plot(dens, ys, "o-", label=f"ours sparse / ours dense, {threads} thread(s)")
     b.plot([0, 1], [0, 1], color="gray", ls=":", label="proportional to density")
     b.plot([0.25], [0.5], "rv", label="target: <= 0.5 at 0.25")
-    b.axhline(ms["dense"] / ms["sdpa"], color="C1", ls="--", label="ours dense / SDPA")
     b.set_xlabel("block density (diagonal included)")
     b.set_ylabel("time ratio")
     b.set_xlim(0, 1)
-    b.set_ylim(0, max(1.6, *(ms[n] / ms["dense"] for n in sparse)) * 1.05)
+    b.set_ylim(0, top * 1.05)
     b.legend(fontsize=7)
-    fig.suptitle(f"{report['device']['processor']} - {report['device']['torch_threads']} torch threads", fontsize=9)
+    load = report["device"]["loadavg_1_5_15_before"][0]
+    fig.suptitle(f"{report['device']['processor']}, {report['device']['cpu_count']} cores, load {load:.1f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -134,7 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, says nothing on speed")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 7; smoke 2)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument(
+        "--threads", type=int, nargs="+", default=None,
+        help="torch intra-op thread counts, one full run each; the first carries the targets "
+        "(default: torch's count, then 1 when that is more; smoke: torch's count)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     cfg = dict(SMOKE if args.smoke else FULL)
     repeats = args.repeats or cfg["repeats"]
@@ -142,15 +165,19 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or (Path(tempfile.mkdtemp(prefix="cpu_ref_smoke_")) if args.smoke else results)
     if args.smoke and out.resolve() == results.resolve():
         raise SystemExit("--smoke numbers are not results: pass another --out (default: a temp dir)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default = torch.get_num_threads()
+    threads = args.threads or ([default] if args.smoke or default == 1 else [default, 1])
     load0 = os.getloadavg()
-    res = run(cfg, repeats)
-    med = {n: statistics.median(s) for n, s in res["samples_ms"].items()}
-    ratios = {"dense_vs_sdpa": med["dense"] / med["sdpa"]}
-    for n in med:
-        if n.startswith("sparse_"):
-            ratios[f"{n}_vs_dense"] = med[n] / med["dense"]
+    by_threads, res = {}, None
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            r = run(cfg, repeats)
+            res = res or r
+            by_threads[str(n)] = {**summarize(r), "samples_ms": r["samples_ms"]}
+    finally:
+        torch.set_num_threads(default)
+    head = by_threads[str(threads[0])]
     B, H, N, D = cfg["B"], cfg["H"], cfg["N"], cfg["D"]
     report = {
         "benchmark": "cpu_reference_bench",
@@ -159,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
             "type": "cpu",
             "processor": cpu_name(),
             "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": threads[0],
             "loadavg_1_5_15_before": load0,
             "loadavg_1_5_15_after": os.getloadavg(),
         },
@@ -167,26 +194,27 @@ def main(argv: list[str] | None = None) -> dict:
         "shape": {"B": B, "H": H, "N": N, "D": D, "dtype": "float32", "block": cfg["block"]},
         "shape_label": f"B{B} H{H} N{N} D{D} fp32, {cfg['block']}-token blocks",
         "repeats": repeats,
-        "median_ms": med,
-        "samples_ms": res["samples_ms"],
+        "median_ms": head["median_ms"],
+        "samples_ms": head["samples_ms"],
         "cases": res["info"],
-        "ratios": ratios,
-        "targets": [
-            check("dense_vs_sdpa", ratios["dense_vs_sdpa"]),
-            check("sparse_0.25_vs_dense", ratios["sparse_0.25_vs_dense"]),
-        ],
+        "ratios": head["ratios"],
+        "targets": head["targets"],
+        "by_threads": by_threads,
     }
     if args.smoke:
-        for t in report["targets"]:
-            t["pass"] = None  # tiny shapes say nothing about speed
+        for run_ in by_threads.values():
+            for t in run_["targets"]:
+                t["pass"] = None  # tiny shapes say nothing about speed
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu_reference.json").write_text(json.dumps(report, indent=2))
     plot(report, out / "cpu_reference.png")
     print(f"cpu_reference_bench: wrote {out / 'cpu_reference.json'}")
-    for n, m in med.items():
-        print(f"  {n:<14} {m:9.1f} ms")
-    for t in report["targets"]:
-        print(f"  {t['target']:<16} {t['value']:.3f} {t['cmp']} {t['threshold']}  pass={t['pass']}")
+    for n, run_ in by_threads.items():
+        print(f"  {n} thread(s):")
+        for name, m in run_["median_ms"].items():
+            print(f"    {name:<14} {m:9.1f} ms")
+        for t in run_["targets"]:
+            print(f"    {t['target']:<22} {t['value']:.3f} {t['cmp']} {t['threshold']}  pass={t['pass']}")
     return report
 
 
