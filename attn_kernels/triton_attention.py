@@ -18,8 +18,10 @@ compiled for sm_90a without register spills and within the H100's shared memory
 (`python -m attn_kernels.static_check`). On a GPU the candidates are autotuned per key (set
 ``ATTNPLUG_AUTOTUNE=0`` to take the table's first fitting entry); elsewhere (the interpreter)
 the table's first entry runs. Head dims up to 256 run padded to the next power of two (masked
-loads). fp16 / bf16 run on tensor cores with fp32 accumulation; fp32 inputs run on tensor cores
-in 3xTF32 (``input_precision="tf32x3"``: about fp32 accuracy, for debugging rather than speed).
+loads). fp16 / bf16 run on tensor cores with fp32 accumulation. fp32 inputs run on tensor cores
+too: in 3xTF32 (about fp32 accuracy) for head dims up to 64, in TF32 (inputs rounded to 10-bit
+mantissas, about 1e-3 relative error, like torch's ``allow_tf32``) above, where 3xTF32 needs
+more registers than a thread has; fp32 is for debugging, bf16/fp16 for speed.
 
 On CPU the kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` (tests); there bf16
 is unreliable, so tests use fp32/fp16 there and bf16 on the GPU.
@@ -531,24 +533,31 @@ def _bwd_dq_kernel(
 #: with no register spills and fits the H100's shared memory, with every feature flag
 #: (`python -m attn_kernels.static_check`); small entries serve layouts with small blocks.
 CANDIDATES: dict[tuple[str, str, int], list[tuple[int, int, int, int]]] = {
-    ("fwd", "16", 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2)],
-    ("fwd", "16", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2)],
-    ("fwd", "16", 256): [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("fwd", "16", 64): [
+        (128, 64, 8, 3),
+        (128, 128, 8, 2),
+        (64, 64, 4, 3),
+        (64, 32, 4, 2),
+        (32, 32, 4, 2),
+        (16, 16, 2, 2),
+    ],
+    ("fwd", "16", 128): [(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 2, 2), (16, 16, 2, 2)],
+    ("fwd", "16", 256): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (16, 16, 2, 2)],
     ("fwd", "32", 64): [(64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
-    ("fwd", "32", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
-    ("fwd", "32", 256): [(32, 32, 4, 2), (16, 16, 4, 2)],
-    ("dkdv", "16", 64): [(32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
-    ("dkdv", "16", 128): [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
-    ("dkdv", "16", 256): [(32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
-    ("dkdv", "32", 64): [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
-    ("dkdv", "32", 128): [(32, 32, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
-    ("dkdv", "32", 256): [(16, 32, 4, 2), (16, 16, 4, 2)],
+    ("fwd", "32", 128): [(64, 32, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("fwd", "32", 256): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("dkdv", "16", 64): [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 2), (16, 32, 4, 2), (16, 16, 2, 2)],
+    ("dkdv", "16", 128): [(32, 64, 8, 2), (32, 128, 8, 2), (16, 32, 4, 2), (16, 16, 2, 2)],
+    ("dkdv", "16", 256): [(16, 64, 8, 2), (16, 32, 8, 2), (16, 16, 2, 2)],
+    ("dkdv", "32", 64): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("dkdv", "32", 128): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("dkdv", "32", 256): [(16, 16, 8, 2)],
     ("dq", "16", 64): [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
     ("dq", "16", 128): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
-    ("dq", "16", 256): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
-    ("dq", "32", 64): [(64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
-    ("dq", "32", 128): [(64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
-    ("dq", "32", 256): [(32, 32, 4, 2), (16, 16, 4, 2)],
+    ("dq", "16", 256): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+    ("dq", "32", 64): [(64, 32, 4, 2), (32, 32, 8, 2), (16, 16, 8, 2)],
+    ("dq", "32", 128): [(32, 32, 8, 2), (16, 16, 4, 2)],
+    ("dq", "32", 256): [(32, 32, 8, 2), (16, 16, 8, 2)],
 }
 
 
@@ -627,8 +636,12 @@ def _pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _dot_prec(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "ieee"
+def _dot_prec(dtype: torch.dtype, d: int, dv: int) -> str:
+    """fp32 operands: 3xTF32 (about fp32 accuracy) up to head dim 64, TF32 (about 1e-3 relative)
+    above, where 3xTF32's registers spill; 16-bit operands: plain tensor-core products."""
+    if dtype != torch.float32:
+        return "ieee"  # ignored for 16-bit operands
+    return "tf32x3" if max(d, dv) <= 64 else "tf32"
 
 
 def _dummy(device: torch.device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
@@ -676,7 +689,7 @@ def forward(
     )  # fmt: skip
     meta = dict(
         D=d, DV=dv, HEAD_D=_pad(d), HEAD_DV=_pad(dv), HAS_DECAY=decay is not None, HAS_MIX=mix_u is not None,
-        HAS_STATS=stats is not None, DOT_PREC=_dot_prec(q.dtype), DENSE=kl is None, _bq=bq, _bk=bk,
+        HAS_STATS=stats is not None, DOT_PREC=_dot_prec(q.dtype, d, dv), DENSE=kl is None, _bq=bq, _bk=bk,
     )  # fmt: skip
     _launch("fwd", _fwd_kernel, lambda m: (nqb * (bq // m["BLOCK_M"]), B * H), args, meta, q.dtype, dev)
     return out, lse
@@ -722,7 +735,7 @@ def backward(
     dims = (H, nq, nk, nqb, nkb, lb, lh, bq, bk, -(-bk // 32), scale * _LOG2E, scale)
     meta = dict(
         D=d, DV=dv_dim, HEAD_D=_pad(d), HEAD_DV=_pad(dv_dim), HAS_DECAY=decay is not None,
-        DOT_PREC=_dot_prec(q.dtype), DENSE=kl is None, _bq=bq, _bk=bk,
+        DOT_PREC=_dot_prec(q.dtype, d, dv_dim), DENSE=kl is None, _bq=bq, _bk=bk,
     )  # fmt: skip
     if kl is None:
         t_lists, lists = (_dummy(dev),) * 7, (_dummy(dev),) * 7
@@ -866,7 +879,7 @@ def _static_launch(kind: str, dtype: torch.dtype, d: int, dv: int, decay: int, m
         HEAD_D=_pad(d),
         HEAD_DV=_pad(dv),
         HAS_DECAY=bool(decay),
-        DOT_PREC=_dot_prec(dtype),
+        DOT_PREC=_dot_prec(dtype, d, dv),
         DENSE=bool(dense),
     )
     if kind == "fwd":

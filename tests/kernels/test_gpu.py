@@ -81,13 +81,15 @@ def test_padded_head_dims_on_gpu(d):
         assert (a.float() - b).abs().max() / b.abs().max() < 3e-2
 
 
-def test_fp32_runs_at_stated_precision():
-    """fp32 on CUDA runs on tensor cores in 3xTF32: close to fp32 (not TF32's ~1e-3)."""
-    q, k, v = (torch.randn(1, 2, 777, 64, device="cuda") for _ in range(3))
+@pytest.mark.parametrize("d", [64, 128])
+def test_fp32_runs_at_stated_precision(d):
+    """fp32 on CUDA: 3xTF32 up to head dim 64 (close to fp32, not TF32's ~1e-3), TF32 above."""
+    q, k, v = (torch.randn(1, 2, 777, d, device="cuda") for _ in range(3))
     lay = _radial_like(777, 2, 64)
     out = attention(q, k, v, lay, backend="triton")
     ref = attention(q.double(), k.double(), v.double(), lay, backend="reference")
-    assert (out.double() - ref).abs().max() < 1e-4
+    tol = 1e-4 if d <= 64 else 2e-2  # 3xTF32 up to d64, TF32 above (stated in triton_attention.py)
+    assert (out.double() - ref).abs().max() < tol
 
 
 def test_steady_state_call_is_sync_free():
