@@ -123,6 +123,9 @@ fi
 step agent_bench "${AGENT_BUDGET_S:-60}" "$PY" benchmarks/agent_bench.py $SM
 # shellcheck disable=SC2086
 step channel_attn_bench "${CHANNEL_BUDGET_S:-45}" "$PY" benchmarks/channel_attn_bench.py $SM
+# 5. Hopper features on trial (TMA descriptors, warp specialisation) in the dense loop vs production
+# shellcheck disable=SC2086
+step hopper_features "${HOPPER_BUDGET_S:-45}" "$PY" benchmarks/hopper_features.py $SM
 # cpu_reference_bench (if present) is CPU-only: not run here.
 
 # Collect: the benchmarks' new JSON/PNG into results.tar.gz; summary JSON; the kernel_bench pair.
