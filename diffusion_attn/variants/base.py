@@ -67,7 +67,15 @@ class TokenLayout:
 
 @dataclass
 class AttnContext:
-    """Everything a variant may look at for one attention call."""
+    """Everything a variant may look at for one attention call.
+
+    step: the pipeline's denoising step (one clock for every denoiser of a pipeline);
+    num_steps: the generation's number of steps when known (apply(num_steps=), the pipeline);
+    heads: heads of this call; under Ulysses context parallelism a rank holds heads
+    [head_offset, head_offset + heads) of the model's, so per-head data is indexed by global head;
+    state: per (variant, layer, cache-context branch), cleared at a new generation;
+    branch: the cache-context name ("cond", "uncond", ...; None without a context).
+    """
 
     layer: int
     num_layers: int
@@ -80,6 +88,9 @@ class AttnContext:
     device: torch.device
     dtype: torch.dtype
     state: dict = field(default_factory=dict)
+    num_steps: int | None = None
+    head_offset: int = 0
+    branch: str | None = None
 
 
 @dataclass
@@ -135,6 +146,11 @@ class Variant:
         paths: dense warm-up, sparse, ...). `AttnHandle.prepare` runs one forward at each, so every
         host-built layout exists before a forward is compiled or captured."""
         return (0,)
+
+    def inactive_reason(self, family: str, num_steps: int | None, num_layers: int) -> str | None:
+        """Why this variant would change nothing in a generation of `num_steps` steps on `num_layers`
+        hooked layers (e.g. every step inside a dense warm-up), or None. Logged as a warning."""
+        return None
 
     def reset(self) -> None:
         """Forget per-generation state (called by the handle at the start of a new generation)."""

@@ -171,6 +171,15 @@ class LiteAttention(Variant):
             steps.add(w - 1 + self.recalibrate_every)
         return tuple(sorted(steps))
 
+    def inactive_reason(self, family: str, num_steps: int | None, num_layers: int) -> str | None:
+        """Warm-up covering every step: no tile is ever skipped."""
+        if num_steps is not None and self.warmup_steps >= num_steps:
+            return (
+                f"LiteAttention: warmup_steps={self.warmup_steps} >= {num_steps} denoising steps: every step "
+                "visits every tile, LiteAttention does nothing"
+            )
+        return None
+
     def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
         from attn_kernels import BlockLayout, TileStats
 

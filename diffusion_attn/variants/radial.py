@@ -10,17 +10,26 @@ The mask follows the official `radial_attn/attn_mask.py` rules (our own code):
 * Far frame pairs are thinned: when L < block_size the pair is kept only if
   d % int(block_size / L) == 0 (applied to every pair except the Wan sink, as in the official code).
 * Each frame pair's token mask is reduced to blocks on its own, exactly like the official
-  `shrinkMaskStrict`: the pair is placed at its in-block offset inside ceil(s / block_size) blocks;
-  a block is kept when > 60% of its non-empty columns have density > 1/3; the block masks of all
-  pairs are OR-ed. Text rows and columns (from the block holding the first text token on) are dense.
-  A block row the rule leaves empty (only when frames have fewer than ~block_size / 3 tokens)
-  keeps its diagonal block, so no query is left without keys (our guard, not in the official code).
+  `shrinkMaskStrict`: the pair is placed at its in-block offset inside ceil(s / block_size) blocks
+  (rows of the frame past those blocks are cut, as in the official code); a block is kept when
+  > 60% of its non-empty columns have density > 1/3 (density = visible rows / block_size); the
+  block masks of all pairs are OR-ed. Text rows and columns (from the block holding the first text
+  token on) are dense.
+* Empty block rows: the official rule itself leaves block rows without any key where a frame
+  boundary falls inside a block and neither frame's share of that block passes the density rule
+  (e.g. 416x624 Wan: 1014 tokens per frame, block rows 15, 23, 31, ... of the official mask are
+  empty), and for frames much smaller than a block. Such a row keeps its diagonal block, so no
+  query is left without keys (our guard, not in the official code).
 
 Differences from the official code (which needs token counts that are multiples of 128): any
-token count and resolution (tail blocks are partial and masked by the kernel), any block size in
-{16, 32, 64, 128} (the official 128 is used for both the minimum band width and the thinning
-threshold), and text placed before the visual tokens is moved behind them with `AttnPlan.perm`
-so the mask is the official [visual, text] one.
+token count and resolution, any block size in {16, 32, 64, 128} (the official 128 is used for
+both the minimum band width and the thinning threshold), and text placed before the visual tokens
+is moved behind them with `AttnPlan.perm` so the mask is the official [visual, text] one. Every
+full block row is the official mask. The partial last block row (visual tokens not a multiple of
+the block size, no text after them) has only n_tail < block_size real rows: it gets the same
+per-pair rule over its real rows with density = visible rows / n_tail (the official density
+would score it as if it had block_size rows and drop it: its tokens would see only themselves);
+the kernel masks the missing rows and columns.
 
 The layout is built on the host at the first sparse call of each (token layout, options,
 device) and cached with its permutation and inverse; every later call is a dict lookup with no
@@ -87,6 +96,35 @@ def _frame_pair_blocks(rr: int, rc: int, s: int, width: float, block: int) -> to
     return high * 5 > nonzero * 3  # > 60% of the non-empty columns (0 non-empty -> False)
 
 
+def _tail_row(frames: int, s: int, nv: int, nb: int, b: int, decay: float, sink: bool) -> torch.Tensor:
+    """Block row of the partial last block (rows [nv // b * b, nv)): per frame pair, a key block is
+    kept when > 60% of its non-empty columns are visible from > 1/3 of the block's n_tail real rows."""
+    r0 = (nv // b) * b
+    n_tail = nv - r0
+    row = torch.zeros(nb, dtype=torch.bool)
+    cols = torch.arange(s)
+    for i in range(r0 // s, frames):
+        a, e = max(r0, i * s) - i * s, min((i + 1) * s, nv) - i * s  # the frame's local rows in the tail
+        if a >= e:
+            continue
+        for j in range(frames):
+            width = _pair_rule(i, j, s, decay, b, sink)
+            if width is None:
+                continue
+            if math.isinf(width):
+                count = torch.full((s,), e - a)
+            else:
+                w = min(int(math.floor(width)), s)
+                count = (torch.minimum(torch.tensor(e), cols + w + 1) - torch.maximum(torch.tensor(a), cols - w)).clamp(
+                    min=0
+                )
+            blk = (j * s + cols) // b
+            nonzero = torch.zeros(nb, dtype=torch.long).index_add_(0, blk, (count > 0).long())
+            high = torch.zeros(nb, dtype=torch.long).index_add_(0, blk, (count * 3 > n_tail).long())
+            row |= high * 5 > nonzero * 3
+    return row
+
+
 def radial_block_mask(
     grid: tuple[int, int, int],
     text_len: int = 0,
@@ -127,9 +165,13 @@ def radial_block_mask(
             c0 = (j * s) // b
             r1, c1 = min(r0 + nbs, nb), min(c0 + nbs, nb)
             out[r0:r1, c0:c1] |= blk[: r1 - r0, : c1 - c0]
-    # Guard (not in the official code): with frames much smaller than a block (< ~block/3 tokens)
-    # the density rule can drop a whole block row, leaving its queries without any key. Such a row
-    # keeps its diagonal block. Never triggers where the official mask has no empty row.
+    tail = nv - (nv // b) * b
+    if text_len == 0 and tail:  # partial last block row: the rule over its real rows only
+        out[nv // b] = _tail_row(frames, s, nv, nb, b, decay_factor, attention_sink)
+    # Guard (not in the official code): the official rule can leave a block row without any key
+    # (a frame boundary inside the block with too few rows of each frame for the density rule, e.g.
+    # 1014-token frames at 416x624; or frames much smaller than a block). Such a row keeps its
+    # diagonal block, so no query is left without keys. Rows the official mask keeps are unchanged.
     empty = ~out.any(1)
     if bool(empty.any()):
         idx = torch.nonzero(empty).flatten()
@@ -191,12 +233,31 @@ class Radial(Variant):
         if ctx.step < cfg["dense_steps"] or ctx.layer < cfg["dense_layers"]:
             return True
         if self.dense_last_steps > 0:
-            total = self.num_steps if self.num_steps is not None else getattr(ctx, "num_steps", None)
+            total = self.num_steps if self.num_steps is not None else ctx.num_steps
             if total is None:
-                raise ValueError("Radial.dense_last_steps > 0 needs Radial.num_steps (the number of denoising steps)")
+                raise ValueError(
+                    f"Radial.dense_last_steps={self.dense_last_steps} needs the number of denoising steps: pass "
+                    "apply(..., num_steps=N) or Radial(num_steps=N), or run the diffusers pipeline given to apply()"
+                )
             if ctx.step >= total - self.dense_last_steps:
                 return True
         return False
+
+    def inactive_reason(self, family: str, num_steps: int | None, num_layers: int) -> str | None:
+        """Every layer or every step dense: the variant changes nothing."""
+        cfg = self.resolved(family)
+        if num_layers and cfg["dense_layers"] >= num_layers:
+            return (
+                f"Radial: dense_layers={cfg['dense_layers']} >= the {num_layers} hooked attention layers: "
+                "every layer runs dense, Radial does nothing"
+            )
+        total = self.num_steps if self.num_steps is not None else num_steps
+        if total is not None and cfg["dense_steps"] + self.dense_last_steps >= total:
+            return (
+                f"Radial: dense_steps={cfg['dense_steps']} + dense_last_steps={self.dense_last_steps} cover all "
+                f"{total} denoising steps: every step runs dense, Radial does nothing"
+            )
+        return None
 
     def phase_steps(self, family: str, num_steps: int | None = None) -> tuple[int, ...]:
         """Dense warm-up step 0 (if any), the first sparse step and the first dense last step."""

@@ -53,6 +53,61 @@ def _official_block_mask(frames, s, text_len, decay, sink, b):
     return final
 
 
+def _pair_local(i, j, s, decay, sink, b):
+    """Official token mask [s, s] of frame pair (i, j) (query frame i, key frame j)."""
+    r = torch.arange(s).view(-1, 1)
+    c = torch.arange(s).view(1, -1)
+    d = abs(i - j)
+    g = d.bit_length()
+    if sink and j == 0:
+        return torch.ones(s, s, dtype=torch.bool)
+    width = s if d <= 1 else max(2 ** s.bit_length() / 2**g * decay, b)
+    local = (c - r).abs() <= width
+    decay_len = 2 ** s.bit_length() / 2**g
+    if decay_len < b and d % int(b / decay_len) != 0:
+        local = torch.zeros(s, s, dtype=torch.bool)
+    return local
+
+
+def _tail_row_oracle(frames, s, decay, sink, b):
+    """The partial last block row (visual tokens only): per frame pair, the pair's token mask over the
+    tail's REAL rows; a key block is kept when > 60% of its non-empty columns are seen by > 1/3 of
+    those rows. Token loops, independent of the module."""
+    nv = frames * s
+    nb = math.ceil(nv / b)
+    r0 = (nv // b) * b
+    n_tail = nv - r0
+    row = torch.zeros(nb, dtype=torch.bool)
+    for i in range(frames):
+        rows = [t - i * s for t in range(r0, nv) if i * s <= t < (i + 1) * s]
+        if not rows:
+            continue
+        for j in range(frames):
+            local = _pair_local(i, j, s, decay, sink, b)[rows]  # [len(rows), s]
+            count = local.sum(0)  # per key column of frame j
+            for blk in range(nb):
+                cols = [t - j * s for t in range(blk * b, min((blk + 1) * b, nv)) if j * s <= t < (j + 1) * s]
+                if not cols:
+                    continue
+                cnt = count[cols]
+                nonzero = int((cnt > 0).sum())
+                high = int((cnt * 3 > n_tail).sum())
+                if high * 5 > nonzero * 3:
+                    row[blk] = True
+    return row
+
+
+def _expected(f, h, w, t, decay, sink, b):
+    """Official mask on full rows, the tail oracle on a partial last row, diagonal on empty rows."""
+    s = h * w
+    ref = _official_block_mask(f, s, t, decay, sink, b)
+    nv = f * s
+    if t == 0 and nv % b:
+        ref[nv // b] = _tail_row_oracle(f, s, decay, sink, b)
+    empty = ~ref.any(1)
+    return ref | torch.diag(empty)
+
+
 CASES = [
     # (frames, height, width, text, decay, sink, block)
     (8, 4, 6, 0, 0.2, True, 16),  # Wan-style tiny: 24 tokens/frame
@@ -70,9 +125,47 @@ CASES = [
 def test_mask_matches_official_rules(f, h, w, t, decay, sink, b):
     ours = radial_block_mask((f, h, w), t, decay_factor=decay, attention_sink=sink, block_size=b)
     ref = _official_block_mask(f, h * w, t, decay, sink, b)
-    assert bool(ref.any(1).all())  # no empty block row: the empty-row guard does not apply here
-    assert torch.equal(ours, ref)
+    nv = f * h * w
+    full = nv // b if (t == 0 and nv % b) else ref.shape[0]  # block rows with block_size real rows
+    assert bool(ref[:full].any(1).all())  # no empty full row: the empty-row guard does not apply here
+    assert torch.equal(ours[:full], ref[:full])  # the official mask on every full row
+    assert torch.equal(ours, _expected(f, h, w, t, decay, sink, b))  # and the tail rule on the last row
     assert 0 < ours.float().mean() <= 1
+
+
+@pytest.mark.parametrize("f,h,w", [(5, 7, 11), (5, 4, 20), (5, 9, 18), (3, 9, 19)])  # N mod 128 = 1, 16, 42, 1
+@pytest.mark.parametrize("sink", [True, False])
+def test_tail_block_row_at_official_block_size(f, h, w, sink):
+    """N mod 128 in {1, 16, 42}: full rows are official; the tail's tokens see their own frame's band
+    and (Wan) the sink frame, not only themselves as with the 128-row density."""
+    s, b = h * w, 128
+    nv = f * s
+    tail = nv // b
+    assert nv % b in (1, 16, 42)
+    ours = radial_block_mask((f, h, w), 0, decay_factor=0.2, attention_sink=sink, block_size=b)
+    ref = _official_block_mask(f, s, 0, 0.2, sink, b)
+    exp = ref.clone()
+    for r in torch.nonzero(~ref[:tail].any(1)).flatten().tolist():
+        exp[r, r] = True  # the empty-row guard
+    assert torch.equal(ours[:tail], exp[:tail])
+    assert torch.equal(ours[tail], _tail_row_oracle(f, s, 0.2, sink, b))
+    assert int(ours[tail].sum()) >= 2  # more than the diagonal block
+    assert bool(ours[tail, (nv - s) // b])  # the last frame's own first block (dense d = 0 pair)
+    if sink:
+        assert bool(ours[tail, 0])  # the attention sink (frame 0)
+    assert not bool(ref[tail].any()) or nv % b > 42  # the 128-row density drops short tails entirely
+
+
+def test_official_empty_rows_with_large_frames_keep_their_diagonal():
+    """Frame boundaries inside blocks can leave official block rows empty with frames far larger than
+    a block (416x624 Wan: 1014 tokens per frame, ~7.9 blocks); small analogue: 63 tokens, block 16."""
+    f, h, w, b = 5, 7, 9, 16
+    ref = _official_block_mask(f, h * w, 0, 0.2, True, b)
+    empty = ~ref.any(1)
+    assert bool(empty[: (f * h * w) // b].any())  # full rows of the OFFICIAL mask are empty
+    ours = radial_block_mask((f, h, w), 0, decay_factor=0.2, attention_sink=True, block_size=b)
+    assert torch.equal(ours, _expected(f, h, w, 0, 0.2, True, b))
+    assert bool(ours.any(1).all())
 
 
 def test_empty_rows_keep_their_diagonal_block():
@@ -84,9 +177,8 @@ def test_empty_rows_keep_their_diagonal_block():
     assert torch.equal(ours, torch.eye(1, dtype=torch.bool))
     ref = _official_block_mask(20, 12, 0, 0.5, False, 64)
     ours = radial_block_mask((20, 3, 4), 0, decay_factor=0.5, attention_sink=False, block_size=64)
-    empty = ~ref.any(1)
-    assert bool(empty.any())
-    assert torch.equal(ours, ref | (torch.diag(empty)))
+    assert bool((~ref.any(1)).any())
+    assert torch.equal(ours, _expected(20, 3, 4, 0, 0.5, False, 64))
 
 
 def test_mask_is_sparse_and_logarithmic():
