@@ -121,7 +121,7 @@ def check_range(
     if isinstance(value, bool) or not isinstance(value, kind):
         kinds = kind if isinstance(kind, tuple) else (kind,)
         raise TypeError(f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
+    if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):  # NaN: never in range
         rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
         raise ValueError(f"{name} must be in {rng}, got {value!r}")
 
