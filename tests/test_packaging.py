@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("attn_kernels", "diffusion_attn", "vision_attn", "attn_pipelines")
+PACKAGES = ("attn_spec", "attn_kernels", "diffusion_attn", "vision_attn", "attn_pipelines")
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -92,3 +92,24 @@ def test_every_imported_package_is_declared():
                 if not dists & declared:
                     missing.setdefault(name, []).append(str(path.relative_to(ROOT)))
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+# Imports flow downward (docs/architecture.md): a package may import only those listed for it.
+ALLOWED_OURS = {
+    "attn_spec": set(),
+    "attn_kernels": set(),
+    "diffusion_attn": {"attn_kernels", "attn_spec"},
+    "vision_attn": {"attn_kernels", "attn_spec"},
+    "attn_pipelines": {"attn_kernels", "attn_spec", "diffusion_attn", "vision_attn"},
+}
+
+
+def test_imports_flow_downward():
+    bad = []
+    for top, allowed in ALLOWED_OURS.items():
+        for path in (ROOT / top).rglob("*.py"):
+            for name in _imports(path) & set(PACKAGES) - {top} - allowed:
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, bad
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    assert all(_imports(p) <= stdlib for p in (ROOT / "attn_spec").rglob("*.py")), "attn_spec is stdlib-only"

@@ -1,0 +1,246 @@
+"""Variant specs: `name:key=value,key=(0,1)` with Python-literal values, typed against a variant dataclass.
+
+One syntax and one typing layer for `attnplug generate --attn`, the `attn:` list of presets and
+`python -m vision_attn.finetune --variant`. Standard library only, and it knows no variant: callers
+pass their own registry (`{name: dataclass}`), so every attnplug package can import it without an
+upward import (imports flow downward; see docs/architecture.md).
+
+    spec = parse_spec("gna:kernel_size=(1,3,3),stride=1")  # Spec("gna", {"kernel_size": (1, 3, 3), "stride": 1})
+    variant = build(spec, {"gna": Neighborhood}, where="--attn")  # Neighborhood(kernel_size=(1, 3, 3), stride=1)
+
+Values are Python literals (`0.5`, `(1, 3, 3)`, `True`, `None`, `'text'`); also accepted: `true`,
+`false`, `none`, `null` (any case), `nan`, `inf`, `-inf`, and bare words as strings (`mode=identity`).
+Every error is a `SpecError` (a ValueError) with a one-line message naming `where`, the variant and
+the option.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SpecError", "Spec", "parse_spec", "parse_value", "format_value", "option_fields", "option_types"]
+__all__ += ["type_name", "coerce", "build", "describe"]
+
+_WORDS = {"true": True, "false": False, "none": None, "null": None, "nan": math.nan, "inf": math.inf}
+_WORDS |= {"+inf": math.inf, "-inf": -math.inf}
+
+
+class SpecError(ValueError):
+    """A spec, an option name or an option value is invalid; the message is one line."""
+
+
+def format_value(value: Any) -> str:
+    """`value` in spec syntax (parses back to an equal value): tuples as (a,b), floats with repr."""
+    if isinstance(value, (tuple, list)):
+        inner = ",".join(format_value(v) for v in value)
+        return f"({inner}{',' if len(value) == 1 else ''})" if isinstance(value, tuple) else f"[{inner}]"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # nan, inf, -inf
+    if isinstance(value, str):
+        return value if _is_bare_word(value) else repr(value)
+    return repr(value)
+
+
+def _is_bare_word(text: str) -> bool:
+    return bool(text) and text == text.strip() and parse_value(text) == text and not set(text) & set(",:=()[]{}'\"")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One variant request: registry name and option values (Python values, not yet typed)."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        opts = ",".join(f"{k}={format_value(v)}" for k, v in self.options.items())
+        return f"{self.name}:{opts}" if opts else self.name
+
+
+def parse_value(text: str) -> Any:
+    """A Python literal, one of the words true/false/none/null/nan/inf (any case), a bracketed list of
+    such values, else the text itself (a bare word)."""
+    s = text.strip()
+    try:
+        return ast.literal_eval(s)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    word = s.lower()
+    if word in _WORDS:
+        return _WORDS[word]
+    if len(s) >= 2 and (s[0], s[-1]) in (("(", ")"), ("[", "]")):  # e.g. (1,nan) or (a,b): element-wise
+        items = [parse_value(x) for x in _split_top(s[1:-1])] if s[1:-1].strip() else []
+        return tuple(items) if s[0] == "(" else items
+    return s
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas outside brackets and quotes."""
+    parts, cur, depth, quote = [], [], 0, ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur).strip())
+    return parts
+
+
+def parse_spec(text: str, *, where: str = "--attn") -> Spec:
+    """Parse `name[:key=value[,key=value...]]`; the name is lower-cased."""
+    if not isinstance(text, str) or not text.strip():
+        raise SpecError(f"{where}: empty variant spec; expected name[:key=value,...]")
+    name, _, rest = text.strip().partition(":")
+    name = name.strip().lower()
+    if not name.replace("_", "").isalnum():
+        raise SpecError(f"{where} {text!r}: variant name {name!r} is not a word; expected name[:key=value,...]")
+    options: dict[str, Any] = {}
+    for item in _split_top(rest) if rest.strip() else []:
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise SpecError(f"{where} {text!r}: option {item!r} is not key=value")
+        if key in options:
+            raise SpecError(f"{where} {text!r}: option {key!r} given twice")
+        options[key] = parse_value(value)
+    return Spec(name, options)
+
+
+def option_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The user-settable options of a variant dataclass: init fields not starting with '_'."""
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"variant class {cls!r} is not a dataclass")
+    return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+
+
+def option_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of the options of `cls` (Any where an annotation cannot be resolved)."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation naming something unimportable: leave those options untyped
+        hints = {}
+    return {name: hints.get(name, Any) for name in option_fields(cls)}
+
+
+def type_name(tp: Any) -> str:
+    """Readable annotation: `int | None`, `tuple[int, int, int]`, `Literal['a', 'b']`."""
+    if tp is type(None):
+        return "None"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "").replace("NoneType", "None")
+
+
+def coerce(value: Any, tp: Any, *, where: str) -> Any:
+    """`value` checked against annotation `tp` (int widens to float, lists become tuples); SpecError otherwise.
+
+    Understands int, float, bool, str, None, unions, Literal, tuple[...] and list[...]; any other
+    annotation accepts instances of it (or anything, for Any and unresolvable annotations).
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    fail = SpecError(f"{where}: expected {type_name(tp)}, got {value!r}")
+    if tp is Any or isinstance(tp, (str, typing.TypeVar)):
+        return value
+    if tp is None or tp is type(None):
+        if value is None:
+            return None
+        raise fail
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        seq_errors = []
+        for member in args:
+            if member is not type(None):
+                try:
+                    return coerce(value, member, where=where)
+                except SpecError as e:
+                    if isinstance(value, (tuple, list)) and typing.get_origin(member) in (tuple, list):
+                        seq_errors.append(e)
+        raise seq_errors[0] if len(seq_errors) == 1 else fail  # a sequence: say which item is wrong
+    if origin is typing.Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise SpecError(f"{where}: expected one of {', '.join(format_value(a) for a in args)}, got {value!r}")
+    if origin in (tuple, list) or tp in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            raise fail
+        if not args or (len(args) == 2 and args[1] is Ellipsis) or origin is list:
+            elems = [args[0] if args else Any] * len(value)
+        elif len(args) == len(value):
+            elems = list(args)
+        else:
+            raise SpecError(f"{where}: expected {type_name(tp)} ({len(args)} items), got {value!r}")
+        out = [coerce(v, t, where=f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, elems))]
+        return list(out) if (origin or tp) is list else tuple(out)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise fail
+    return value  # annotations this layer does not model (Callable, Annotated, ...): the dataclass checks
+
+
+def build(spec: Spec, registry: Mapping[str, type], *, where: str = "--attn", extra: str = "") -> Any:
+    """Instantiate `registry[spec.name]` with the spec's options typed against its fields.
+
+    Unknown names and options list the valid ones; the dataclass's own validation errors (ranges)
+    come back as SpecError naming the variant. `extra` is appended to the unknown-name message.
+    """
+    cls = registry.get(spec.name)
+    if cls is None:
+        raise SpecError(f"{where}: unknown variant {spec.name!r}; valid variants: {', '.join(registry)}{extra}")
+    types_ = option_types(cls)
+    unknown = [k for k in spec.options if k not in types_]
+    if unknown:
+        raise SpecError(
+            f"{where}: unknown option {unknown[0]!r} for variant {spec.name!r}; valid options: "
+            f"{', '.join(types_) or '(none)'}"
+        )
+    kwargs = {k: coerce(v, types_[k], where=f"{where} {spec.name}.{k}") for k, v in spec.options.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        msg = " ".join(str(e).split())
+        raise SpecError(f"{where} {spec.name}: {msg}") from e
+
+
+def describe(cls: type) -> list[tuple[str, str, Any]]:
+    """(option, type name, default) of every option of `cls` ('<required>' when it has no default)."""
+    out = []
+    for name, tp in option_types(cls).items():
+        f = option_fields(cls)[name]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "<required>"
+        out.append((name, type_name(tp), default))
+    return out
