@@ -1,26 +1,36 @@
 """`apply(pipe_or_model, *variants) -> AttnHandle`: hook attnplug's variants into a diffusers
-transformer with the library's own mechanisms, and undo it exactly.
+pipeline's denoiser(s) with the library's own mechanisms, and undo it exactly.
 
-* Attention modules get an adapter processor through `module.set_processor` (the originals are
-  kept and restored by `remove()`); modules not hooked keep theirs.
-* A diffusers `ModelHook` on the transformer's forward reads the token grid (from shapes) and
-  clears the runtime's per-forward caches. CFG calls at the same timestep share a step.
+* Attention modules get an adapter processor through `module.set_processor`; modules not hooked
+  keep theirs. A processor the adapter does not reproduce exactly (fused projections, PAG, custom
+  processors, ...) is refused before anything is patched, naming the module and the class.
+* A stateful diffusers `ModelHook` on every denoiser's forward advances the handle's one
+  `StepClock` (see `diffusion_attn.clock`), reads the token grid (from shapes) and selects the
+  variant state of the current cache-context branch: pipelines wrap their calls in
+  `transformer.cache_context("cond" / "uncond")`, diffusers hands the context to the hook's
+  `StateManager`, and each branch keeps its own state (LiteAttention's skip sets). Diffusers'
+  end-of-call `_reset_stateful_cache` starts a new generation.
+* A dense plan runs the model's own processor; the processor's `_attention_backend` and
+  `_parallel_config` are read and written through to it, so `set_attention_backend` /
+  `enable_parallelism` called while applied take effect at once and stay after `remove()`.
 
-Where the step comes from (`step_source`):
+`remove()` restores every processor attnplug installed; a processor the user replaced while
+applied (`set_attn_processor`) is left as the user set it, and a warning at the next generation
+names the modules where attnplug no longer runs.
 
-* "hook" (default): the hook reads the timestep of every forward (`float(timestep)`: one
-  device->host sync per forward, and a graph break if the forward is compiled); the step advances
-  when it decreases and a new generation starts when it increases. Works in any loop.
-* "callback": the step is set from outside with `handle.set_step(i)` (or
-  `attn_pipelines.callbacks.AttnStepCallback` as `callback_on_step_end`), and the forward reads no
-  tensor value on the host: with Radial / GNA / LiteAttention a steady-state forward does no host
-  sync, which is what `torch.cuda.CUDAGraph` capture and `torch.compile(fullgraph=True)` need.
-  `set_step` switches a handle to this mode; `apply(..., step_source="callback")` starts in it.
+Context parallelism (diffusers `ContextParallelConfig(ulysses_degree=N)`, `enable_parallelism`):
+call `enable_parallelism` before `apply` when the model's context-parallel plan shards inputs
+of the top-level forward (FLUX, LTX-Video); Wan works in either order. Dense calls are diffusers'
+own; sparse calls run inside diffusers' Ulysses all-to-all on the whole sequence and this rank's
+heads. Ring attention (`ring_degree > 1`) is refused for sparse variants.
 
-Warm-up for compile / CUDA graphs: layouts (Radial, GNA, the never-skip part of LiteAttention)
-are built on the host at the first call of each (token layout, device) and cached; a traced or
-captured forward must only look them up. `handle.prepare(**forward_inputs)` runs one eager forward
-per phase of the variants (dense warm-up, sparse, ...) and then starts a fresh generation.
+Steps: `step_source="hook"` (default) or "callback" (`handle.set_step`; forwards read nothing on
+the host), see `diffusion_attn.clock`. Warm-up for compile / CUDA graphs: `handle.prepare(**inputs)`
+runs one eager forward per phase of the variants and then starts a fresh generation.
+
+Logging goes through diffusers' logger (`diffusers.attnplug`): what was patched (INFO), the plan
+of every layer whenever it changes (INFO, once per phase and branch), and a warning when a variant
+will do nothing (e.g. `dense_steps` >= the number of steps).
 """
 
 from __future__ import annotations
@@ -30,55 +40,87 @@ from typing import Any
 
 import torch.nn as nn
 
-from .adapters.base import STEP_SOURCES, Adapter, AttnRuntime, find_adapter
+from .adapters.base import Adapter, AttnRuntime, SparseProcessor, find_adapter, logger
+from .clock import STEP_SOURCES, StepClock, timestep_value
 from .variants.base import Variant
 
 __all__ = ["AttnHandle", "apply", "HOOK_NAME"]
 
 HOOK_NAME = "attnplug_step"
+_CP_INPUT = "cp_input---"
 
 
 def _step_hook_cls():
     from diffusers.hooks import ModelHook
+    from diffusers.hooks.hooks import BaseState, StateManager
+
+    class BranchState(BaseState):
+        """Variant state of one cache-context branch ({(variant index, layer): dict})."""
+
+        def __init__(self) -> None:
+            self.states: dict = {}
+
+        def reset(self, *args, **kwargs) -> None:
+            self.states.clear()
 
     class AttnStepHook(ModelHook):
-        """Token grid, per-forward caches and (step_source "hook") the timestep of every forward."""
+        """Step clock, token grid, per-branch state and per-forward caches of one denoiser."""
 
         _is_stateful = True
 
-        def __init__(self, runtime: AttnRuntime, adapter: Adapter) -> None:
+        def __init__(self, handle: AttnHandle, runtime: AttnRuntime, adapter: Adapter) -> None:
             super().__init__()
+            self.handle = handle
             self.runtime = runtime
             self.adapter = adapter
+            self.branches = StateManager(BranchState)  # diffusers sets its context in cache_context()
+            self._generation = -1
 
         def pre_forward(self, module, *args, **kwargs):
-            rt = self.runtime
-            rt.begin_forward()
+            rt, clock = self.runtime, self.runtime.clock
+            context = self.branches._context
+            branch = None if context is None else context.name
+            if clock.source == "hook":
+                adapter = self.adapter
+                clock.observe(
+                    branch, context, lambda: timestep_value(adapter.timestep(module, args, kwargs))
+                )  # fmt: skip
+            elif clock.fresh:
+                clock.begin_generation(context)
+            if self._generation != clock.generation:  # first forward of a generation
+                self._generation = clock.generation
+                self.handle._start_generation(module, rt, self.adapter)
+            rt.begin_forward(branch, None if context is None else self.branches.get_state().states)
             rt.grid = self.adapter.grid(module, args, kwargs)
-            if rt.step_source == "hook":  # "callback": the forward reads no tensor value
-                rt.observe_timestep(self.adapter.timestep(args, kwargs))
             return args, kwargs
 
+        def post_forward(self, module, output):
+            self.runtime.end_forward()
+            return output
+
         def reset_state(self, module):
-            self.runtime.reset()
+            self.runtime.clock.reset()  # diffusers pipelines call this at the end of a generation
             return module
 
     return AttnStepHook
 
 
-def _transformers_of(obj: Any) -> list[nn.Module]:
-    """The denoiser(s) of a pipeline (transformer, transformer_2, unet) or the model itself."""
+def _transformers_of(obj: Any) -> tuple[list[tuple[str, nn.Module]], Any]:
+    """(name, denoiser) pairs of a pipeline (transformer, transformer_2, unet) or the model itself,
+    and the pipeline (None for a model)."""
     if isinstance(obj, nn.Module):
-        return [obj]
+        return [(type(obj).__name__, obj)], None
     found = [
-        getattr(obj, name) for name in ("transformer", "transformer_2", "unet") if getattr(obj, name, None) is not None
+        (name, getattr(obj, name))
+        for name in ("transformer", "transformer_2", "unet")
+        if getattr(obj, name, None) is not None
     ]
     if not found:
         raise TypeError(
             f"apply(): expected a diffusers pipeline (with .transformer or .unet) or a transformer model, "
             f"got {type(obj).__name__}"
         )
-    return found
+    return found, obj
 
 
 def _check_variants(variants: tuple, adapter: Adapter) -> None:
@@ -104,16 +146,58 @@ def _check_variants(variants: tuple, adapter: Adapter) -> None:
         raise ValueError(f"apply(): variant(s) {sorted(dup)} given more than once")
 
 
+def _check_parallel(model: nn.Module, adapter: Adapter) -> None:
+    """Refuse context-parallel settings the sparse path cannot run."""
+    pc = getattr(model, "_parallel_config", None)
+    cp = getattr(pc, "context_parallel_config", None)
+    if cp is None:
+        return
+    if cp.ring_degree > 1:
+        raise ValueError(
+            f"apply(): {type(model).__name__} runs diffusers' ring attention (ring_degree={cp.ring_degree}); "
+            "attnplug's sparse variants support Ulysses context parallelism only "
+            "(ContextParallelConfig(ulysses_degree=N)); nothing was patched"
+        )
+    if cp.ulysses_anything:
+        raise ValueError(
+            f"apply(): {type(model).__name__} runs diffusers' ulysses_anything (uneven shards), which attnplug's "
+            "sparse variants do not support; use equal shards; nothing was patched"
+        )
+
+
+def _outer_cp_hooks(model: nn.Module, adapter: Adapter) -> list[str]:
+    """Inputs the adapter reads that diffusers' context-parallel hooks shard before our hook sees them."""
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is None or HOOK_NAME not in registry._hook_order:
+        return []
+    after = registry._hook_order[registry._hook_order.index(HOOK_NAME) + 1 :]
+    sharded: list[str] = []
+    for name in after:
+        if name.startswith(_CP_INPUT):
+            meta = getattr(registry.hooks[name], "metadata", {}) or {}
+            sharded += [k for k in meta if k in adapter.grid_inputs]
+    return sharded
+
+
 class AttnHandle:
     """Undo handle of `apply`; also the place where the step can be set from a callback."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: StepClock | None = None) -> None:
+        self.clock = clock if clock is not None else StepClock()
         self.runtimes: list[AttnRuntime] = []
-        self._patched: list[tuple[nn.Module, Any]] = []  # (attention module, original processor)
+        self._patched: list[tuple[nn.Module, Any, SparseProcessor, str]] = []  # (module, original, ours, name)
         self._hooked: list[nn.Module] = []
         self.adapters: list[Adapter] = []
         self.variants: tuple[Variant, ...] = ()
         self.removed = False
+        self._warned: set[str] = set()
+        self.clock.on_reset(self._clear_states)
+
+    def _clear_states(self) -> None:
+        for rt in self.runtimes:
+            rt.clear_states()
+        for v in self.variants:
+            v.reset()
 
     @property
     def adapter(self) -> Adapter:
@@ -121,36 +205,40 @@ class AttnHandle:
 
     @property
     def step(self) -> int:
-        return self.runtimes[0].step
+        """The pipeline's denoising step (one clock for every denoiser of the pipeline)."""
+        return self.clock.step
+
+    @property
+    def num_steps(self) -> int | None:
+        """The generation's number of denoising steps when known (apply(num_steps=) or the pipeline)."""
+        return self.clock.num_steps
 
     @property
     def step_source(self) -> str:
-        """Where the step comes from: "hook" (the timestep, one host read per forward) or
-        "callback" (`set_step`; forwards read no tensor value). See the module docstring."""
-        return self.runtimes[0].step_source
+        """Where the step comes from: "hook" (cache context / timestep) or "callback" (`set_step`)."""
+        return self.clock.source
 
     @step_source.setter
     def step_source(self, value: str) -> None:
         if value not in STEP_SOURCES:
             raise ValueError(f"step_source must be one of {STEP_SOURCES}, got {value!r}")
-        for rt in self.runtimes:
-            rt.step_source = value
+        self.clock.source = value
 
     def set_step(self, step: int, num_steps: int | None = None) -> None:
         """Set the denoising step from outside (callback_on_step_end); switches the handle to
-        step_source "callback" (timestep tracking off: forwards read no tensor value)."""
-        if not isinstance(step, int) or step < 0:
+        step_source "callback" (forwards read no tensor value)."""
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"set_step(step=...) must be an int >= 0, got {step!r}")
-        for rt in self.runtimes:
-            rt.step_source = "callback"
-            rt.step = step
-            if num_steps is not None:
-                rt.num_steps = num_steps
+        if num_steps is not None and (not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1):
+            raise ValueError(f"set_step(num_steps=...) must be an int >= 1, got {num_steps!r}")
+        self.clock.source = "callback"
+        self.clock.step = step
+        if num_steps is not None:
+            self.clock.run_num_steps = num_steps
 
     def reset(self) -> None:
         """Start a new generation: step 0 and every variant's per-generation state cleared."""
-        for rt in self.runtimes:
-            rt.reset()
+        self.clock.reset()
 
     def phase_steps(self) -> tuple[int, ...]:
         """One step per phase of the applied variants (see `Variant.phase_steps`), ascending."""
@@ -173,31 +261,68 @@ class AttnHandle:
         import torch
 
         steps = tuple(self.phase_steps() if steps is None else steps)
-        saved = [(rt.step_source, rt.step, rt.num_steps) for rt in self.runtimes]
+        clock = self.clock
+        source = clock.source
         try:
             with torch.no_grad():
                 for step in steps:
-                    for rt in self.runtimes:
-                        rt.step_source, rt.step = "callback", int(step)
+                    clock.source, clock.step = "callback", int(step)
                     for model in self._hooked:
                         model(*args, **kwargs)
         finally:
-            for rt, (source, _, num_steps) in zip(self.runtimes, saved):
-                rt.reset()
-                rt.step_source, rt.num_steps = source, num_steps
+            clock.reset()
+            clock.source = source
         return steps
 
     @property
     def attention_calls(self) -> int:
-        """Attention calls executed through attnplug's kernel (dense calls via the model's backend excluded)."""
+        """Attention calls executed through attnplug's kernel (dense calls via the model's processor excluded)."""
         return sum(rt.calls for rt in self.runtimes)
 
+    # -- generation start (called by the step hooks) ---------------------------------------------
+    def _warn_once(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            logger.warning(msg)
+
+    def _start_generation(self, model: nn.Module, rt: AttnRuntime, adapter: Adapter) -> None:
+        """Checks at the first forward of a generation (skipped while torch.compile traces)."""
+        import torch
+
+        if torch.compiler.is_compiling():
+            return
+        sharded = _outer_cp_hooks(model, adapter)
+        if sharded:
+            raise RuntimeError(
+                f"attnplug[{adapter.name}]: diffusers' context parallelism was enabled on {type(model).__name__} after "
+                f"diffusion_attn.apply(): its hooks shard {sorted(set(sharded))} before attnplug reads the token grid. "
+                "Call model.enable_parallelism(...) first, then apply() (handle.remove() and apply() again)"
+            )
+        bypassed = [name for module, _, ours, name in self._patched if module.processor is not ours]
+        if bypassed:
+            self._warn_once(
+                f"attnplug: {len(bypassed)} attention module(s) no longer use attnplug's processor (replaced with "
+                f"set_attn_processor while applied): {', '.join(bypassed[:4])}{' ...' if len(bypassed) > 4 else ''}; "
+                "they run the processor that was set, and remove() leaves it in place"
+            )
+        for v in self.variants:
+            reason = v.inactive_reason(rt.family, rt.num_steps, rt.num_layers)
+            if reason:
+                self._warn_once(f"attnplug[{rt.family}] {rt.model_name}: {reason}")
+
     def remove(self) -> None:
-        """Restore every processor and remove the step hook. A second call is a no-op."""
+        """Restore every processor attnplug installed (processors the user replaced while applied stay)
+        and remove the step hooks. A second call is a no-op."""
         if self.removed:
             return
-        for module, original in reversed(self._patched):
-            module.set_processor(original)
+        kept = []
+        for module, original, ours, name in reversed(self._patched):
+            if module.processor is ours:
+                module.set_processor(original)
+            else:
+                kept.append(name)
+        if kept:
+            logger.info(f"attnplug: remove() kept the processors set while applied on {', '.join(reversed(kept))}")
         for model in self._hooked:
             registry = getattr(model, "_diffusers_hook", None)
             if registry is not None:
@@ -212,6 +337,7 @@ class AttnHandle:
         self._patched.clear()
         self._hooked.clear()
         self.removed = True
+        logger.info(f"attnplug: removed {[v.name for v in self.variants]}")
 
     def __enter__(self) -> AttnHandle:
         return self
@@ -221,7 +347,7 @@ class AttnHandle:
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else f"{len(self._patched)} attention modules"
-        return f"AttnHandle(variants={[v.name for v in self.variants]}, {state})"
+        return f"AttnHandle(variants={[v.name for v in self.variants]}, step={self.step}, {state})"
 
 
 def apply(
@@ -231,15 +357,17 @@ def apply(
     step_source: str = "hook",
     kernel_backend: str = "auto",
 ) -> AttnHandle:
-    """Hook `variants` into a diffusers pipeline's transformer(s) or a transformer model.
+    """Hook `variants` into a diffusers pipeline's denoiser(s) or a transformer model.
 
-    Everything is validated before anything is patched; a model already patched by attnplug is
-    refused (remove the first handle, or pass all variants in one call). `num_steps` is the
-    number of denoising steps, needed only by options that count from the end (e.g. dense last
-    steps). `step_source`: "hook" (step from the timestep) or "callback" (step from
-    `handle.set_step`; no host read per forward), see the module docstring. `kernel_backend`:
-    the `attn_kernels.attention` backend of sparse calls ("auto": Triton on CUDA, the PyTorch
-    reference on CPU). Returns an `AttnHandle`; `handle.remove()` restores the model exactly.
+    Everything is validated before anything is patched: the variants, every hooked module's
+    processor (one the adapter does not reproduce exactly is refused, naming it), context-parallel
+    settings; a model already patched by attnplug is refused (remove the first handle, or pass all
+    variants in one call). All denoisers of a pipeline (Wan2.2's `transformer` and `transformer_2`)
+    share one step clock. `num_steps`: the number of denoising steps, for options that count from
+    the end (e.g. `Radial(dense_last_steps=...)`); by default the pipeline's own count is used when
+    a pipeline runs. `step_source`: "hook" or "callback" (see `diffusion_attn.clock`).
+    `kernel_backend`: the `attn_kernels.attention` backend of sparse calls ("auto": Triton on CUDA,
+    the PyTorch reference on CPU). Returns an `AttnHandle`; `handle.remove()` restores the model.
     """
     if step_source not in STEP_SOURCES:
         raise ValueError(f"apply(): step_source must be one of {STEP_SOURCES}, got {step_source!r}")
@@ -247,9 +375,11 @@ def apply(
 
     if kernel_backend not in BACKENDS:
         raise ValueError(f"apply(): kernel_backend must be one of {BACKENDS}, got {kernel_backend!r}")
-    models = _transformers_of(pipe_or_model)
-    plan: list[tuple[nn.Module, Adapter]] = []
-    for model in models:
+    if num_steps is not None and (not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1):
+        raise ValueError(f"apply(): num_steps must be an int >= 1 (the number of denoising steps), got {num_steps!r}")
+    models, pipe = _transformers_of(pipe_or_model)
+    plan: list[tuple[str, nn.Module, Adapter, list]] = []
+    for label, model in models:
         if getattr(model, "_attnplug_handle", None) is not None:
             raise RuntimeError(
                 f"apply(): {type(model).__name__} already has attnplug variants applied; call handle.remove() "
@@ -261,34 +391,49 @@ def apply(
         bad = [n for n, m in mods if not hasattr(m, "set_processor")]
         if bad:
             raise RuntimeError(f"apply(): modules {bad[:3]} of {type(model).__name__} have no set_processor()")
-        plan.append((model, adapter))
+        for name, module in mods:
+            adapter.check_processor(name, module, model)
+        _check_parallel(model, adapter)
+        plan.append((label, model, adapter, mods))
 
-    handle = AttnHandle()
+    handle = AttnHandle(StepClock(step_source, num_steps, pipe))
     handle.variants = tuple(variants)
     hook_cls = _step_hook_cls()
     try:
         from diffusers.hooks import HookRegistry
 
-        for model, adapter in plan:
-            mods = adapter.attention_modules(model)
+        for label, model, adapter, mods in plan:
             runtime = AttnRuntime(
                 family=adapter.name,
                 variants=tuple(variants),
                 num_layers=len(mods),
-                num_steps=num_steps,
-                step_source=step_source,
+                clock=handle.clock,
                 kernel_backend=kernel_backend,
+                model_name=label,
+                layer_names=tuple(n for n, _ in mods),
             )
-            for layer, (_, module) in enumerate(mods):
-                original = module.processor
-                module.set_processor(adapter.make_processor(runtime, layer, module))
-                handle._patched.append((module, original))
-            registry = HookRegistry.check_if_exists_or_initialize(model)
-            registry.register_hook(hook_cls(runtime, adapter), HOOK_NAME)
-            handle._hooked.append(model)
-            model._attnplug_handle = handle
             handle.runtimes.append(runtime)
             handle.adapters.append(adapter)
+            for layer, (name, module) in enumerate(mods):
+                original = module.processor
+                ours = adapter.make_processor(runtime, layer, module)
+                module.set_processor(ours)
+                handle._patched.append((module, original, ours, f"{label}.{name}"))
+            registry = HookRegistry.check_if_exists_or_initialize(model)
+            registry.register_hook(hook_cls(handle, runtime, adapter), HOOK_NAME)
+            registry.invalidate_child_registries_cache()
+            handle._hooked.append(model)
+            model._attnplug_handle = handle
+            logger.info(
+                f"attnplug: patched {len(mods)} attention modules of {type(model).__name__} ({label}) with "
+                f"{', '.join(repr(v) for v in variants)}: {mods[0][0]} ... {mods[-1][0]}; "
+                f"step source {step_source!r}, kernel backend {kernel_backend!r}"
+            )
+        for rt in handle.runtimes:
+            for v in variants:
+                reason = v.inactive_reason(rt.family, handle.clock.num_steps, rt.num_layers)
+                if reason:
+                    handle._warn_once(f"attnplug[{rt.family}] {rt.model_name}: {reason}")
     except BaseException:
         handle.remove()
         raise

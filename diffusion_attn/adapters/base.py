@@ -1,13 +1,21 @@
-"""What every adapter shares: the per-handle runtime (step, grid, variant states), the base
-attention processor that executes an `AttnPlan`, and the adapter registry.
+"""What every adapter shares: the per-transformer runtime (grid, per-branch variant state, plan,
+kernel call), the base attention processor, and the adapter registry.
 
-An adapter knows one model family: which attention modules to hook, how to read the token
-grid from the transformer's forward arguments, and a processor that computes q, k, v exactly
-as the model's own processor does before handing them to `AttnRuntime.attend`.
+An adapter knows one model family: which attention modules to hook, which diffusers processors
+it reproduces exactly (any other is refused before patching), how to read the token grid from the
+transformer's forward arguments, and a processor that computes q, k, v exactly as the model's own
+processor does before handing them to `AttnRuntime.run`.
+
+Per attention call a processor first asks the variants for a plan (from shapes only). A dense
+plan runs the model's own processor unchanged: the user's `set_attention_backend`, diffusers'
+context parallelism, masks and extra inputs all behave exactly as without attnplug. Only sparse
+plans compute q, k, v here and call `attn_kernels.attention`.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -15,9 +23,29 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
+from ..clock import STEP_SOURCES, StepClock
 from ..variants.base import AttnContext, AttnPlan, TokenLayout, Variant
 
-__all__ = ["ADAPTERS", "Adapter", "AttnRuntime", "SparseProcessor", "STEP_SOURCES", "find_adapter", "register_adapter"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "AttnRuntime",
+    "SparseProcessor",
+    "STEP_SOURCES",
+    "find_adapter",
+    "register_adapter",
+    "logger",
+]
+
+
+def _get_logger() -> logging.Logger:
+    from diffusers.utils.logging import get_logger
+
+    # under diffusers' root logger: `diffusers.utils.logging.set_verbosity_info()` shows our INFO lines
+    return get_logger("diffusers.attnplug")
+
+
+logger = _get_logger()
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -28,76 +56,122 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-STEP_SOURCES = ("hook", "callback")
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 @dataclass
 class AttnRuntime:
-    """Mutable state shared by the step hook and the processors of one `apply` handle.
+    """Mutable state of one hooked transformer, shared by its step hook and its processors.
 
-    Per transformer forward the step hook calls `begin_forward` (clears the per-forward caches),
-    sets `grid` (from shapes) and, with `step_source="hook"`, `observe_timestep` (one host read of
-    the timestep). With `step_source="callback"` the step is set by `handle.set_step` and the
-    forward reads no tensor value on the host.
-
-    Per attention call (`attend`): the variants' plans (dict lookups of cached layouts / perms
-    for Radial and GNA; device ops for LiteAttention), then the kernel. What is cached where:
-    layouts and (perm, inverse) per (token layout, device) in the variants; the key-padding mask
-    (HunyuanVideo's text padding) is resolved once per forward: its "all valid?" check and the
-    key-masked layouts are computed at the first layer and reused by the others, and across
-    forwards while the mask's contents are unchanged (one comparison per forward).
+    Per forward the step hook advances the shared `StepClock`, sets `grid` (from shapes), selects
+    the variant state of the current cache-context branch (`"cond"`, `"uncond"`, ...; one default
+    branch without a context) and clears the per-forward caches. Per attention call: the
+    variants' plan (dict lookups of cached layouts for Radial / GNA, device ops for LiteAttention),
+    then the kernel. The key-padding mask (HunyuanVideo's text padding) is resolved once per
+    forward at the first layer and reused by the others, and across forwards while its contents
+    are unchanged (one comparison per forward).
     """
 
     family: str
     variants: tuple[Variant, ...]
     num_layers: int = 0
-    step: int = 0
-    timestep: float | None = None
-    grid: tuple[int, int, int] | None = None
-    num_steps: int | None = None
-    step_source: str = "hook"  # "hook" (timestep changes) or "callback" (set_step)
+    clock: StepClock = field(default_factory=StepClock)
     kernel_backend: str = "auto"  # attn_kernels.attention backend: "auto", "triton" or "reference"
-    states: dict = field(default_factory=dict)
-    calls: int = 0  # attention calls that went through a variant plan (for tests / stats)
+    grid: tuple[int, int, int] | None = None
+    model_name: str = ""
+    layer_names: tuple[str, ...] = ()
+    calls: int = 0  # attention calls that went through attnplug's kernel (for tests / stats)
+    branch: str | None = None  # cache-context name of the current forward
+    _states: dict = field(default_factory=dict, repr=False)  # variant state of the current branch
+    _default_states: dict = field(default_factory=dict, repr=False)  # branch of calls without a context
+    _branch_states: dict = field(default_factory=dict, repr=False)  # {name: states} seen this generation
     _layouts: dict = field(default_factory=dict, repr=False)  # TokenLayout per (grid, text_len, text_first)
     _fwd_masks: list = field(default_factory=list, repr=False)  # key masks resolved in this forward
     _fwd_sources: list = field(default_factory=list, repr=False)  # (model mask, key mask) of this forward
     _mask_entries: list = field(default_factory=list, repr=False)  # key masks seen lately (content, layouts)
+    _gather_perms: list = field(default_factory=list, repr=False)  # context parallelism: composed perms
+    _kinds: list | None = field(default=None, repr=False)  # plan kind per layer of this forward (logging)
+    _last_kinds: tuple | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._states = self._default_states
+
+    # -- clock views ------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self.clock.step
+
+    @property
+    def step_source(self) -> str:
+        return self.clock.source
+
+    @property
+    def num_steps(self) -> int | None:
+        return self.clock.num_steps
+
+    @property
+    def states(self) -> dict:
+        """Variant state of the current branch: {(variant index, layer): dict}."""
+        return self._states
+
+    def branch_states(self) -> dict:
+        """Variant state per branch name of this generation (None = calls without a cache context)."""
+        out = {None: self._default_states} if self._default_states else {}
+        out.update(self._branch_states)
+        return out
+
+    def clear_states(self) -> None:
+        """New generation: every branch's variant state cleared (static layout caches are kept)."""
+        self._default_states.clear()
+        for st in self._branch_states.values():
+            st.clear()
+        self._branch_states.clear()
+        self._last_kinds = None
 
     def reset(self) -> None:
-        """New generation: step 0, variant states cleared (static layout caches are kept)."""
-        self.step = 0
-        self.timestep = None
-        self.states.clear()
-        for v in self.variants:
-            v.reset()
+        """New generation for the whole handle (the clock is shared by every denoiser)."""
+        self.clock.reset()
 
-    def begin_forward(self) -> None:
+    def begin_forward(self, branch: str | None, states: dict | None) -> None:
         """Called by the step hook at the start of every transformer forward."""
+        self.branch = branch
+        if states is None:
+            self._states = self._default_states
+        else:
+            self._states = states
+            self._branch_states[branch] = states
         if self._fwd_masks or self._fwd_sources:
             self._fwd_masks.clear()
             self._fwd_sources.clear()
+        self._kinds = None
+        if not _compiling() and logger.isEnabledFor(logging.INFO):
+            self._kinds = [None] * self.num_layers
 
-    def observe_timestep(self, t: Any) -> None:
-        """Called once per transformer forward with its timestep: advance / reset the step.
+    def end_forward(self) -> None:
+        """Called after every transformer forward: log the plan per layer when it changed (a new phase)."""
+        kinds = self._kinds
+        if kinds is None:
+            return
+        self._kinds = None
+        summary = tuple(kinds)
+        if summary == self._last_kinds:
+            return
+        self._last_kinds = summary
+        groups: list[tuple[int, int, str]] = []
+        for i, k in enumerate(summary):
+            k = "not called" if k is None else k
+            if groups and groups[-1][2] == k and groups[-1][1] == i - 1:
+                groups[-1] = (groups[-1][0], i, k)
+            else:
+                groups.append((i, i, k))
+        parts = [f"{a}{'' if a == b else f'-{b}'}: {k}" for a, b, k in groups]
+        logger.info(
+            f"attnplug[{self.family}] {self.model_name} step {self.step}"
+            f"{'' if self.branch is None else f' ({self.branch})'}: layers " + "; ".join(parts)
+        )
 
-        In "hook" mode this reads the timestep on the host (`float(t)`: a device sync, and a graph
-        break under torch.compile); in "callback" mode it returns without looking at `t`."""
-        if self.step_source != "hook" or t is None:
-            return
-        val = float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
-        if self.timestep is None:
-            self.timestep = val
-            return
-        if val == self.timestep:  # CFG: a second call at the same step
-            return
-        if val > self.timestep:  # timesteps only decrease within a generation
-            self.reset()
-            self.timestep = val
-            return
-        self.step += 1
-        self.timestep = val
-
+    # -- per call -----------------------------------------------------------------------------
     def layout(self, text_len: int, text_first: bool) -> TokenLayout:
         """The TokenLayout of a call (one object per (grid, text_len, text_first), reused)."""
         grid = self.grid
@@ -114,82 +188,216 @@ class AttnRuntime:
             )
         return hit
 
-    def plan(self, layer: int, layout: TokenLayout, q: torch.Tensor) -> AttnPlan:
-        """The variants' plan for one call of `layer` on q [B, N, H, D]."""
-        B, _, H, D = q.shape
+    def plan(
+        self,
+        layer: int,
+        layout: TokenLayout,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        head_offset: int = 0,
+    ) -> AttnPlan:
+        """The variants' plan for one call of `layer` (`heads` in this call, the first at `head_offset`)."""
         plan = AttnPlan()
+        clock = self.clock
         for i, var in enumerate(self.variants):
             ctx = AttnContext(
                 layer=layer,
                 num_layers=self.num_layers,
-                step=self.step,
-                timestep=self.timestep,
+                step=clock.step,
+                timestep=clock.timestep,
                 layout=layout,
-                batch=B,
-                heads=H,
-                head_dim=D,
-                device=q.device,
-                dtype=q.dtype,
-                state=self.states.setdefault((i, layer), {}),
+                batch=batch,
+                heads=heads,
+                head_dim=head_dim,
+                device=device,
+                dtype=dtype,
+                state=self._states.setdefault((i, layer), {}),
+                num_steps=clock.num_steps,
+                head_offset=head_offset,
+                branch=self.branch,
             )
-            ctx.num_steps = self.num_steps  # type: ignore[attr-defined]
             plan = var.plan(ctx, plan)
+        if self._kinds is not None and 0 <= layer < len(self._kinds):
+            self._kinds[layer] = (
+                "dense (model's processor)"
+                if plan.is_dense
+                else "attnplug kernel (" + ", ".join(v.name for v in self.variants) + ")"
+            )
         return plan
 
-    def attend(
+    def run(
         self,
+        plan: AttnPlan,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
         *,
-        layer: int,
         layout: TokenLayout,
-        backend: Any = None,
         key_mask: torch.Tensor | None = None,
-        dense_mask: torch.Tensor | None = None,
+        parallel_config: Any = None,
     ) -> torch.Tensor:
-        """Attention of one layer. q, k, v: [B, N, H, D] (diffusers' layout); returns [B, N, H, D].
+        """Sparse attention of one call. q, k, v: [B, N, H, D] (diffusers' layout); returns [B, N, H, D].
 
-        key_mask: bool [B, N] (False = padded key); pass the same tensor object to every layer of
-        a forward (see `key_mask_of`) so it is resolved once. dense_mask: the model's own mask,
-        used when the plan is dense (the model's dispatch then runs exactly as without attnplug).
-        """
-        N = q.shape[1]
-        if layout.seq_len != N or k.shape[1] != N:
+        key_mask: bool [B, N] (False = padded key), the same tensor object for every layer of a
+        forward (see `key_mask_of`). parallel_config: diffusers' ParallelConfig when the model runs
+        with Ulysses context parallelism: q, k, v are this rank's sequence shard, and the kernel runs
+        inside diffusers' all-to-all on the whole sequence and this rank's heads."""
+        if parallel_config is not None:
+            return self._run_ulysses(plan, q, k, v, layout, key_mask, parallel_config)
+        n = q.shape[1]
+        if layout.seq_len != n or k.shape[1] != n:
             raise RuntimeError(
                 f"attnplug[{self.family}]: token layout {layout} has {layout.seq_len} tokens but the attention call "
-                f"has {N} queries and {k.shape[1]} keys"
+                f"has {n} queries and {k.shape[1]} keys"
             )
-        plan = self.plan(layer, layout, q)
-        if plan.is_dense:
-            from diffusers.models.attention_dispatch import dispatch_attention_fn
+        return self._kernel(plan, q, k, v, key_mask, None)
 
-            return dispatch_attention_fn(q, k, v, attn_mask=dense_mask, dropout_p=0.0, is_causal=False, backend=backend)
+    def _kernel(
+        self,
+        plan: AttnPlan,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        gather: tuple | None,
+        *,
+        run_after: bool = True,
+    ) -> torch.Tensor:
+        """The kernel on [B, N, H, D] inputs; `gather` = (key, canonical -> gathered index) under Ulysses."""
         from attn_kernels import attention
 
         self.calls += 1
+        n = q.shape[1]
         qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
         perm, inv = plan.perm, plan.inv
         if perm is not None:
             perm = perm.to(q.device)  # no-op for the variants here (cached on the call's device)
             inv = torch.argsort(perm) if inv is None else inv.to(q.device)  # argsort: uncached inverse
+        if gather is not None:
+            perm, inv = self._composed(gather, perm, inv)
+        if perm is not None:
             qh, kh, vh = qh[:, :, perm], kh[:, :, perm], vh[:, :, perm]
         blayout = plan.layout
         if key_mask is not None:
-            blayout = self._key_masked(blayout, key_mask, perm, N, q.device)
+            blayout = self._key_masked(blayout, key_mask, perm, n, q.device)
         out = attention(
-            qh, kh, vh, blayout, modifiers=plan.modifiers, tile_stats=plan.tile_stats, backend=self.kernel_backend
+            qh,
+            kh,
+            vh,
+            blayout,
+            modifiers=plan.modifiers,
+            tile_stats=plan.tile_stats if run_after else None,
+            backend=self.kernel_backend,
         )
-        for cb in plan.after:
-            cb(out, plan)
+        if run_after:
+            for cb in plan.after:
+                cb(out, plan)
         if inv is not None:
             out = out[:, :, inv]
         return out.transpose(1, 2)
 
+    # -- context parallelism (diffusers' Ulysses) -------------------------------------------
+    def _composed(self, gather: tuple, perm: Any, inv: Any) -> tuple[Any, Any]:
+        """perm on the gathered sequence: the variant's perm of the canonical order, mapped through
+        canonical -> gathered positions (cached per (gather key, perm object))."""
+        gkey, c2g = gather
+        if c2g is None:
+            return perm, inv
+        for key, p, combined, combined_inv in self._gather_perms:
+            if key == gkey and p is perm:
+                return combined, combined_inv
+        combined = c2g if perm is None else c2g[perm]
+        combined_inv = torch.argsort(combined)
+        self._gather_perms.append((gkey, perm, combined, combined_inv))
+        del self._gather_perms[:-8]
+        return combined, combined_inv
+
+    def _c2g(self, layout: TokenLayout, degree: int, device: torch.device) -> torch.Tensor | None:
+        """Canonical -> gathered token index after Ulysses' all-to-all (None when they agree).
+
+        Each rank holds an equal shard of every part of its local sequence ([text, visual] when
+        text comes first, else [visual, text]); the all-to-all concatenates the ranks' sequences."""
+        t, nv = layout.text_len, layout.num_visual
+        if t == 0:
+            return None
+        parts = [("text", t), ("visual", nv)] if layout.text_first else [("visual", nv), ("text", t)]
+        start = {"text": layout.text_slice.start, "visual": layout.visual_slice.start}
+        g2c = []
+        for r in range(degree):
+            for name, size in parts:
+                chunk = size // degree
+                g2c.append(torch.arange(start[name] + r * chunk, start[name] + (r + 1) * chunk))
+        return torch.argsort(torch.cat(g2c)).to(device)
+
+    def _run_ulysses(self, plan, q, k, v, layout, key_mask, parallel_config) -> torch.Tensor:
+        from diffusers.models.attention_dispatch import TemplatedUlyssesAttention
+
+        cp = parallel_config.context_parallel_config
+        degree = cp.ulysses_degree
+        n_local = q.shape[1]
+        if key_mask is not None:
+            raise RuntimeError(
+                f"attnplug[{self.family}]: key-padding masks are not supported with context parallelism "
+                "(diffusers has no context-parallel plan for this model family)"
+            )
+        if n_local * degree != layout.seq_len or k.shape[1] != n_local:
+            raise RuntimeError(
+                f"attnplug[{self.family}]: with ulysses_degree={degree} each rank must hold 1/{degree} of the "
+                f"{layout.seq_len} tokens of {layout}, got {n_local} queries and {k.shape[1]} keys"
+            )
+        for name, size in (("text", layout.text_len), ("visual", layout.num_visual)):
+            if size % degree:
+                raise RuntimeError(
+                    f"attnplug[{self.family}]: the {size} {name} tokens cannot be split evenly over "
+                    f"ulysses_degree={degree}"
+                )
+        gather = ((layout, degree, str(q.device)), self._c2g_cached(layout, degree, q.device))
+        runtime = self
+
+        def forward_op(
+            ctx,
+            query,
+            key,
+            value,
+            attn_mask=None,
+            dropout_p=0.0,
+            is_causal=False,
+            scale=None,
+            enable_gqa=False,
+            return_lse=False,
+            _save_ctx=True,
+            _parallel_config=None,
+        ):
+            if return_lse:
+                raise RuntimeError("attnplug: ring attention (LSE) is not supported for sparse variants")
+            if _save_ctx:
+                ctx.save_for_backward(query, key, value)
+            return runtime._kernel(plan, query, key, value, None, gather)
+
+        def backward_op(ctx, grad_out, *args, **kwargs):
+            query, key, value = ctx.saved_tensors
+            with torch.enable_grad():
+                qkv = [t.detach().requires_grad_(True) for t in (query, key, value)]
+                out = runtime._kernel(plan, *qkv, None, gather, run_after=False)
+                return torch.autograd.grad(out, qkv, grad_out)
+
+        return TemplatedUlyssesAttention.apply(
+            q, k, v, None, 0.0, False, None, False, False, forward_op, backward_op, parallel_config
+        )
+
+    def _c2g_cached(self, layout: TokenLayout, degree: int, device: torch.device) -> torch.Tensor | None:
+        key = ("c2g", layout, degree, str(device))
+        if key not in self._layouts:
+            self._layouts[key] = self._c2g(layout, degree, device)
+        return self._layouts[key]
+
     # -- key-padding masks ------------------------------------------------------------------
     def key_mask_of(self, mask: torch.Tensor, derive: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """`derive(mask)` (the key mask [B, N] of a model's attention mask), computed once per forward
-        for each model mask object, so every layer passes the same key-mask tensor to `attend`."""
+        for each model mask object, so every layer passes the same key-mask tensor to `run`."""
         for src, km in self._fwd_sources:
             if src is mask:
                 return km
@@ -235,37 +443,131 @@ class AttnRuntime:
         return masked
 
 
+def _forwarded(name: str) -> property:
+    """An attribute of the original processor seen through ours (absent when the original lacks it),
+    so diffusers' `set_attention_backend` / `enable_parallelism` set it where the model's own
+    processor reads it, and `remove()` leaves the user's choice in place."""
+
+    def get(self):
+        original = self.__dict__.get("original")
+        if original is None or not hasattr(original, name):
+            raise AttributeError(name)
+        return getattr(original, name)
+
+    def set_(self, value):
+        original = self.__dict__.get("original")
+        if original is None or not hasattr(original, name):
+            raise AttributeError(f"{type(original).__name__} has no attribute {name!r}")
+        setattr(original, name, value)
+
+    return property(get, set_)
+
+
 class SparseProcessor:
-    """Base of the adapters' processors: keeps the original processor and its backend choice."""
+    """Base of the adapters' processors: the model's own processor for dense plans, the kernel for sparse ones.
+
+    `_attention_backend` / `_parallel_config` are the original processor's (read and written
+    through), so they exist exactly when the original has them."""
+
+    _attention_backend = _forwarded("_attention_backend")
+    _parallel_config = _forwarded("_parallel_config")
 
     def __init__(self, runtime: AttnRuntime, layer: int, original: Any) -> None:
+        self.__dict__["original"] = original  # plain attribute, also on nn.Module subclasses
         self.runtime = runtime
         self.layer = layer
-        self.original = original
-        # keep the user's `set_attention_backend` choice for dense calls
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
-    def attend(self, q, k, v, *, text_len: int, text_first: bool, key_mask=None, dense_mask=None) -> torch.Tensor:
-        layout = self.runtime.layout(text_len, text_first)
-        return self.runtime.attend(
+    def _context_parallel(self) -> Any:
+        """diffusers' ParallelConfig when this call runs with context parallelism, else None."""
+        original = self.original
+        pc = getattr(original, "_parallel_config", None)
+        cp = getattr(pc, "context_parallel_config", None)
+        if cp is None or cp.ring_degree * cp.ulysses_degree <= 1:
+            return None
+        return pc
+
+    def plan(
+        self, hidden_states: torch.Tensor, *, heads: int, head_dim: int, text_len: int, text_first: bool
+    ) -> AttnPlan | None:
+        """The variants' plan for this call from shapes only; None = dense (run the model's processor)."""
+        rt = self.runtime
+        layout = rt.layout(text_len, text_first)
+        pc = self._context_parallel()
+        offset = 0
+        if pc is not None:
+            cp = pc.context_parallel_config
+            if cp.ring_degree > 1 or cp.ulysses_anything:
+                what = f"ring_degree={cp.ring_degree}" if cp.ring_degree > 1 else "ulysses_anything=True"
+                plan = rt.plan(
+                    self.layer, layout, hidden_states.shape[0], heads, head_dim, hidden_states.device,
+                    hidden_states.dtype,
+                )  # fmt: skip
+                if plan.is_dense:
+                    return None
+                raise RuntimeError(
+                    f"attnplug[{rt.family}]: diffusers' context parallelism with {what} is not supported by "
+                    "sparse variants; use ContextParallelConfig(ulysses_degree=N) (Ulysses, equal shards)"
+                )
+            degree = cp.ulysses_degree
+            if heads % degree:
+                raise RuntimeError(f"attnplug[{rt.family}]: {heads} heads cannot be split over ulysses_degree={degree}")
+            heads //= degree
+            offset = cp._ulysses_local_rank * heads
+        plan = rt.plan(
+            self.layer, layout, hidden_states.shape[0], heads, head_dim, hidden_states.device, hidden_states.dtype,
+            offset,
+        )  # fmt: skip
+        return None if plan.is_dense else plan
+
+    def run(
+        self,
+        plan: AttnPlan,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        text_len: int,
+        text_first: bool,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Execute a sparse plan on q, k, v [B, N, H, D] (this rank's shard under context parallelism)."""
+        rt = self.runtime
+        return rt.run(
+            plan,
             q,
             k,
             v,
-            layer=self.layer,
-            layout=layout,
-            backend=self._attention_backend,
+            layout=rt.layout(text_len, text_first),
             key_mask=key_mask,
-            dense_mask=dense_mask,
+            parallel_config=self._context_parallel(),
         )
 
 
+class WrappedModuleProcessor(nn.Module):
+    """Mixin base for processors that replace an `nn.Module` processor (IP-Adapter): the original's
+    submodules and parameters are registered under the same names, so the model's state_dict keys
+    and `.to()` / dtype moves are unchanged while attnplug is applied."""
+
+    def __init__(self, original: nn.Module) -> None:
+        nn.Module.__init__(self)
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        for name, p in original.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in original.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+
+
 class Adapter:
-    """One model family: which modules to hook and how to read the token grid."""
+    """One model family: which modules to hook, which processors it reproduces, where the tokens are."""
 
     name: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
-    processor_cls: ClassVar[type[SparseProcessor]] = SparseProcessor
+    #: original processor class name -> our processor class (a processor not listed is refused)
+    processors: ClassVar[dict[str, type]] = {}
+    #: forward arguments `grid()` reads (diffusers' context-parallel hooks must not shard them first)
+    grid_inputs: ClassVar[tuple[str, ...]] = ("hidden_states",)
+    _params: ClassVar[dict[type, dict[str, int]]] = {}
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -280,17 +582,41 @@ class Adapter:
         raise NotImplementedError
 
     @staticmethod
-    def timestep(args: tuple, kwargs: dict, position: int = 2) -> Any:
-        if "timestep" in kwargs:
-            return kwargs["timestep"]
-        return args[position] if len(args) > position else None
+    def forward_arg(model: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
+        """Argument `name` of the model's forward, given by keyword or by position (its signature)."""
+        if name in kwargs:
+            return kwargs[name]
+        cls = type(model)
+        index = Adapter._params.get(cls)
+        if index is None:
+            params = list(inspect.signature(cls.forward).parameters)[1:]  # without self
+            index = Adapter._params[cls] = {p: i for i, p in enumerate(params)}
+        i = index.get(name)
+        return args[i] if i is not None and i < len(args) else None
+
+    def timestep(self, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The forward's timestep argument (keyword or positional, per the family's signature)."""
+        return self.forward_arg(model, args, kwargs, "timestep")
+
+    def check_processor(self, name: str, module: nn.Module, model: nn.Module) -> None:
+        """Refuse (before patching) a processor this adapter does not reproduce exactly."""
+        proc = module.processor
+        cls = type(proc)
+        if cls.__name__ not in self.processors or not cls.__module__.startswith("diffusers."):
+            raise ValueError(
+                f"apply(): {name} of {type(model).__name__} uses {type(proc).__name__}, which attnplug does not "
+                f"reproduce exactly (supported: {', '.join(self.processors)}); nothing was patched. Restore the "
+                "model's default processor (e.g. unfuse_qkv_projections(), or set_attn_processor with one of these) "
+                "or remove the feature that installed it"
+            )
 
     def make_processor(self, runtime: AttnRuntime, layer: int, module: nn.Module) -> SparseProcessor:
-        return self.processor_cls(runtime, layer, module.processor)
+        cls = self.processors[type(module.processor).__name__]
+        return cls(runtime, layer, module.processor)
 
 
-def hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
-    hs = kwargs.get("hidden_states", args[0] if args else None)
+def hidden_states_arg(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    hs = Adapter.forward_arg(model, args, kwargs, "hidden_states")
     if not isinstance(hs, torch.Tensor):
         raise RuntimeError("attnplug: the transformer was called without a hidden_states tensor")
     return hs

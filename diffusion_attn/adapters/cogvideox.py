@@ -1,7 +1,9 @@
 """CogVideoX (`CogVideoXTransformer3DModel`): joint attention `attn1` of every block.
 
 Sequence [text, video] (text first); RoPE on the video part; patchify (patch_size_t, p, p)
-on a [B, F, C, H, W] latent.
+on a [B, F, C, H, W] latent. Forward signature: (hidden_states, encoder_hidden_states, timestep, ...).
+Dense plans run `CogVideoXAttnProcessor2_0` itself (it calls `F.scaled_dot_product_attention`
+directly, so diffusers' attention backend does not apply to it, with or without attnplug).
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ class CogVideoXSparseProcessor(SparseProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:  # the model never passes one; keep exact semantics if a user does
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        n_txt = encoder_hidden_states.size(1)
+        plan = self.plan(
+            hidden_states, heads=attn.heads, head_dim=attn.inner_dim // attn.heads, text_len=n_txt, text_first=True
+        )
+        if plan is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.embeddings import apply_rotary_emb
 
-        n_txt = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         B = hidden_states.shape[0]
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
@@ -34,7 +41,7 @@ class CogVideoXSparseProcessor(SparseProcessor):
             query[:, :, n_txt:] = apply_rotary_emb(query[:, :, n_txt:], image_rotary_emb)
             if not attn.is_cross_attention:
                 key[:, :, n_txt:] = apply_rotary_emb(key[:, :, n_txt:], image_rotary_emb)
-        out = self.attend(*(t.transpose(1, 2) for t in (query, key, value)), text_len=n_txt, text_first=True)
+        out = self.run(plan, *(t.transpose(1, 2) for t in (query, key, value)), text_len=n_txt, text_first=True)
         hidden_states = out.reshape(B, -1, attn.heads * hd)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         encoder_hidden_states, hidden_states = hidden_states.split([n_txt, hidden_states.size(1) - n_txt], dim=1)
@@ -45,12 +52,12 @@ class CogVideoXSparseProcessor(SparseProcessor):
 class CogVideoXAdapter(Adapter):
     name = "cogvideox"
     model_classes = ("CogVideoXTransformer3DModel",)
-    processor_cls = CogVideoXSparseProcessor
+    processors = {"CogVideoXAttnProcessor2_0": CogVideoXSparseProcessor}
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.transformer_blocks)]
 
     def grid(self, model, args, kwargs):
-        _, f, _, h, w = hidden_states_arg(args, kwargs).shape
+        _, f, _, h, w = hidden_states_arg(model, args, kwargs).shape
         p, pt = model.config.patch_size, model.config.patch_size_t or 1
         return (-(-f // pt), h // p, w // p)

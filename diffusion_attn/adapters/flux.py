@@ -3,7 +3,13 @@
 Sequence [text, image] (text first) with packed 2x2 latents; the image grid comes from
 `img_ids` (rows, cols): read on the host once per `img_ids` tensor (FluxPipeline passes the same
 one at every step), so steady-state forwards read no tensor value. RoPE on the whole joint
-sequence.
+sequence. Forward signature: (hidden_states, encoder_hidden_states, pooled_projections,
+timestep, img_ids, txt_ids, guidance, ...).
+
+IP-Adapter (`FluxIPAdapterAttnProcessor`): the joint attention is attnplug's, the image-prompt
+term (image queries against the IP tokens, dense) is computed exactly as diffusers does and
+returned as the third output, so the block adds it as usual. The IP projection weights stay
+registered under the attention module's `processor` with their usual names.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import Adapter, SparseProcessor, register_adapter
+from .base import Adapter, SparseProcessor, WrappedModuleProcessor, register_adapter
 
 
 class FluxSparseProcessor(SparseProcessor):
@@ -20,24 +26,55 @@ class FluxSparseProcessor(SparseProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        out = self._joint(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        if out is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return out[:2] if encoder_hidden_states is not None else out[0]
+
+    def _text_len(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> int:
+        """Text tokens of the (whole) joint sequence: the single-stream blocks get [text, image] concatenated."""
+        rt = self.runtime
+        n_img = rt.grid[1] * rt.grid[2]
+        pc = self._context_parallel()
+        degree = 1 if pc is None else pc.context_parallel_config.ulysses_degree
+        n = hidden_states.shape[1] * degree
+        if encoder_hidden_states is not None:
+            return encoder_hidden_states.shape[1] * degree
+        if n < n_img:
+            raise RuntimeError(
+                f"attnplug[flux]: the single-stream attention got {n} tokens, fewer than the {n_img} image tokens"
+            )
+        return n - n_img
+
+    def _joint(self, attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+        """(image out, text out, image query) of attnplug's joint attention, or None when the plan is dense."""
+        plan = self.plan(
+            hidden_states,
+            heads=attn.heads,
+            head_dim=attn.head_dim,
+            text_len=self._text_len(hidden_states, encoder_hidden_states),
+            text_first=True,
+        )
+        if plan is None:
+            return None
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         query, key, value, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key, value = (t.unflatten(-1, (attn.heads, -1)) for t in (query, key, value))
         query = attn.norm_q(query)
         key = attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None:
-            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
+        ip_query = query
+        if encoder_hidden_states is not None:
+            eq, ek, ev = (t.unflatten(-1, (attn.heads, -1)) for t in (eq, ek, ev))
             eq = attn.norm_added_q(eq)
             ek = attn.norm_added_k(ek)
             query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        grid_tokens = self.runtime.grid[1] * self.runtime.grid[2]
-        n_txt = query.shape[1] - grid_tokens
-        out = self.attend(query, key, value, text_len=n_txt, text_first=True)
+        n_txt = self._text_len(hidden_states, encoder_hidden_states)
+        out = self.run(plan, query, key, value, text_len=n_txt, text_first=True)
         hidden_states = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
             n_e = encoder_hidden_states.shape[1]
@@ -46,15 +83,69 @@ class FluxSparseProcessor(SparseProcessor):
             )
             hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+        return hidden_states, encoder_hidden_states, ip_query
+
+
+class FluxIPSparseProcessor(WrappedModuleProcessor, FluxSparseProcessor):
+    """`FluxIPAdapterAttnProcessor`: attnplug's joint attention plus diffusers' IP-Adapter term."""
+
+    def __init__(self, runtime, layer, original) -> None:
+        WrappedModuleProcessor.__init__(self, original)
+        FluxSparseProcessor.__init__(self, runtime, layer, original)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        ip_hidden_states=None,
+        ip_adapter_masks=None,
+    ):
+        original = self.original
+        if attention_mask is not None:
+            return original(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, ip_hidden_states,
+                ip_adapter_masks,
+            )  # fmt: skip
+        out = self._joint(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        if out is None:
+            return original(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, ip_hidden_states,
+                ip_adapter_masks,
+            )  # fmt: skip
+        hidden_states, encoder_hidden_states, ip_query = out
+        if encoder_hidden_states is None:
+            return hidden_states
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        batch_size = ip_query.shape[0]
+        ip_attn_output = torch.zeros_like(hidden_states)  # as FluxIPAdapterAttnProcessor (ip_adapter_masks unused)
+        for current, scale, to_k_ip, to_v_ip in zip(ip_hidden_states, original.scale, self.to_k_ip, self.to_v_ip):
+            ip_key = to_k_ip(current).view(batch_size, -1, attn.heads, attn.head_dim)
+            ip_value = to_v_ip(current).view(batch_size, -1, attn.heads, attn.head_dim)
+            current = dispatch_attention_fn(
+                ip_query,
+                ip_key,
+                ip_value,
+                attn_mask=None,
+                dropout_p=0.0,
+                is_causal=False,
+                backend=original._attention_backend,
+                parallel_config=original._parallel_config,
+            )
+            current = current.reshape(batch_size, -1, attn.heads * attn.head_dim).to(ip_query.dtype)
+            ip_attn_output += scale * current
+        return hidden_states, encoder_hidden_states, ip_attn_output
 
 
 @register_adapter
 class FluxAdapter(Adapter):
     name = "flux"
     model_classes = ("FluxTransformer2DModel",)
-    processor_cls = FluxSparseProcessor
+    processors = {"FluxAttnProcessor": FluxSparseProcessor, "FluxIPAdapterAttnProcessor": FluxIPSparseProcessor}
+    grid_inputs = ("hidden_states", "img_ids")
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         mods = [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(model.transformer_blocks)]
@@ -62,10 +153,14 @@ class FluxAdapter(Adapter):
         return mods
 
     def grid(self, model, args, kwargs):
-        ids = kwargs.get("img_ids")
-        hs = kwargs.get("hidden_states", args[0] if args else None)
-        if ids is None or hs is None:
-            raise ValueError("attnplug[flux]: the transformer must be called with hidden_states and img_ids")
+        ids = self.forward_arg(model, args, kwargs, "img_ids")
+        hs = self.forward_arg(model, args, kwargs, "hidden_states")
+        if not isinstance(ids, torch.Tensor) or not isinstance(hs, torch.Tensor):
+            raise ValueError("attnplug[flux]: the transformer must be called with hidden_states and img_ids tensors")
+        if ids.dim() not in (2, 3) or ids.shape[-1] != 3:
+            raise ValueError(
+                f"attnplug[flux]: img_ids must be [N, 3] (or [B, N, 3]) position ids, got {tuple(ids.shape)}"
+            )
         last = getattr(self, "_ids_grid", None)
         if last is not None and last[0] is ids:  # pipelines pass the same img_ids at every step
             h, w = last[1]
@@ -76,6 +171,6 @@ class FluxAdapter(Adapter):
         if h * w != hs.shape[1]:
             raise ValueError(
                 f"attnplug[flux]: img_ids describe a {h} x {w} grid but there are {hs.shape[1]} image tokens "
-                "(conditioning images appended to the sequence are not supported yet)"
+                "(conditioning images appended to the sequence, e.g. FLUX Kontext, are not supported)"
             )
         return (1, h, w)

@@ -3,7 +3,8 @@ single-stream blocks.
 
 Sequence [video, text] (text appended after the video tokens); RoPE on the video part only;
 padded text tokens are masked as keys (the model's [B, 1, 1, N] mask), which attnplug turns
-into a key mask on the block layout. The model builds that mask once per forward and passes the
+into a key mask on the block layout. Forward signature: (hidden_states, timestep,
+encoder_hidden_states, encoder_attention_mask, ...). The model builds that mask once per forward and passes the
 same tensor to every block: its key mask and the key-masked layouts are resolved at the first
 sparse layer of a forward (one host sync: a comparison with the previous forward's mask, and
 `BlockLayout.with_key_mask` on the host only when the contents changed) and reused by the others.
@@ -25,6 +26,19 @@ class HunyuanVideoSparseProcessor(SparseProcessor):
     """`HunyuanVideoAttnProcessor2_0` with the attention call replaced by attnplug's."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        n_txt = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        if attention_mask is not None and (
+            attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[2] != 1
+        ):
+            raise ValueError(
+                "attnplug[hunyuan_video]: expected the model's boolean key-padding mask [B, 1, 1, N], got "
+                f"{attention_mask.dtype} {tuple(attention_mask.shape)}"
+            )
+        plan = self.plan(
+            hidden_states, heads=attn.heads, head_dim=attn.inner_dim // attn.heads, text_len=n_txt, text_first=False
+        )
+        if plan is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.embeddings import apply_rotary_emb
 
         single = attn.add_q_proj is None
@@ -37,7 +51,6 @@ class HunyuanVideoSparseProcessor(SparseProcessor):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        n_txt = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         if image_rotary_emb is not None:
             if single and n_txt:
                 query = torch.cat(
@@ -60,15 +73,8 @@ class HunyuanVideoSparseProcessor(SparseProcessor):
             query, key, value = (torch.cat([a, b], dim=1) for a, b in ((query, eq), (key, ek), (value, ev)))
         key_mask = None
         if attention_mask is not None:
-            if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[2] != 1:
-                raise ValueError(
-                    "attnplug[hunyuan_video]: expected the model's boolean key-padding mask [B, 1, 1, N], got "
-                    f"{attention_mask.dtype} {tuple(attention_mask.shape)}"
-                )
             key_mask = self.runtime.key_mask_of(attention_mask, _key_mask)  # one tensor for all layers
-        out = self.attend(
-            query, key, value, text_len=n_txt, text_first=False, key_mask=key_mask, dense_mask=attention_mask
-        )
+        out = self.run(plan, query, key, value, text_len=n_txt, text_first=False, key_mask=key_mask)
         hidden_states = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, :-n_txt], hidden_states[:, -n_txt:]
@@ -84,7 +90,7 @@ class HunyuanVideoSparseProcessor(SparseProcessor):
 class HunyuanVideoAdapter(Adapter):
     name = "hunyuan_video"
     model_classes = ("HunyuanVideoTransformer3DModel",)
-    processor_cls = HunyuanVideoSparseProcessor
+    processors = {"HunyuanVideoAttnProcessor2_0": HunyuanVideoSparseProcessor}
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         mods = [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(model.transformer_blocks)]
@@ -92,6 +98,6 @@ class HunyuanVideoAdapter(Adapter):
         return mods
 
     def grid(self, model, args, kwargs):
-        _, _, f, h, w = hidden_states_arg(args, kwargs).shape
+        _, _, f, h, w = hidden_states_arg(model, args, kwargs).shape
         p, pt = model.config.patch_size, model.config.patch_size_t
         return (f // pt, h // p, w // p)

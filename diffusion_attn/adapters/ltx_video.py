@@ -1,7 +1,9 @@
 """LTX-Video (`LTXVideoTransformer3DModel`): self-attention `attn1` of every block.
 
 Packed latents [B, N, C] with N = num_frames x height x width (the forward's arguments);
-text enters through the cross-attention `attn2`, left untouched. RoPE on q and k.
+text enters through the cross-attention `attn2`, left untouched. RoPE on q and k. Forward
+signature: (hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, num_frames,
+height, width, ...); image-to-video passes per-token timesteps [B, N] (0 on the conditioning frame).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ class LTXVideoSparseProcessor(SparseProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if encoder_hidden_states is not None or attention_mask is not None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        plan = self.plan(
+            hidden_states, heads=attn.heads, head_dim=attn.inner_dim // attn.heads, text_len=0, text_first=False
+        )
+        if plan is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
         query = attn.norm_q(attn.to_q(hidden_states))
@@ -26,7 +33,7 @@ class LTXVideoSparseProcessor(SparseProcessor):
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        out = self.attend(query, key, value, text_len=0, text_first=False)
+        out = self.run(plan, query, key, value, text_len=0, text_first=False)
         hidden_states = out.flatten(2, 3).to(query.dtype)
         return attn.to_out[1](attn.to_out[0](hidden_states))
 
@@ -35,17 +42,19 @@ class LTXVideoSparseProcessor(SparseProcessor):
 class LTXVideoAdapter(Adapter):
     name = "ltx_video"
     model_classes = ("LTXVideoTransformer3DModel",)
-    processor_cls = LTXVideoSparseProcessor
+    processors = {"LTXVideoAttnProcessor": LTXVideoSparseProcessor}
+    grid_inputs = ("hidden_states", "num_frames", "height", "width")
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.transformer_blocks)]
 
     def grid(self, model, args, kwargs):
-        n = hidden_states_arg(args, kwargs).shape[1]
-        f, h, w = (kwargs.get(k) for k in ("num_frames", "height", "width"))
+        n = hidden_states_arg(model, args, kwargs).shape[1]
+        f, h, w = (self.forward_arg(model, args, kwargs, k) for k in ("num_frames", "height", "width"))
         if None in (f, h, w) or f * h * w != n:
             raise ValueError(
                 f"attnplug[ltx_video]: cannot read the token grid: num_frames x height x width = {f} x {h} x {w} "
-                f"must equal the {n} packed tokens (pass them to the transformer as keyword arguments)"
+                f"must equal the {n} packed tokens (pass num_frames, height and width to the transformer; "
+                "conditioning latents appended to the sequence are not supported)"
             )
         return (int(f), int(h), int(w))

@@ -1,35 +1,55 @@
 """Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel`): joint attention of every block and, for
 SD3.5's dual-attention blocks, the extra image self-attention `attn2`.
 
-Sequence [image, text] (image first), no RoPE; patchify p x p on a [B, C, H, W] latent.
+Sequence [image, text] (image first), no RoPE; patchify p x p on a [B, C, H, W] latent. Forward
+signature: (hidden_states, encoder_hidden_states, pooled_projections, timestep, ...). Dense plans
+run `JointAttnProcessor2_0` itself (it calls `F.scaled_dot_product_attention` directly and ignores
+`attention_mask`; so does the sparse path).
+
+IP-Adapter (`SD3IPAdapterJointAttnProcessor2_0`): the joint attention is attnplug's; the
+image-prompt term (image queries against image + IP keys, dense, with the processor's own norms)
+is computed exactly as diffusers does and added with the processor's scale.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .base import Adapter, SparseProcessor, hidden_states_arg, register_adapter
+from .base import Adapter, SparseProcessor, WrappedModuleProcessor, hidden_states_arg, register_adapter
 
 
 class SD3SparseProcessor(SparseProcessor):
     """`JointAttnProcessor2_0` with the attention call replaced by attnplug's."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        if attention_mask is not None:
+        out = self._joint(attn, hidden_states, encoder_hidden_states)
+        if out is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        hidden_states, encoder_hidden_states = out[0], out[1]
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+    def _joint(self, attn, hidden_states, encoder_hidden_states):
+        """(image attention before to_out, text out, raw image q, k, v) or None when the plan is dense."""
         n_img = hidden_states.shape[1]
         B = hidden_states.shape[0]
+        n_txt = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        hd = attn.to_k.out_features // attn.heads
+        plan = self.plan(hidden_states, heads=attn.heads, head_dim=hd, text_len=n_txt, text_first=False)
+        if plan is None:
+            return None
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        hd = key.shape[-1] // attn.heads
         query, key, value = (t.view(B, -1, attn.heads, hd).transpose(1, 2) for t in (query, key, value))
+        raw = (query, key, value)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        n_txt = 0
         if encoder_hidden_states is not None:
-            n_txt = encoder_hidden_states.shape[1]
             eq, ek, ev = (
                 proj(encoder_hidden_states).view(B, -1, attn.heads, hd).transpose(1, 2)
                 for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
@@ -39,12 +59,43 @@ class SD3SparseProcessor(SparseProcessor):
             if attn.norm_added_k is not None:
                 ek = attn.norm_added_k(ek)
             query, key, value = torch.cat([query, eq], 2), torch.cat([key, ek], 2), torch.cat([value, ev], 2)
-        out = self.attend(*(t.transpose(1, 2) for t in (query, key, value)), text_len=n_txt, text_first=False)
+        out = self.run(plan, *(t.transpose(1, 2) for t in (query, key, value)), text_len=n_txt, text_first=False)
         hidden_states = out.reshape(B, -1, attn.heads * hd).to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, :n_img], hidden_states[:, n_img:]
             if not attn.context_pre_only:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states, raw
+
+
+class SD3IPSparseProcessor(WrappedModuleProcessor, SD3SparseProcessor):
+    """`SD3IPAdapterJointAttnProcessor2_0`: attnplug's joint attention plus diffusers' IP-Adapter term."""
+
+    def __init__(self, runtime, layer, original) -> None:
+        WrappedModuleProcessor.__init__(self, original)
+        SD3SparseProcessor.__init__(self, runtime, layer, original)
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, ip_hidden_states=None, temb=None
+    ):
+        out = self._joint(attn, hidden_states, encoder_hidden_states)
+        if out is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, ip_hidden_states, temb)
+        hidden_states, encoder_hidden_states, (img_query, img_key, img_value) = out
+        scale = self.original.scale
+        if scale != 0 and ip_hidden_states is not None:  # as SD3IPAdapterJointAttnProcessor2_0
+            batch_size, head_dim = img_query.shape[0], img_query.shape[-1]
+            norm_ip = self.norm_ip(ip_hidden_states, temb=temb)
+            ip_key = self.to_k_ip(norm_ip).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            ip_value = self.to_v_ip(norm_ip).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            query = self.norm_q(img_query)
+            img_key = self.norm_k(img_key)
+            ip_key = self.norm_ip_k(ip_key)
+            key = torch.cat([img_key, ip_key], dim=2)
+            value = torch.cat([img_value, ip_value], dim=2)
+            ip_out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+            ip_out = ip_out.transpose(1, 2).view(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+            hidden_states = hidden_states + ip_out * scale
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if encoder_hidden_states is not None:
             return hidden_states, encoder_hidden_states
@@ -55,7 +106,10 @@ class SD3SparseProcessor(SparseProcessor):
 class SD3Adapter(Adapter):
     name = "sd3"
     model_classes = ("SD3Transformer2DModel",)
-    processor_cls = SD3SparseProcessor
+    processors = {
+        "JointAttnProcessor2_0": SD3SparseProcessor,
+        "SD3IPAdapterJointAttnProcessor2_0": SD3IPSparseProcessor,
+    }
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         mods = []
@@ -66,6 +120,6 @@ class SD3Adapter(Adapter):
         return mods
 
     def grid(self, model, args, kwargs):
-        _, _, h, w = hidden_states_arg(args, kwargs).shape
+        _, _, h, w = hidden_states_arg(model, args, kwargs).shape
         p = model.config.patch_size
         return (1, h // p, w // p)

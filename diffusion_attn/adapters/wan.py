@@ -2,7 +2,7 @@
 
 Tokens: frames x height x width after the (t, h, w) patchify, no text in self-attention
 (text enters through the cross-attention `attn2`, left untouched). RoPE on q and k as in
-`WanAttnProcessor`.
+`WanAttnProcessor`. Forward signature: (hidden_states, timestep, encoder_hidden_states, ...).
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ class WanSparseProcessor(SparseProcessor):
     """`WanAttnProcessor` for self-attention with the attention call replaced by attnplug's."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if encoder_hidden_states is not None or attn.add_k_proj is not None:
+        if encoder_hidden_states is not None or attn.add_k_proj is not None or attention_mask is not None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        plan = self.plan(
+            hidden_states, heads=attn.heads, head_dim=attn.inner_dim // attn.heads, text_len=0, text_first=False
+        )
+        if plan is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
@@ -41,7 +46,7 @@ class WanSparseProcessor(SparseProcessor):
         if rotary_emb is not None:
             query = _wan_rope(query, *rotary_emb)
             key = _wan_rope(key, *rotary_emb)
-        hidden_states = self.attend(query, key, value, text_len=0, text_first=False, dense_mask=attention_mask)
+        hidden_states = self.run(plan, query, key, value, text_len=0, text_first=False)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
@@ -51,12 +56,12 @@ class WanSparseProcessor(SparseProcessor):
 class WanAdapter(Adapter):
     name = "wan"
     model_classes = ("WanTransformer3DModel",)
-    processor_cls = WanSparseProcessor
+    processors = {"WanAttnProcessor": WanSparseProcessor}
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(f"blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.blocks)]
 
     def grid(self, model, args, kwargs):
-        _, _, f, h, w = hidden_states_arg(args, kwargs).shape
+        _, _, f, h, w = hidden_states_arg(model, args, kwargs).shape
         pt, ph, pw = model.config.patch_size
         return (f // pt, h // ph, w // pw)
