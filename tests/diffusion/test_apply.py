@@ -12,7 +12,7 @@ import diffusion_attn as da
 from attn_kernels import BlockLayout
 from diffusion_attn.variants.base import Variant
 
-from .tiny import BUILDERS, VIDEO_FAMILIES, run, save_load
+from .tiny import BUILDERS, VIDEO_FAMILIES, run, save_load, tiny_wan
 
 
 class ForceKernel(Variant):
@@ -159,15 +159,30 @@ def test_apply_twice_refused_and_remove_twice_noop_and_reapply():
     assert torch.equal(run(model, inputs), ref)
 
 
-def test_untouched_and_dense_calls_keep_set_attention_backend():
-    model, inputs = BUILDERS["wan"]()
+def test_untouched_and_dense_calls_keep_set_attention_backend(backend_spy, restore_active_backend):
+    """Dense calls (and the untouched cross-attention) run on the backend the user set, before and while applied;
+    a backend set while applied takes effect at once and stays after remove()."""
+    model, inputs = tiny_wan()
+    ref = run(model, inputs)
     model.set_attention_backend("_native_math")
-    with da.apply(model, Recorder()):
-        for block in model.blocks:
-            assert str(block.attn1.processor._attention_backend) == str(block.attn2.processor._attention_backend)
-            assert "NATIVE_MATH" in str(block.attn1.processor._attention_backend)
+    radial = da.Radial(dense_steps=1, dense_layers=1, block_size=16)
+    with da.apply(model, radial, step_source="callback") as handle:
+        backend_spy.clear()
+        handle.set_step(0)  # warm-up: every call dense
+        out = run(model, inputs)
+        assert backend_spy == {"_native_math": 4} and handle.attention_calls == 0  # 2 x attn1 + 2 x attn2
+        torch.testing.assert_close(out, ref)
+        backend_spy.clear()
+        handle.set_step(1)  # layer 0 dense (dense_layers=1), layer 1 sparse
         run(model, inputs)
-    assert "NATIVE_MATH" in str(model.blocks[0].attn1.processor._attention_backend)
+        assert backend_spy == {"_native_math": 3} and handle.attention_calls == 1
+        model.set_attention_backend("native")  # while applied
+        backend_spy.clear()
+        run(model, inputs)
+        assert backend_spy == {"native": 3} and handle.attention_calls == 2
+    backend_spy.clear()
+    assert torch.equal(run(model, inputs), ref)
+    assert backend_spy == {"native": 4}  # the user's later choice survived remove()
 
 
 def test_accelerate_cpu_offload_hooks():

@@ -190,8 +190,13 @@ def test_timestep_mode_reads_the_timestep_callback_mode_does_not():
         assert handle.step_source == "hook"
         with torch.no_grad():
             model(**inputs, return_dict=False)
-            with pytest.raises(HostSync, match=r"__float__.*observe_timestep"), NoHostSync():
+            with pytest.raises(HostSync, match=r"__float__.*timestep_value.*observe"), NoHostSync():
                 model(**inputs, return_dict=False)
+            with model.cache_context("cond", step_index=1):
+                model(**inputs, return_dict=False)  # first sparse forward: builds the layout on the host
+            with model.cache_context("cond", step_index=2), NoHostSync(tolerate=("attn_kernels/reference.py",)):
+                model(**inputs, return_dict=False)  # WanPipeline's context carries the step: nothing read
+            assert handle.step == 2 and handle.step_source == "hook"
             handle.set_step(1)
             assert handle.step_source == "callback"
             model(**inputs, return_dict=False)  # first sparse forward: builds the layout on the host

@@ -159,3 +159,70 @@ def save_load(model, path: Path):
     """save_pretrained + from_pretrained (offline) of a tiny model."""
     model.save_pretrained(path)
     return type(model).from_pretrained(path).eval()
+
+
+# -- tiny real pipelines (components from attn_pipelines.tiny: tokenizer, UMT5, Wan VAE) ----------------
+def tiny_wan_pipeline(
+    kind: str = "t2v",
+    *,
+    two_experts: bool = False,
+    boundary_ratio: float | None = None,
+    expand_timesteps: bool = False,
+    scheduler=None,
+):
+    """A tiny `WanPipeline` ("t2v") or `WanImageToVideoPipeline` ("i2v"), optionally Wan2.2-style with
+    `transformer_2` (a perturbed copy of `transformer`) switched in below `boundary_ratio`."""
+    import copy
+
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    from attn_pipelines.tiny import build_tiny_pipeline
+
+    c = build_tiny_pipeline("wan").components
+    t2 = None
+    if two_experts:
+        t2 = copy.deepcopy(c["transformer"])
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in t2.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    kw = dict(
+        tokenizer=c["tokenizer"],
+        text_encoder=c["text_encoder"],
+        vae=c["vae"],
+        scheduler=scheduler if scheduler is not None else c["scheduler"],
+        transformer=c["transformer"],
+        transformer_2=t2,
+        boundary_ratio=boundary_ratio,
+        expand_timesteps=expand_timesteps,
+    )
+    pipe = (WanPipeline if kind == "t2v" else WanImageToVideoPipeline)(**kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_pipeline_inputs(pipe, steps: int = 4, **extra) -> dict:
+    """Call arguments of a tiny Wan pipeline: 5 frames of 48 x 64 pixels (token grid 2 x 3 x 4), prompt
+    embeddings given (the prompt cleaner needs ftfy), CFG on (two transformer calls per step), latents out."""
+    g = torch.Generator().manual_seed(0)
+    dim = pipe.text_encoder.config.d_model
+    pe = torch.randn(1, 7, dim, generator=g)
+    kw = dict(
+        prompt_embeds=pe,
+        negative_prompt_embeds=-pe,
+        num_inference_steps=steps,
+        height=48,
+        width=64,
+        num_frames=5,
+        guidance_scale=4.0,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
+    if type(pipe).__name__ == "WanImageToVideoPipeline":
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        kw["image"] = Image.fromarray((rng.random((48, 64, 3)) * 255).astype("uint8"))
+    kw.update(extra)
+    return kw
