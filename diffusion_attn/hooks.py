@@ -306,6 +306,9 @@ class AttnHandle:
                 "they run the processor that was set, and remove() leaves it in place"
             )
         for v in self.variants:
+            missing = v.missing_num_steps(rt.num_steps)
+            if missing:  # fail at the first forward, not after a dense warm-up
+                raise ValueError(missing)
             reason = v.inactive_reason(rt.family, rt.num_steps, rt.num_layers)
             if reason:
                 self._warn_once(f"attnplug[{rt.family}] {rt.model_name}: {reason}")

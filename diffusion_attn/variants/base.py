@@ -147,6 +147,11 @@ class Variant:
         host-built layout exists before a forward is compiled or captured."""
         return (0,)
 
+    def missing_num_steps(self, num_steps: int | None) -> str | None:
+        """An error message when this variant needs the generation's number of steps and neither it nor
+        `num_steps` (what the handle knows) gives it; None when it can run."""
+        return None
+
     def inactive_reason(self, family: str, num_steps: int | None, num_layers: int) -> str | None:
         """Why this variant would change nothing in a generation of `num_steps` steps on `num_layers`
         hooked layers (e.g. every step inside a dense warm-up), or None. Logged as a warning."""

@@ -235,13 +235,21 @@ class Radial(Variant):
         if self.dense_last_steps > 0:
             total = self.num_steps if self.num_steps is not None else ctx.num_steps
             if total is None:
-                raise ValueError(
-                    f"Radial.dense_last_steps={self.dense_last_steps} needs the number of denoising steps: pass "
-                    "apply(..., num_steps=N) or Radial(num_steps=N), or run the diffusers pipeline given to apply()"
-                )
+                raise ValueError(self._needs_steps_message())
             if ctx.step >= total - self.dense_last_steps:
                 return True
         return False
+
+    def _needs_steps_message(self) -> str:
+        return (
+            f"Radial.dense_last_steps={self.dense_last_steps} needs the number of denoising steps: pass "
+            "apply(..., num_steps=N) or Radial(num_steps=N), or run the diffusers pipeline given to apply()"
+        )
+
+    def missing_num_steps(self, num_steps: int | None) -> str | None:
+        if self.dense_last_steps > 0 and self.num_steps is None and num_steps is None:
+            return self._needs_steps_message()
+        return None
 
     def inactive_reason(self, family: str, num_steps: int | None, num_layers: int) -> str | None:
         """Every layer or every step dense: the variant changes nothing."""
