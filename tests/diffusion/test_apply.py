@@ -194,3 +194,63 @@ def test_accelerate_cpu_offload_hooks():
         out = run(model, inputs)
         assert handle.attention_calls > 0
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_dense_last_steps_through_apply_num_steps():
+    """Radial(dense_last_steps=2) learns the number of steps from apply(num_steps=...): the last two steps are
+    dense, also with the default step source (timesteps of a custom loop, no pipeline)."""
+    model, inputs = BUILDERS["wan"]()
+    radial = da.Radial(dense_steps=1, dense_layers=0, dense_last_steps=2, block_size=16)
+    with da.apply(model, radial, num_steps=6) as handle:
+        per_step = []
+        for t in (900.0, 800.0, 700.0, 600.0, 500.0, 400.0):
+            calls = handle.attention_calls
+            run(model, {**inputs, "timestep": torch.tensor([t])})
+            per_step.append(handle.attention_calls - calls)
+        assert handle.num_steps == 6
+    assert per_step == [0, 2, 2, 2, 0, 0]
+    with da.apply(model, da.Radial(dense_last_steps=2)):  # no number of steps anywhere: a clear error
+        with pytest.raises(ValueError, match=r"dense_last_steps=2 needs the number of denoising steps.*num_steps"):
+            run(model, {**inputs, "timestep": torch.tensor([900.0])})
+    with pytest.raises(ValueError, match=r"num_steps must be an int >= 1"):
+        da.apply(model, radial, num_steps=0)
+
+
+def test_flux_grid_errors():
+    model, inputs = BUILDERS["flux"]()
+    with da.apply(model, ForceKernel()):
+        with pytest.raises(
+            ValueError, match=r"attnplug\[flux\]: the transformer must be called with hidden_states and img_ids"
+        ):
+            run(model, {**inputs, "img_ids": None})
+        with pytest.raises(ValueError, match=r"img_ids must be \[N, 3\]"):
+            run(model, {**inputs, "img_ids": inputs["img_ids"][:, :2]})
+        extra = torch.cat([inputs["hidden_states"], inputs["hidden_states"][:, :8]], 1)  # conditioning tokens
+        ids = torch.cat([inputs["img_ids"], inputs["img_ids"][:8]])
+        with pytest.raises(ValueError, match=r"6 x 8 grid but there are 56 image tokens.*not supported"):
+            run(model, {**inputs, "hidden_states": extra, "img_ids": ids})
+
+
+def test_ltx_grid_errors():
+    model, inputs = BUILDERS["ltx_video"]()
+    with da.apply(model, ForceKernel()):
+        with pytest.raises(ValueError, match=r"num_frames x height x width = 3 x 4 x 5 must equal the 72 packed"):
+            run(model, {**inputs, "width": 5})
+        with pytest.raises(ValueError, match=r"None x 4 x 6"):
+            run(model, {**inputs, "num_frames": None})
+
+
+def test_hunyuan_mask_errors_and_unseen_grid():
+    model, inputs = BUILDERS["hunyuan_video"]()
+    attn = model.transformer_blocks[0].attn
+    hs, enc = torch.randn(1, 48, 32), torch.randn(1, 9, 32)
+    with da.apply(model, ForceKernel()):
+        with pytest.raises(RuntimeError, match=r"token grid is unknown.*outside the transformer"):
+            attn(hs, enc)  # never seen a transformer forward
+        run(model, inputs)
+        with pytest.raises(ValueError, match=r"boolean key-padding mask \[B, 1, 1, N\], got torch.float32"):
+            attn(hs, enc, attention_mask=torch.zeros(1, 1, 1, 57))
+        with pytest.raises(ValueError, match=r"got torch.bool \(1, 1, 57, 57\)"):
+            attn(hs, enc, attention_mask=torch.ones(1, 1, 57, 57, dtype=torch.bool))
+        with pytest.raises(RuntimeError, match=r"has 57 tokens but the attention call has 41 queries"):
+            attn(hs[:, :32], enc)

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
+import attn_kernels  # part of this repository: a missing package must fail, not skip
 from diffusion_attn.variants import AttnContext, AttnPlan, LiteAttention, TokenLayout
 
-attn_kernels = pytest.importorskip("attn_kernels")
 B = 16  # block size used throughout (small layouts)
 
 
@@ -154,6 +154,35 @@ def test_must_do_and_must_skip_frames():
     assert bool(visit[:, 2:4].all())  # must-do frame 1 (key blocks 2, 3)
     assert not bool(visit[:, 6:].any())
     assert not bool(visit.all())
+
+
+def test_must_do_and_must_skip_in_tokens():
+    """range_unit="token": ranges are visual token indices (text excluded), here after 20 text tokens."""
+    lay = TokenLayout((4, 4, 8), text_len=20, text_first=True)  # 148 tokens: text 0-19, visual 20-147
+    var = LiteAttention(
+        threshold=-2.0, block_size=B, range_unit="token", must_do=((60, 76),), must_skip=((92, 128),)
+    )
+    always, never, text_blk = var.static_masks(lay)
+    # visual token t sits at sequence position 20 + t: must-do 80-95 = block 5; must-skip 112-147 covers
+    # blocks 7, 8 and the 4-token tail block 9 entirely; block 6 (96-111) holds no must-skip key
+    assert text_blk.nonzero().flatten().tolist() == [0, 1]
+    assert bool(always[:, 5].all()) and not bool(always[2:, 4].any()) and not bool(always[2:, 6].any())
+    assert never[2].nonzero().flatten().tolist() == [7, 8, 9]
+    assert not bool(never[:2].any())  # text rows see everything
+    state: dict = {}
+    q, k, v = _structured(lay.seq_len, strength=8.0)
+    out, plan = _call(var, _ctx(lay, 0, state), q, k, v)
+    keep = torch.ones(lay.seq_len, lay.seq_len, dtype=torch.bool)
+    keep[20:, 112:] = False  # visual queries never see the must-skip keys; text queries see everything
+    torch.testing.assert_close(
+        out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep), atol=1e-5, rtol=1e-5
+    )
+    for step in range(1, 4):
+        _, plan = _call(var, _ctx(lay, step, state), q, k, v)
+    visit = plan.layout.to_block_mask()[0, 0]
+    assert bool(visit[:, 5].all())  # must-do block never skipped
+    with pytest.raises(ValueError, match=r"must_skip\[0\] = \(92, 200\) must lie in \[0, 128\] tokens"):
+        LiteAttention(range_unit="token", must_skip=((92, 200),), block_size=B).plan(_ctx(lay, 0, {}), AttnPlan())
 
 
 def test_warmup_and_recalibration_steps():
