@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import torch.nn as nn
 
-__all__ = ["InjectionHandle", "VisionVariant", "inject", "get_submodule_parent"]
+__all__ = ["InjectionHandle", "VisionVariant", "inject", "get_submodule_parent", "make_view"]
 
 
 class VisionVariant(Protocol):
@@ -26,6 +26,29 @@ def get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 
 _MISSING = object()
+_DICTS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_forward_hooks",
+          "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_state_dict_hooks", "_load_state_dict_pre_hooks")  # fmt: skip
+
+
+def make_view(module: nn.Module, cls: type) -> nn.Module:
+    """A new object of `cls` (a subclass of `type(module)`) sharing `module`'s parameters, buffers and
+    children, with its own containers: adding a child to the view leaves `module` untouched.
+
+    Used where timm blocks have no slot for a new module: the view's forward (a copy of timm's with
+    the new module called in place) runs instead of the block's, and `remove()` puts the original
+    object back. No hooks: TorchScript and FX see the new module in the forward.
+    """
+    if not issubclass(cls, type(module)):
+        raise TypeError(f"make_view: {cls.__name__} is not a subclass of {type(module).__name__}")
+    view = cls.__new__(cls)
+    state = dict(module.__dict__)
+    for key in _DICTS:
+        if key in state:
+            state[key] = type(state[key])(state[key])
+    view.__dict__.update(state)
+    view._attnplug_view = True
+    return view
 
 
 @dataclass
@@ -50,6 +73,8 @@ class InjectionHandle:
     added: list[tuple[nn.Module, str, Any]] = field(default_factory=list)  # (parent, name, previous attr)
     hooks: list[Any] = field(default_factory=list)  # torch RemovableHandles
     attrs: list[tuple[Any, str, Any]] = field(default_factory=list)  # (object, attribute, previous value)
+    new_parameter_names: list[str] = field(default_factory=list)  # parameters the injection created
+    new_state_keys: list[str] = field(default_factory=list)  # state_dict keys it added (parameters + buffers)
     removed: bool = False
 
     def replace(self, parent: nn.Module, name: str, new: nn.Module) -> None:
@@ -95,12 +120,28 @@ class InjectionHandle:
 
     @property
     def new_modules(self) -> list[nn.Module]:
-        return [r.new for r in self.replacements] + [p._modules[n] for p, n, _ in self.added if n in p._modules]
+        """The modules the injection put in (views of timm blocks excluded). An agent module holds timm's
+        reused qkv / proj: `new_parameters()` gives exactly the parameters that are new."""
+        created = [r.new for r in self.replacements if not getattr(r.new, "_attnplug_view", False)]
+        return created + [p._modules[n] for p, n, _ in self.added if n in p._modules]
+
+    def new_parameters(self) -> dict[str, nn.Parameter]:
+        """name -> parameter for exactly the parameters this injection created (reused timm modules,
+        e.g. agent attention's qkv and proj, are not among them)."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in self.new_parameter_names if n in params}
 
     def remove(self) -> nn.Module:
-        """Undo every replacement, last first. Calling it twice is a no-op."""
+        """Undo every replacement, last first. Calling it twice is a no-op. Injections stacked on one
+        model are removed last first (a later one may live inside modules this one created)."""
         if self.removed:
             return self.model
+        live = [h for h in getattr(self.model, "_attnplug_handles", []) if not h.removed]
+        if live and self in live and live[-1] is not self:
+            later = ", ".join(type(h.variant).__name__ for h in live[live.index(self) + 1 :])
+            raise RuntimeError(
+                f"remove(): {type(self.variant).__name__} was injected before {later}; remove the later injection first"
+            )
         for h in reversed(self.hooks):
             h.remove()
         self.hooks.clear()
@@ -119,6 +160,7 @@ class InjectionHandle:
                     "cannot restore it safely"
                 )
             r.parent._modules[r.name] = r.old
+            r.old.train(r.new.training)  # a view may have been switched to eval/train while injected
         self.replacements.clear()
         self.removed = True
         if getattr(self.model, "_attnplug_handles", None):
@@ -139,14 +181,32 @@ def inject(model: nn.Module, variant: VisionVariant) -> InjectionHandle:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"inject(model=...) expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(variant, type):
+        raise TypeError(
+            f"inject(variant=...) expects a variant instance, got the class {variant.__name__}: "
+            f"use {variant.__name__}() (options as keyword arguments)"
+        )
     if not hasattr(variant, "inject"):
-        raise TypeError(f"inject(variant=...) expects a vision_attn variant, got {type(variant).__name__}")
+        raise TypeError(
+            f"inject(variant=...) expects a vision_attn variant (Agent(), CoordAttention(), ECA()), "
+            f"got {type(variant).__name__}"
+        )
+    for h in getattr(model, "_attnplug_handles", []):
+        if not h.removed and type(h.variant) is type(variant):
+            raise ValueError(
+                f"inject(): {type(model).__name__} already has {type(variant).__name__} injected "
+                f"({h.variant!r}); call remove() on that handle first instead of injecting it twice"
+            )
     handle = InjectionHandle(model=model, variant=variant)
+    before = {id(p) for p in model.parameters()}
+    before_keys = set(model.state_dict())
     try:
         variant.inject(model, handle)
     except BaseException:
         handle.remove()
         raise
+    handle.new_parameter_names = [n for n, p in model.named_parameters() if id(p) not in before]
+    handle.new_state_keys = [k for k in model.state_dict() if k not in before_keys]
     if not (handle.replacements or handle.added or handle.attrs):
         handle.removed = True
         raise ValueError(

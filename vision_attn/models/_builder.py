@@ -1,6 +1,7 @@
 """Shared builder of attnplug's registered timm models: timm's base model + an injected variant,
-with local checkpoints (of this model or of the original base) loaded through timm's
-`pretrained_cfg_overlay=dict(file=...)`."""
+local checkpoints (of this model or of the original base) loaded through timm's
+`pretrained_cfg_overlay=dict(file=...)`, and `features_only` wrapped as timm wraps its own
+families (ViT-family: `FeatureGetterNet` on `forward_intermediates`; CNNs: `FeatureListNet`)."""
 
 from __future__ import annotations
 
@@ -8,27 +9,35 @@ from typing import Any
 
 import timm
 import torch.nn as nn
-from timm.models import load_state_dict
+from timm.models._features import FeatureGetterNet, FeatureListNet
+from timm.models._pretrained import PretrainedCfg
 
+from ..checkpoint import load_checkpoint
 from ..inject import inject
 
 __all__ = ["build_injected"]
 
+_FEATURE_KWARGS = ("features_only", "out_indices", "feature_cls", "output_fmt", "flatten_sequential", "feature_cfg")
 
-def _load_local(model: nn.Module, file: str, new_keys: set[str]) -> None:
-    """Load a local checkpoint of the base model or of this model; only attnplug keys may be missing."""
-    state = load_state_dict(file)
-    own = model.state_dict()
-    head_mismatch = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    for k in head_mismatch:  # e.g. a different num_classes: keep the fresh classifier, as timm does
-        state.pop(k)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    bad_missing = [k for k in missing if k not in new_keys and k not in head_mismatch]
-    if bad_missing or unexpected:
-        raise RuntimeError(
-            f"checkpoint {file} does not fit {type(model).__name__}: missing {bad_missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
+
+def _features(model: nn.Module, cfg: dict[str, Any], feature_kwargs: dict[str, Any]) -> nn.Module:
+    """Wrap a full (injected, loaded) model for `features_only=True`, as timm's builder does."""
+    from timm.models._builder import pretrained_cfg_for_features
+
+    out_indices = feature_kwargs.get("out_indices")
+    output_fmt = feature_kwargs.get("output_fmt")
+    if hasattr(model, "blocks") and hasattr(model, "forward_intermediates") and hasattr(model, "patch_embed"):
+        feats = FeatureGetterNet(
+            model, out_indices=3 if out_indices is None else out_indices, output_fmt=output_fmt or "NCHW"
         )
+    else:
+        n = len(model.feature_info)
+        kw = {"output_fmt": output_fmt or getattr(model, "output_fmt", "NCHW")}
+        feats = FeatureListNet(
+            model, out_indices=tuple(range(n)) if out_indices is None else out_indices, flatten_sequential=True, **kw
+        )
+    feats.pretrained_cfg = feats.default_cfg = pretrained_cfg_for_features(cfg)
+    return feats
 
 
 def build_injected(name: str, base: str, variant: Any, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
@@ -36,11 +45,12 @@ def build_injected(name: str, base: str, variant: Any, pretrained: bool, kwargs:
     pretrained_cfg = kwargs.pop("pretrained_cfg", None)
     overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
     kwargs.pop("cache_dir", None)
+    feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}
     model = timm.create_model(base, pretrained=False, **kwargs)
-    before = set(model.state_dict())
     inject(model, variant)
-    new_keys = set(model.state_dict()) - before  # parameters the variant added (reused ones keep their keys)
     cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    if isinstance(pretrained_cfg, PretrainedCfg):
+        pretrained_cfg = pretrained_cfg.to_dict()
     if isinstance(pretrained_cfg, dict):
         cfg.update(pretrained_cfg)
     cfg.update(overlay)
@@ -51,5 +61,7 @@ def build_injected(name: str, base: str, variant: Any, pretrained: bool, kwargs:
                 f"{name} has no published weights: pass pretrained_cfg_overlay=dict(file=...) with a local checkpoint "
                 f"of {name} or of the original {base}"
             )
-        _load_local(model, cfg["file"], new_keys)
+        load_checkpoint(model, cfg["file"])
+    if feature_kwargs.get("features_only"):
+        return _features(model, cfg, feature_kwargs)
     return model

@@ -75,5 +75,5 @@ def eca_efficientnet_b0(pretrained: bool = False, **kwargs: Any) -> nn.Module:
 
 @register_model
 def eca_convnext_tiny(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """ConvNeXt-T with ECA after each block's depthwise conv."""
+    """ConvNeXt-T with ECA at the end of each block's residual branch (after the MLP, before layer scale)."""
     return _create("eca_convnext_tiny", pretrained, **kwargs)

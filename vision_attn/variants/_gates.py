@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.fx import _symbolic_trace as _st
 
 
 class TwoSigmoid(nn.Module):
@@ -15,6 +16,26 @@ class TwoSigmoid(nn.Module):
 
 
 GATE_MODES = ("identity", "original")
+BACKENDS = ("auto", "triton", "eager")
+
+
+#: True while torch.fx symbolically traces (not torch.export, which torch.compiler.is_compiling covers)
+fx_tracing = getattr(_st, "is_fx_symbolic_tracing", _st.is_fx_tracing)
+
+
+def use_fused(x: torch.Tensor, backend: str) -> bool:
+    """Whether a fused-kernel module runs its Triton kernel: backend "triton", or "auto" on CUDA.
+    Never while FX traces or torch.compile compiles (they get the eager formula; inductor fuses it).
+    Call it only outside TorchScript (`if not torch.jit.is_scripting():`)."""
+    if fx_tracing() or torch.compiler.is_compiling():
+        return False
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
+
+
+def check_backend(owner: str, backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{owner}.backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def check_mode(owner: str, mode: str) -> str:

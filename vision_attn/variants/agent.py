@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+from timm.models.swin_transformer import SwinTransformerBlock
 
-__all__ = ["Agent", "AgentAttention", "EvaAgentAttention", "agent_grid"]
+from ._gates import check_backend, fx_tracing, use_fused
+
+__all__ = ["Agent", "AgentAttention", "AgentSwinBlock", "EvaAgentAttention", "agent_grid"]
 
 
 def agent_grid(num_agents: int, grid: tuple[int, int]) -> tuple[int, int]:
@@ -48,27 +52,29 @@ def agent_grid(num_agents: int, grid: tuple[int, int]) -> tuple[int, int]:
 
 
 class AgentAttention(nn.Module):
-    """Drop-in replacement of `timm.layers.Attention` computing agent attention."""
+    """Drop-in replacement of `timm.layers.Attention` (and Swin's `WindowAttention`) computing agent
+    attention. `backend`: "auto" (fused Triton kernel on CUDA, eager elsewhere), "triton", "eager";
+    TorchScript, FX and torch.compile run the eager formula."""
 
     def __init__(
         self, attn: nn.Module, grid: tuple[int, int], num_prefix_tokens: int, num_agents: int, dwc_kernel: int = 3
     ) -> None:
         super().__init__()
         self.num_heads = attn.num_heads
-        self.head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // attn.num_heads)
+        self.head_dim = getattr(attn, "head_dim", attn.proj.in_features // attn.num_heads)
         self.scale = self.head_dim**-0.5
-        self.grid = tuple(grid)
+        self.grid = (int(grid[0]), int(grid[1]))
         self.num_prefix_tokens = num_prefix_tokens
         self.agent_hw = agent_grid(num_agents, self.grid)
         self.num_agents = num_agents
-        self.backend = "auto"  # "auto": fused Triton kernel on CUDA, eager elsewhere; "triton" | "eager"
+        self.backend = "auto"
         dim = self.num_heads * self.head_dim
         # timm's own modules, reused (pretrained weights carry over)
         self.qkv = getattr(attn, "qkv", None)  # EVA may use separate q/k/v projections instead
-        self.q_norm = getattr(attn, "q_norm", nn.Identity())  # Swin's WindowAttention has no qk norm
-        self.k_norm = getattr(attn, "k_norm", nn.Identity())
+        self.q_norm = getattr(attn, "q_norm", None) or nn.Identity()  # Swin's WindowAttention has no qk norm
+        self.k_norm = getattr(attn, "k_norm", None) or nn.Identity()
         self.attn_drop = attn.attn_drop
-        self.norm = getattr(attn, "norm", nn.Identity())
+        self.norm = getattr(attn, "norm", None) or nn.Identity()
         self.proj = attn.proj
         self.proj_drop = attn.proj_drop
         h, n, (gh, gw), p = self.num_heads, num_agents, self.grid, num_prefix_tokens
@@ -86,6 +92,27 @@ class AgentAttention(nn.Module):
         self.ac_bias = nn.Parameter(torch.zeros(1, h, n, p)) if p else None
         self.ca_bias = nn.Parameter(torch.zeros(1, h, p, n)) if p else None
 
+    def set_backend(self, backend: str) -> None:
+        self.backend = check_backend("AgentAttention", backend)
+
+    @torch.jit.unused
+    def set_grid(self, grid: tuple[int, int]) -> None:
+        """Re-target the module to another patch grid (Swin `set_input_size`): the 7x7 block biases
+        are interpolated anyway; row / column biases are resized linearly."""
+        gh, gw = int(grid[0]), int(grid[1])
+        agent_grid(self.num_agents, (gh, gw))  # validate first
+        with torch.no_grad():
+            for name, dim, size in (("ah_bias", 3, gh), ("aw_bias", 4, gw), ("ha_bias", 2, gh), ("wa_bias", 3, gw)):
+                prm = getattr(self, name)
+                if prm.shape[dim] != size:
+                    t = prm.data.movedim(dim, -1)
+                    shape = t.shape
+                    t = F.interpolate(t.reshape(-1, 1, shape[-1]), size=size, mode="linear", align_corners=False)
+                    prm.data = t.reshape(*shape[:-1], size).movedim(-1, dim).contiguous()
+        self.grid = (gh, gw)
+        self.agent_hw = agent_grid(self.num_agents, self.grid)
+        self.pool = nn.AdaptiveAvgPool2d(self.agent_hw)
+
     def _biases(self) -> tuple[torch.Tensor, torch.Tensor]:
         h, n, (gh, gw) = self.num_heads, self.num_agents, self.grid
         b1 = F.interpolate(self.an_bias, size=(gh, gw), mode="bilinear", align_corners=False).unsqueeze(0)
@@ -93,53 +120,71 @@ class AgentAttention(nn.Module):
         b2 = F.interpolate(self.na_bias, size=(gh, gw), mode="bilinear", align_corners=False)
         b2 = b2.permute(0, 2, 3, 1).unsqueeze(0)  # [1, h, gh, gw, n]
         b2 = (b2 + self.ha_bias + self.wa_bias).reshape(1, h, gh * gw, n)
-        if self.num_prefix_tokens:
-            b1 = torch.cat([self.ac_bias, b1], dim=-1)
-            b2 = torch.cat([self.ca_bias, b2], dim=-2)
+        ac, ca = self.ac_bias, self.ca_bias
+        if ac is not None and ca is not None:
+            b1 = torch.cat([ac, b1], dim=-1)
+            b2 = torch.cat([ca, b2], dim=-2)
         return b1, b2
 
     def forward(
         self,
         x: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: Optional[torch.Tensor] = None,  # noqa: UP045 (TorchScript needs Optional)
         is_causal: bool = False,
-        mask: torch.Tensor | None = None,  # Swin's keyword
+        mask: Optional[torch.Tensor] = None,  # noqa: UP045  Swin's keyword
     ) -> torch.Tensor:
-        if is_causal:
-            raise ValueError("AgentAttention does not support is_causal=True")
-        if attn_mask is not None or mask is not None:
-            raise ValueError("AgentAttention does not support attn_mask")
-        self._check_tokens(x.shape[1])
+        if not self._tracing():
+            if is_causal:
+                raise ValueError("AgentAttention does not support is_causal=True")
+            if attn_mask is not None or mask is not None:
+                raise ValueError("AgentAttention does not support attn_mask (agent attention has no token-pair scores)")
+            self._check_tokens(x)
         q, k, v = self._project(x)
-        return self._agent(x, q, k, v)
+        return self._agent(x, q, k, v, None)
 
-    def _check_tokens(self, n: int) -> None:
-        p, (gh, gw) = self.num_prefix_tokens, self.grid
+    def _tracing(self) -> bool:
+        """True under FX symbolic tracing: arguments are proxies (a traced graph is for the traced shapes)."""
+        if not torch.jit.is_scripting():
+            return fx_tracing()
+        return False
+
+    def _check_tokens(self, x: torch.Tensor) -> None:
+        n, p, gh, gw = x.shape[1], self.num_prefix_tokens, self.grid[0], self.grid[1]
         if n != p + gh * gw:
             raise ValueError(
                 f"AgentAttention was built for a {gh}x{gw} patch grid + {p} prefix tokens = {p + gh * gw} tokens, "
-                f"got {n} (image size changed? dynamic image sizes are not supported)"
+                f"got {n} (image size changed? agent attention needs a fixed patch grid)"
             )
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [B, heads, N, head_dim] exactly as timm's Attention computes them."""
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = self.qkv
+        assert qkv is not None
+        q, k, v = qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return self.q_norm(q), self.k_norm(k), v
 
-    def _agent(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate=None) -> torch.Tensor:
-        B, N = x.shape[:2]
+    def _agent(
+        self,
+        x: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        gate: Optional[torch.Tensor],  # noqa: UP045
+    ) -> torch.Tensor:
+        B, N = x.shape[0], x.shape[1]
         C = self.num_heads * self.head_dim  # attention width (EVA may differ from the embedding width)
-        p, (gh, gw) = self.num_prefix_tokens, self.grid
+        p, gh, gw = self.num_prefix_tokens, self.grid[0], self.grid[1]
         qp = q[:, :, p:].reshape(B * self.num_heads, gh, gw, self.head_dim).permute(0, 3, 1, 2)
         agents = self.pool(qp).reshape(B, self.num_heads, self.head_dim, -1).transpose(-1, -2)  # [B,h,n,d]
         b1, b2 = self._biases()
-        fused = self.backend == "triton" or (self.backend == "auto" and x.is_cuda)
-        if fused and not (self.training and getattr(self.attn_drop, "p", 0.0) > 0):
-            from attn_kernels.agent_attn import agent_attention
-
-            out = agent_attention(q, k, v, agents.to(q.dtype), b1.to(q.dtype), b2.to(q.dtype), self.scale, "triton")
-        else:
+        out = torch.empty(0)
+        fused = False
+        if not torch.jit.is_scripting():
+            if use_fused(q, self.backend) and not (self.training and self.attn_drop.p > 0):
+                out = self._fused(q, k, v, agents, b1, b2)
+                fused = True
+        if not fused:
             agent_attn = self.attn_drop(torch.softmax((agents * self.scale) @ k.transpose(-2, -1) + b1, dim=-1))
             agent_v = agent_attn @ v  # [B,h,n,d]
             q_attn = self.attn_drop(torch.softmax((q * self.scale) @ agents.transpose(-2, -1) + b2, dim=-1))
@@ -152,6 +197,13 @@ class AgentAttention(nn.Module):
         if gate is not None:
             out = out * gate
         return self.proj_drop(self.proj(out))
+
+    @torch.jit.unused
+    def _fused(self, q, k, v, agents, b1, b2) -> torch.Tensor:
+        from attn_kernels.agent_attn import agent_attention
+
+        dt = q.dtype
+        return agent_attention(q, k, v, agents.to(dt), b1.to(dt), b2.to(dt), self.scale, "triton")
 
 
 class EvaAgentAttention(AgentAttention):
@@ -167,12 +219,11 @@ class EvaAgentAttention(AgentAttention):
         self.rotate_half = getattr(attn, "rotate_half", False)
 
     def forward(self, x, rope=None, attn_mask=None, is_causal: bool = False) -> torch.Tensor:  # EVA's signature
-        if attn_mask is not None or is_causal:
-            raise ValueError("AgentAttention does not support attn_mask / is_causal")
-        from timm.layers import apply_rot_embed_cat
-
+        if not self._tracing():
+            if attn_mask is not None or is_causal:
+                raise ValueError("AgentAttention does not support attn_mask / is_causal")
+            self._check_tokens(x)
         B, N, _ = x.shape
-        self._check_tokens(N)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         if self.qkv is not None:
             if self.q_bias is None:
@@ -194,14 +245,63 @@ class EvaAgentAttention(AgentAttention):
         return self._agent(x, q, k, v, gate)
 
 
+class AgentSwinBlock(SwinTransformerBlock):
+    """A view (`vision_attn.inject.make_view`) of a Swin block whose attention is agent attention
+    over one global window, no shift. `set_input_size` keeps it global at the new resolution."""
+
+    def set_input_size(self, feat_size, window_size=None, always_partition=None) -> None:
+        self.input_resolution = tuple(int(s) for s in feat_size)
+        if always_partition is not None:
+            self.always_partition = always_partition
+        self.attn.set_grid(self.input_resolution)
+        self._global_window()
+
+    def _global_window(self) -> None:
+        self.window_size = tuple(self.input_resolution)
+        self.shift_size = (0, 0)
+        self.window_area = self.window_size[0] * self.window_size[1]
+        self.dynamic_mask = False
+        self.attn_mask = None
+
+
+def _qualname(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _indices(owner: str, value: object) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(
+            f"{owner} must be a tuple of indices >= 0 or None, got {value!r} (e.g. {owner.split('.')[-1]}=(0, 1))"
+        )
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{owner} must hold int indices >= 0, got {value!r}")
+        out.append(v)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{owner} has a repeated index: {value!r}")
+    return tuple(out)
+
+
+_SUPPORTED_MODELS = (
+    "timm VisionTransformer-family models whose blocks use timm.layers.Attention or timm.models.eva.EvaAttention "
+    "(vit_*, deit_*, eva02_*, vit_*_reg*, incl. register / distillation tokens) and SwinTransformer (swin_*)"
+)
+
+
 @dataclass
 class Agent:
-    """Agent attention for timm VisionTransformer-family models (ViT, DeiT, incl. register tokens)
-    and Swin (the converted stages get one global window, as the paper's Agent-Swin).
+    """Agent attention for timm VisionTransformer-family models (ViT, DeiT, EVA, incl. register
+    tokens) and Swin (the converted stages get one global window, as the paper's Agent-Swin).
 
     num_agents: agents per block (a perfect square for square grids; <= patch tokens);
     blocks: ViT block indices to convert (None = all); stages: Swin stages to convert
     (None = the first two, later stages keep window attention); dwc_kernel: odd DWC kernel size.
+    New biases and the DWC start at zero (the paper's from-scratch configuration); to convert a
+    trained model, see `vision_attn.calibrate`.
     """
 
     name: ClassVar[str] = "agent"
@@ -213,12 +313,15 @@ class Agent:
     def __post_init__(self) -> None:
         if isinstance(self.num_agents, bool) or not isinstance(self.num_agents, int) or self.num_agents < 1:
             raise ValueError(f"Agent.num_agents must be an int >= 1, got {self.num_agents!r}")
-        if not isinstance(self.dwc_kernel, int) or self.dwc_kernel < 1 or self.dwc_kernel % 2 == 0:
+        if (
+            isinstance(self.dwc_kernel, bool)
+            or not isinstance(self.dwc_kernel, int)
+            or self.dwc_kernel < 1
+            or self.dwc_kernel % 2 == 0
+        ):
             raise ValueError(f"Agent.dwc_kernel must be an odd int >= 1, got {self.dwc_kernel!r}")
-        if self.blocks is not None:
-            self.blocks = tuple(int(b) for b in self.blocks)
-        if self.stages is not None:
-            self.stages = tuple(int(b) for b in self.stages)
+        self.blocks = _indices("Agent.blocks", self.blocks)
+        self.stages = _indices("Agent.stages", self.stages)
 
     def inject(self, model: nn.Module, handle) -> None:
         from timm.layers import Attention
@@ -227,13 +330,12 @@ class Agent:
 
         if isinstance(model, SwinTransformer):
             return self._inject_swin(model, handle)
+        if self.stages is not None:
+            raise ValueError(f"Agent.stages applies to SwinTransformer only; {type(model).__name__} takes Agent.blocks")
         blocks = getattr(model, "blocks", None)
         embed = getattr(model, "patch_embed", None)
         if blocks is None or embed is None or not hasattr(embed, "grid_size"):
-            raise ValueError(
-                f"Agent: {type(model).__name__} is not supported; supported: timm VisionTransformer-family models "
-                "(vit_*, deit_*, eva*, incl. register tokens) and SwinTransformer"
-            )
+            raise ValueError(f"Agent: {type(model).__name__} is not supported; supported: {_SUPPORTED_MODELS}")
         if getattr(model, "dynamic_img_size", False):
             raise ValueError("Agent: models created with dynamic_img_size=True are not supported (fixed patch grid)")
         grid = tuple(int(g) for g in embed.grid_size)
@@ -242,10 +344,11 @@ class Agent:
         for i in idx:
             if not 0 <= i < len(blocks):
                 raise ValueError(f"Agent.blocks has index {i}; allowed range [0, {len(blocks)})")
-            attn = blocks[i].attn
+            attn = getattr(blocks[i], "attn", None)
             if type(attn) not in (Attention, EvaAttention):
                 raise ValueError(
-                    f"Agent: block {i} uses {type(attn).__name__}; supported: timm.layers.Attention, EvaAttention"
+                    f"Agent: block {i} of {type(model).__name__} uses {_qualname(attn)}, which is not supported; "
+                    f"supported: {_SUPPORTED_MODELS}"
                 )
         for i in idx:
             cls = EvaAgentAttention if type(blocks[i].attn) is EvaAttention else AgentAttention
@@ -254,20 +357,28 @@ class Agent:
 
     def _inject_swin(self, model: nn.Module, handle) -> None:
         """Each block of the chosen stages: one global window (no shift) and agent attention over it."""
+        from ..inject import make_view
+
+        if self.blocks is not None:
+            raise ValueError("Agent.blocks applies to ViT-family models; for SwinTransformer use Agent.stages")
         stages = (0, 1) if self.stages is None else self.stages
         for s in stages:
             if not 0 <= s < len(model.layers):
                 raise ValueError(f"Agent.stages has index {s}; allowed range [0, {len(model.layers)})")
             for blk in model.layers[s].blocks:
+                if type(blk) is not SwinTransformerBlock:
+                    raise ValueError(
+                        f"Agent: Swin stage {s} has a {_qualname(blk)} block; expected SwinTransformerBlock"
+                    )
                 if getattr(blk, "dynamic_mask", False) or getattr(blk, "always_partition", False):
                     raise ValueError("Agent: Swin blocks with dynamic_mask/always_partition are not supported")
                 agent_grid(self.num_agents, tuple(blk.input_resolution))  # validate before patching
         for s in stages:
-            for blk in model.layers[s].blocks:
+            seq = model.layers[s].blocks
+            for i, blk in enumerate(list(seq)):
                 grid = tuple(int(r) for r in blk.input_resolution)
+                view = make_view(blk, AgentSwinBlock)
+                view._global_window()
+                handle.replace(seq, str(i), view)
                 new = AgentAttention(blk.attn, grid, 0, self.num_agents, self.dwc_kernel)
-                handle.set_attr(blk, "window_size", grid)
-                handle.set_attr(blk, "shift_size", (0, 0))
-                handle.set_attr(blk, "window_area", grid[0] * grid[1])
-                handle.set_attr(blk, "attn_mask", None)
-                handle.replace(blk, "attn", new.to(next(blk.parameters()).device))
+                handle.replace(view, "attn", new.to(next(blk.parameters()).device))

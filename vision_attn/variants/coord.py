@@ -16,21 +16,51 @@ import torch
 import torch.nn as nn
 from timm.layers.coord_attn import CoordAttn
 
-from ._gates import TwoSigmoid, check_mode
+from ._gates import TwoSigmoid, check_mode, use_fused
 
 __all__ = ["CoordAttention", "make_coord"]
 
 
 class FusedCoordAttn(CoordAttn):
-    """timm's `CoordAttn` (same parameters) that runs attnplug's fused Triton kernels on CUDA."""
+    """timm's `CoordAttn` (same parameters) that runs attnplug's fused Triton kernels on CUDA.
+
+    `backend`: "auto" (Triton on CUDA for maps up to the kernel's width limit), "triton", "eager".
+    TorchScript, FX and torch.compile get the eager formula (timm's forward).
+    """
+
+    backend: str = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and not self.has_skip:
-            from attn_kernels.channel_attn import MAX_W, coord_fused
+        if not torch.jit.is_scripting():
+            if not self.has_skip and use_fused(x, self.backend):
+                out = self._fused(x)
+                if out is not None:
+                    return out
+        identity = x  # timm's CoordAttn.forward
+        N, C, H, W = x.size()
+        x_h = x.mean(3, keepdim=True)
+        x_w = x.mean(2, keepdim=True)
+        x_w = x_w.transpose(-1, -2)
+        y = torch.cat([x_h, x_w], dim=2)
+        y = self.conv1(y)
+        y = self.bn1(y)
+        y = self.act(y)
+        x_h, x_w = torch.split(y, [H, W], dim=2)
+        x_w = x_w.transpose(-1, -2)
+        a_h = self.gate(self.conv_h(x_h))
+        a_w = self.gate(self.conv_w(x_w))
+        out = identity * a_w * a_h
+        if self.has_skip:
+            out = out + identity
+        return out
 
-            if x.shape[-1] <= MAX_W:
-                return coord_fused(x, self, backend="triton")
-        return super().forward(x)
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        from attn_kernels.channel_attn import MAX_W, coord_fused
+
+        if x.shape[-1] > MAX_W and self.backend == "auto":
+            return None
+        return coord_fused(x, self, backend="triton")
 
 
 def make_coord(channels: int, reduction: int = 32, mode: str = "identity", min_channels: int = 8) -> CoordAttn:

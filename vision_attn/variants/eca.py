@@ -15,8 +15,9 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 from timm.layers import EcaModule
+from timm.layers.activations import Sigmoid as _TimmSigmoid
 
-from ._gates import TwoSigmoid, check_mode
+from ._gates import TwoSigmoid, check_mode, use_fused
 
 __all__ = ["ECA", "make_eca", "eca_kernel_size"]
 
@@ -29,15 +30,37 @@ def eca_kernel_size(channels: int, gamma: float = 2.0, beta: float = 1.0) -> int
     return max(t if t % 2 else t + 1, 3)
 
 
+_SIGMOIDS = (nn.Sigmoid, _TimmSigmoid)  # timm's create_act_layer("sigmoid") gives its own class
+
+
 class FusedEcaModule(EcaModule):
-    """timm's `EcaModule` (same parameters) that runs attnplug's fused Triton kernel on CUDA."""
+    """timm's `EcaModule` (same parameters) that runs attnplug's fused Triton kernel on CUDA.
+
+    `backend`: "auto" (Triton on CUDA, eager elsewhere), "triton" (always; the kernel raises where it
+    cannot run), "eager". TorchScript, FX and torch.compile get the eager formula (timm's forward).
+    """
+
+    backend: str = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.conv2 is None:
-            from attn_kernels.channel_attn import eca_fused
+        if not torch.jit.is_scripting():
+            if self.conv2 is None and use_fused(x, self.backend):
+                scale = 2.0 if isinstance(self.gate, TwoSigmoid) else 1.0 if isinstance(self.gate, _SIGMOIDS) else 0.0
+                if scale > 0:
+                    return self._fused(x, scale)
+        y = x.mean((2, 3)).view(x.shape[0], 1, -1)  # timm's EcaModule.forward
+        y = self.conv(y)
+        if self.conv2 is not None:
+            y = self.act(y)
+            y = self.conv2(y)
+        y = self.gate(y).view(x.shape[0], -1, 1, 1)
+        return x * y.expand_as(x)
 
-            return eca_fused(x, self.conv.weight, 2.0 if isinstance(self.gate, TwoSigmoid) else 1.0, backend="triton")
-        return super().forward(x)
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        from attn_kernels.channel_attn import eca_fused
+
+        return eca_fused(x, self.conv.weight, scale, backend="triton")
 
 
 def make_eca(channels: int, kernel_size: int | None = None, mode: str = "identity") -> EcaModule:
