@@ -7,9 +7,11 @@ skip set; later calls visit only the surviving tiles, so the skipped set only gr
 `reset`, a new generation, or a recalibration). There is no separate profiling pass.
 
 Our choices (the official code is an FA3 fork with per-instance state):
-* State lives in `ctx.state` (per layer; the adapter clears it on reset) as a bool skip set
-  [B, H, nqb, nkb] per batch size, so CFG batches keep one set per sample and head. It lives on
-  the attention's device and is updated in place.
+* State lives in `ctx.state` (per layer and cache-context branch, so sequential CFG keeps one skip
+  set for "cond" and one for "uncond"; cleared at a new generation) as a bool skip set
+  [B, H, nqb, nkb] per batch size, so batched CFG keeps one set per sample and head. It lives on
+  the attention's device and is updated in place. Under Ulysses context parallelism H is this
+  rank's heads.
 * `warmup_steps` (default 1): steps before it visit every tile; the stats of the last warm-up
   step seed the skip set (with 1, step 0 is dense and seeds it, like the official first call).
 * `recalibrate_every` (None = never): every that many steps after warm-up, all tiles are visited
