@@ -1,17 +1,25 @@
-"""Images/s of agent attention vs softmax attention in ViT-S at 224, 448 and 1024 px.
+"""Where agent attention beats softmax attention: the token-count crossover, CPU (eager) and GPU.
 
-    python benchmarks/agent_bench.py            # CUDA, bf16 (target: >= 3x at 1024^2)
-    python benchmarks/agent_bench.py --smoke    # tiny model on CPU (checks the script)
+    python benchmarks/agent_bench.py                 # CPU: attention-layer sweep, eager agent vs timm's SDPA
+    python benchmarks/agent_bench.py --gpu           # CUDA, bf16: the sweep + ViT-S images/s at 224/448/1024 px
+    python benchmarks/agent_bench.py --smoke         # seconds: tiny sweep (checks the script)
 
-Both models are timm's vit_small_patch16 at the given size; the agent model is the same network
-after `vision_attn.inject(model, Agent(num_agents=49))`. Writes JSON + PNG to benchmarks/results/.
+The sweep times one ViT-S attention layer (dim 384, 6 heads, class token) at square patch grids
+g x g (N = g² + 1 tokens): timm's `Attention` (fused SDPA) against `AgentAttention` built from it
+(n agents; eager on CPU, the fused Triton kernel on CUDA), forward only, median of interleaved
+repeats. The crossover is the smallest N from which agent attention is faster at every larger
+measured N, interpolated (log-log) between the two bracketing sizes. Writes
+results/agent_bench_<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,77 +30,132 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _images_per_s(model, x, cuda: bool, iters: int) -> float:
-    with torch.inference_mode():
-        for _ in range(2):
-            model(x)
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(iters):
-            model(x)
-        if cuda:
-            torch.cuda.synchronize()
-    return x.shape[0] * iters / (time.perf_counter() - t)
+def _time(fn, cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
-def bench(size: int, batch: int, dtype, device, iters: int, smoke: bool) -> dict:
+def layer_sweep(grids, agents, dim, heads, batch, repeats, device, dtype) -> list[dict]:
+    """Seconds per forward of one attention layer, softmax (SDPA) vs agent, at each grid and agent count."""
+    from timm.layers import Attention
+
+    from vision_attn.variants.agent import AgentAttention
+
+    cuda = device.type == "cuda"
+    rows = []
+    for g in grids:
+        n_tok = g * g + 1
+        torch.manual_seed(0)
+        base = Attention(dim, num_heads=heads, qkv_bias=True).to(device, dtype).eval()
+        x = torch.randn(batch, n_tok, dim, device=device, dtype=dtype)
+        mods = {"softmax": base}
+        for n in agents:
+            if n <= g * g and math.isqrt(n) ** 2 == n:
+                mods[f"agent{n}"] = AgentAttention(base, (g, g), 1, n).to(device, dtype).eval()
+        times = {k: [] for k in mods}
+        with torch.inference_mode():
+            for m in mods.values():  # warm-up
+                m(x)
+                m(x)
+            for _ in range(repeats):  # interleaved: load changes hit every method alike
+                for k, m in mods.items():
+                    times[k].append(_time(lambda m=m, x=x: m(x), cuda))
+        row = {"grid": g, "tokens": n_tok, "batch": batch, "softmax_ms": 1e3 * statistics.median(times["softmax"])}
+        for k in mods:
+            if k != "softmax":
+                row[f"{k}_ms"] = 1e3 * statistics.median(times[k])
+                row[f"{k}_speedup"] = row["softmax_ms"] / row[f"{k}_ms"]
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return rows
+
+
+def crossover(rows: list[dict], key: str) -> float | None:
+    """Smallest token count from which `key` speedup stays > 1 (log-log interpolation), None if never."""
+    pts = [(r["tokens"], r[key]) for r in rows if key in r]
+    if not pts or pts[-1][1] <= 1.0:
+        return None
+    i = len(pts) - 1
+    while i > 0 and pts[i - 1][1] > 1.0:
+        i -= 1
+    if i == 0:
+        return float(pts[0][0])  # faster everywhere measured: the crossover is at or below the smallest size
+    (n0, s0), (n1, s1) = pts[i - 1], pts[i]
+    t = (0.0 - math.log(s0)) / (math.log(s1) - math.log(s0))
+    return float(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))))
+
+
+def model_images_per_s(sizes, batch_for, dtype, device, iters: int, agents: int) -> list[dict]:
     import timm
 
     import vision_attn as va
 
-    kw = dict(img_size=size, num_classes=1000)
-    if smoke:
-        kw.update(embed_dim=64, depth=2, num_heads=2)
-    softmax = timm.create_model("vit_small_patch16_224", **kw).to(device, dtype).eval()
-    agent = timm.create_model("vit_small_patch16_224", **kw).to(device, dtype).eval()
-    va.inject(agent, va.Agent(num_agents=4 if smoke else 49))
-    x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     cuda = device.type == "cuda"
-    s = _images_per_s(softmax, x, cuda, iters)
-    a = _images_per_s(agent, x, cuda, iters)
-    return {"img_size": size, "batch": batch, "tokens": (size // 16) ** 2, "softmax_img_s": s, "agent_img_s": a,
-            "speedup": a / s}  # fmt: skip
+    rows = []
+    for size in sizes:
+        softmax = timm.create_model("vit_small_patch16_224", img_size=size).to(device, dtype).eval()
+        agent = timm.create_model("vit_small_patch16_224", img_size=size).to(device, dtype).eval()
+        va.inject(agent, va.Agent(num_agents=agents))
+        x = torch.randn(batch_for(size), 3, size, size, device=device, dtype=dtype)
+        res = {}
+        with torch.inference_mode():
+            for name, m in (("softmax", softmax), ("agent", agent)):
+                m(x)
+                res[name] = x.shape[0] * iters / sum(_time(lambda m=m, x=x: m(x), cuda) for _ in range(iters))
+        rows.append({"img_size": size, "tokens": (size // 16) ** 2 + 1, "batch": x.shape[0],
+                     "softmax_img_s": res["softmax"], "agent_img_s": res["agent"],
+                     "speedup": res["agent"] / res["softmax"]})  # fmt: skip
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny sweep on the CPU (checks the script)")
+    ap.add_argument("--gpu", action="store_true", help="CUDA, bf16, plus whole-model images/s")
+    ap.add_argument("--agents", type=int, nargs="+", default=[16, 49])
+    ap.add_argument("--grids", type=int, nargs="+", default=[8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 64])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args(argv)
-    if args.smoke:
-        device, dtype, plan, iters = torch.device("cpu"), torch.float32, [(32, 2), (64, 2)], 1
-    else:
+    if args.gpu:
         if not torch.cuda.is_available():
-            raise SystemExit("agent_bench.py needs a CUDA GPU (use --smoke to check the script on CPU)")
-        device, dtype, plan, iters = torch.device("cuda"), torch.bfloat16, [(224, 64), (448, 16), (1024, 4)], 20
-    rows = [bench(size, batch, dtype, device, iters, args.smoke) for size, batch in plan]
+            raise SystemExit("agent_bench.py --gpu needs a CUDA GPU")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
+    dim, heads = 384, 6
+    if args.smoke:
+        args.grids, args.agents, args.repeats, dim, heads = [4, 8], [4], 2, 64, 2
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    rows = layer_sweep(args.grids, args.agents, dim, heads, args.batch, args.repeats, device, dtype)
     report = {
         "benchmark": "agent_bench",
+        "command": "python benchmarks/agent_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "smoke": args.smoke,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": {"torch": torch.__version__},
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
+        "threads": torch.get_num_threads(),
+        "load_average_before_after": [load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
+        "versions": {"torch": torch.__version__, "timm": __import__("timm").__version__},
         "dtype": str(dtype),
-        "target": {"speedup_at_1024": 3.0},
-        "results": rows,
-        "pass": None if args.smoke else rows[-1]["speedup"] >= 3.0,
-    }
+        "layer": {"dim": dim, "heads": heads, "class_token": True, "softmax": "timm.layers.Attention (fused SDPA)",
+                  "agent": "AgentAttention " + ("(fused Triton kernel)" if device.type == "cuda" else "(eager)")},
+        "sweep": rows,
+        "crossover_tokens": {f"agent{n}": crossover(rows, f"agent{n}_speedup") for n in args.agents},
+    }  # fmt: skip
+    if args.gpu and not args.smoke:
+        report["vit_small_images_per_s"] = model_images_per_s(
+            [224, 448, 1024], lambda s: {224: 64, 448: 16, 1024: 4}[s], dtype, device, 20, 49
+        )
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "agent_bench_smoke" if args.smoke else f"agent_bench_{report['device'].replace(' ', '_')}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["img_size"] for r in rows], [r["speedup"] for r in rows], "o-")
-    ax.axhline(1.0, color="gray", ls="--")
-    ax.set_xlabel("image size (px)")
-    ax.set_ylabel("agent / softmax images/s")
-    fig.tight_layout()
-    fig.savefig(args.out / f"{stem}.png", dpi=100)
-    print(json.dumps(rows, indent=1))
+    tag = "smoke" if args.smoke else ("gpu" if args.gpu else "cpu")
+    (args.out / f"agent_bench_{tag}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["crossover_tokens"]))
     return report
 
 

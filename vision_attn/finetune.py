@@ -1,17 +1,22 @@
-"""Fine-tune a timm model with an attnplug variant injected, on an ImageFolder dataset.
+"""Fine-tune (or evaluate) a timm model with an attnplug variant injected, on an ImageFolder dataset.
 
     python -m vision_attn.finetune --model resnet50 --variant eca --data /data/imagenette --epochs 5
     accelerate launch -m vision_attn.finetune --model vit_small_patch16_224 --variant agent:num_agents=49 ...
+    python -m vision_attn.finetune --model resnet18 --pretrained-file ckpt.pt --data ./digits --eval-only
 
-The data folder holds `train/<class>/*.jpg` and optionally `val/<class>/*.jpg`. Runs on one GPU,
-several GPUs through `accelerate launch`, or the CPU (`--cpu`). Writes `model.safetensors`,
-`config.json` and `metrics.json` to `--out`.
+`--model` is a timm name or an attnplug-registered one (`agent_deit_tiny_patch16_224`, ...);
+`--variant` is `name:key=value,...` (`vision_attn.spec`; tuples in brackets:
+`agent:num_agents=16,blocks=(1,2,3)`). The data folder holds `train/<class>/*` and optionally
+`val/<class>/*` (a folder of class folders without train/ is the train split). `--pretrained-file`
+is loaded after injection: a checkpoint of the base model or of the injected one (e.g. from
+`vision_attn.calibrate`); its classifier is kept when its shape fits `--num-classes`, and the run
+says so when it is replaced. Writes `model.safetensors`, `config.json` (typed: what
+`load_finetuned(out)` needs to rebuild the model) and `metrics.json` to `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -19,193 +24,421 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 
-__all__ = ["VISION_VARIANTS", "build_model", "main", "parse_variant"]
+from .spec import SpecError, parse_variant, variant_spec
 
+__all__ = ["UsageError", "build_model", "evaluate", "load_finetuned", "main", "parser", "train"]
 
-def _variants() -> dict[str, type]:
-    import vision_attn as va
-
-    return {"eca": va.ECA, "coord": va.CoordAttention, "agent": va.Agent}
-
-
-VISION_VARIANTS = _variants
+TRANSFORMS = ("auto", "timm", "simple")
 
 
-def _coerce(value: str, current: Any) -> Any:
-    if isinstance(current, bool) or value.lower() in ("true", "false"):
-        return value.lower() in ("1", "true", "yes")
-    for cast in (int, float):
+class UsageError(ValueError):
+    """A bad command line / data folder: reported as `error: ...` with exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def _create(name: str, num_classes: int, img_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    import timm
+
+    kwargs = {**kwargs, "num_classes": num_classes}
+    if img_size is not None and "img_size" not in kwargs:
         try:
-            return cast(value)
-        except ValueError:
-            pass
-    if value.lower() == "none":
-        return None
-    return value
+            return timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError as e:  # CNNs take any input size and no img_size argument
+            if "img_size" not in str(e):
+                raise
+    return timm.create_model(name, **kwargs)
 
 
-def parse_variant(spec: str):
-    """`name:key=value,key=value` -> a vision_attn variant; unknown names/keys list the valid ones."""
-    name, _, opts = spec.partition(":")
-    table = _variants()
-    if name not in table:
-        raise ValueError(f"--variant: unknown variant {name!r}; choose one of {sorted(table)}")
-    cls = table[name]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for item in filter(None, opts.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"--variant: option {item!r} must look like key=value")
-        if key not in fields:
-            raise ValueError(f"--variant: {name} has no option {key!r}; valid options: {sorted(fields)}")
-        kwargs[key] = _coerce(value, fields[key].default)
-    return cls(**kwargs)
+def new_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters attnplug injections created in `model` (registered names included)."""
+    return [n for h in getattr(model, "_attnplug_handles", []) if not h.removed for n in h.new_parameter_names]
 
 
-def build_model(args: argparse.Namespace):
-    """Create the timm model (local weights optional), inject the variant; returns (model, handle)."""
+def build_model(
+    model: str,
+    num_classes: int,
+    *,
+    variant: str | None = None,
+    img_size: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    pretrained_file: str | None = None,
+    log=print,
+) -> nn.Module:
+    """timm model (`img_size` passed where the model takes one) + the variant, then the local file."""
     import timm
 
     import vision_attn as va
 
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    if args.pretrained_file:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(args.pretrained_file)))
+    from .checkpoint import load_checkpoint
+
+    if not timm.is_model(model):
+        hint = timm.list_models(f"*{model.split('.')[0][:12]}*")[:8]
+        raise UsageError(f"--model: unknown timm model {model!r}" + (f"; similar: {hint}" if hint else ""))
+    if pretrained_file is not None and not Path(pretrained_file).is_file():
+        raise UsageError(f"--pretrained-file: {pretrained_file!r} does not exist or is not a file")
+    spec = parse_variant(variant) if variant else None  # a bad spec fails before building
+    net = _create(model, num_classes, img_size, model_kwargs or {})
+    if spec is not None:
+        va.inject(net, spec)
+    if pretrained_file:
+        report = load_checkpoint(net, pretrained_file)
+        log(f"--pretrained-file: {report.summary()}")
+        if not report.classifier_replaced and not report.classifier_dropped:
+            log(f"--pretrained-file: the checkpoint's classifier is kept ({num_classes} classes)")
+    return net
+
+
+def load_finetuned(run_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a model trained by `python -m vision_attn.finetune` (or `vision_attn.calibrate`) from
+    its output folder, weights loaded strictly, in eval mode. `model.pretrained_cfg` carries the
+    run's data config (input size, mean, std), so `timm.data.resolve_data_config(model=model)`
+    reproduces its evaluation transform."""
+    from safetensors.torch import load_file
+
+    run = Path(run_dir)
+    if not (run / "config.json").is_file() or not (run / "model.safetensors").is_file():
+        raise FileNotFoundError(f"load_finetuned: {run} needs config.json and model.safetensors")
+    cfg = json.loads((run / "config.json").read_text())
+    model = build_model(
+        cfg["model"], cfg["num_classes"], variant=cfg.get("variant"), img_size=cfg.get("img_size"),
+        model_kwargs=cfg.get("model_kwargs") or {}, log=lambda *_: None,
+    )  # fmt: skip
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    data = cfg.get("data_config") or {}
+    model.pretrained_cfg = {**dict(getattr(model, "pretrained_cfg", {}) or {}), **data}
+    model.attnplug_config = cfg
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def _class_folders(data: str) -> tuple[Path, Path | None, list[str]]:
+    from torchvision.datasets.folder import find_classes
+
+    root = Path(data)
+    if not root.is_dir():
+        raise UsageError(f"--data: {root} is not a directory (expected {root}/train/<class>/*.png|jpg)")
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    val_dir = root / "val" if (root / "val").is_dir() else None
     try:
-        model = timm.create_model(args.model, num_classes=args.num_classes, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ValueError(f"--model: unknown timm model {args.model!r}") from e
-        raise
-    handle = va.inject(model, parse_variant(args.variant)) if args.variant else None
-    return model, handle
+        classes, _ = find_classes(str(train_dir))
+    except FileNotFoundError as e:
+        raise UsageError(f"--data: no class folders under {train_dir} (expected {train_dir}/<class>/*.png|jpg)") from e
+    return train_dir, val_dir, classes
 
 
-def _loaders(args: argparse.Namespace, model):
-    from timm.data import create_transform, resolve_data_config
+def _imagenet_like(folder: Path) -> bool:
+    """Photos of a usual size: RGB and at least 128 px on the short side (a few files looked at)."""
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    files = [p for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMG_EXTENSIONS][:8]
+    if not files:
+        return False
+    for f in files:
+        with Image.open(f) as im:
+            if im.mode not in ("RGB", "RGBA", "CMYK", "YCbCr") or min(im.size) < 128:
+                return False
+    return True
+
+
+def data_config(model: nn.Module, img_size: int | None) -> dict[str, Any]:
+    """timm's resolved data config for the model (input size overridden by `img_size`)."""
+    from timm.data import resolve_data_config
+
+    overrides = {"input_size": (3, img_size, img_size)} if img_size else {}
+    cfg = resolve_data_config(overrides, model=model)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def make_transform(cfg: dict[str, Any], kind: str, training: bool):
+    """ "timm": timm's recipe (RandomResizedCrop, flip, colour jitter when training; resize + centre
+    crop to crop_pct otherwise); "simple": resize to the input size and normalise, nothing else."""
+    from timm.data import create_transform
+    from torchvision import transforms as T
+
+    size = tuple(cfg["input_size"][1:])
+    if kind == "simple":
+        return T.Compose([T.Resize(size), T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
+    tcfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    return create_transform(**tcfg, is_training=training)
+
+
+def _folder(path: Path, transform, classes: list[str] | None = None):
     from torchvision.datasets import ImageFolder
 
-    root = Path(args.data)
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    if not train_dir.is_dir():
-        raise FileNotFoundError(f"--data: {root} is not a directory (expected train/<class>/* images)")
-    cfg = resolve_data_config({"input_size": (3, args.img_size, args.img_size)} if args.img_size else {}, model=model)
-    train = ImageFolder(str(train_dir), transform=create_transform(**cfg, is_training=not args.no_augment))
-    if len(train) == 0:
-        raise ValueError(f"--data: no images found under {train_dir}")
-    val = None
-    if (root / "val").is_dir():
-        val = ImageFolder(str(root / "val"), transform=create_transform(**cfg, is_training=False))
-    mk = lambda ds, shuffle: torch.utils.data.DataLoader(  # noqa: E731
-        ds, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.workers, drop_last=False
-    )
-    return mk(train, True), (mk(val, False) if val is not None else None), train.classes
+    try:
+        ds = ImageFolder(str(path), transform=transform)
+    except FileNotFoundError as e:  # class folders without any image
+        raise UsageError(f"--data: no images under {path}: {e}") from e
+    if len(ds) == 0:
+        raise UsageError(f"--data: no images under {path}")
+    if classes is not None and ds.classes != classes:
+        raise UsageError(f"--data: {path.name}/ classes {ds.classes} differ from train/ classes {classes}")
+    return ds
+
+
+def evaluate(model: nn.Module, loader, accelerator=None) -> float:
+    """Top-1 accuracy of `model` over `loader` (gathered across processes under accelerate)."""
+    model.eval()
+    correct = seen = 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for x, y in loader:
+            if accelerator is None:
+                x, y = x.to(device), y.to(device)
+            pred = model(x).argmax(-1)
+            if accelerator is not None:
+                pred, y = accelerator.gather_for_metrics(pred), accelerator.gather_for_metrics(y)
+            correct += int((pred == y).sum())
+            seen += y.numel()
+    return correct / max(seen, 1)
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+def _model_kwargs(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--model-kwargs must be a JSON object, got {text!r}: {e}") from e
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--model-kwargs must be a JSON object, got {text!r}")
+    return kwargs
 
 
 def train(args: argparse.Namespace) -> dict:
-    """The training loop; returns the metrics dict (also written to --out/metrics.json)."""
+    """The training (or --eval-only) run; returns the metrics dict (also written to --out/metrics.json)."""
     from accelerate import Accelerator
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(
+        cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum
+    )
+    say = accelerator.print
     torch.manual_seed(args.seed)
-    model, handle = build_model(args)
-    train_dl, val_dl, classes = _loaders(args, model)
-    if args.num_classes != len(classes):
-        raise ValueError(f"--num-classes {args.num_classes} but the dataset has {len(classes)} classes: {classes}")
+    train_dir, val_dir, classes = _class_folders(args.data)
+    if args.num_classes is not None and args.num_classes != len(classes):
+        raise UsageError(f"--num-classes {args.num_classes} but the dataset has {len(classes)} classes: {classes}")
+    model_kwargs = _model_kwargs(args.model_kwargs)
+    try:
+        model = build_model(
+            args.model, len(classes), variant=args.variant, img_size=args.img_size, model_kwargs=model_kwargs,
+            pretrained_file=args.pretrained_file, log=say,
+        )  # fmt: skip
+    except SpecError as e:
+        raise UsageError(str(e)) from e
+    new_params = new_parameter_names(model)
+    cfg = data_config(model, args.img_size)
+    kind = args.transform
+    if kind == "auto":
+        kind = "timm" if _imagenet_like(train_dir) else "simple"
+        say(f"--transform auto: {kind} ({'ImageNet-like photos' if kind == 'timm' else 'small or non-RGB images'})")
+    eval_tf = make_transform(cfg, kind, training=False)
+
+    def loader(ds, shuffle: bool):
+        return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=shuffle, num_workers=args.workers)
+
+    val_dl = loader(_folder(val_dir, eval_tf, classes), False) if val_dir is not None else None
+    out = Path(args.out)
+    if args.eval_only:
+        split, dl = ("val", val_dl) if val_dl is not None else ("train", loader(_folder(train_dir, eval_tf), False))
+        model = accelerator.prepare(model)
+        metrics = {f"{split}_top1": evaluate(model, accelerator.prepare(dl), accelerator), "eval_only": True}
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        say(json.dumps(metrics))
+        return metrics
+
+    train_dl = loader(_folder(train_dir, make_transform(cfg, kind, training=not args.no_augment), classes), True)
     if args.train_only_new:
-        if handle is None:
-            raise ValueError("--train-only-new needs --variant")
-        new = {id(p) for m in handle.new_modules for p in m.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in new)
+        if not new_params:
+            raise UsageError(
+                "--train-only-new needs an injection that adds parameters (--variant or an attnplug-registered --model)"
+            )
+        also = tuple(p for p in (args.also_train or "").split(",") if p)
+        keep = set(new_params)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in keep or n.startswith(also))
     params = [p for p in model.parameters() if p.requires_grad]
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = len(train_dl)
-    total = args.max_steps or args.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    model, opt, train_dl, sched = accelerator.prepare(model, opt, train_dl, sched)
+    model, opt, train_dl = accelerator.prepare(model, opt, train_dl)
     if val_dl is not None:
         val_dl = accelerator.prepare(val_dl)
-    loss_fn = torch.nn.CrossEntropyLoss()
+
+    batches = args.max_steps * args.grad_accum if args.max_steps else args.epochs * len(train_dl)
+    total = max(1, math.ceil(batches / args.grad_accum))  # optimizer steps: the schedule steps once per each
+    warmup = min(args.warmup_steps, total - 1)
+
+    def lr_lambda(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        t = min(s - warmup, total - warmup) / max(1, total - warmup)
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    say(f"model {args.model} variant {args.variant}: {n_train:,} of {n_total:,} parameters trained; "
+        f"{len(classes)} classes; {batches} batches ({total} optimizer steps) on {accelerator.device}")  # fmt: skip
     history: list[dict] = []
-    step = 0
-    bar = tqdm(total=total, disable=not accelerator.is_local_main_process, desc="fine-tune")
-    while step < total:
+    epochs: list[dict] = []
+    batch_idx = epoch = 0
+    bar = tqdm(total=batches, disable=not accelerator.is_local_main_process or args.quiet, desc="fine-tune")
+    while batch_idx < batches:
         model.train()
+        sums = torch.zeros(3, device=accelerator.device)  # loss*n, correct, n (this process)
         for x, y in train_dl:
             with accelerator.accumulate(model):
-                loss = loss_fn(model(x), y)
+                logits = model(x)
+                loss = loss_fn(logits, y)
                 accelerator.backward(loss)
-                if args.clip_grad:
+                if accelerator.sync_gradients and args.clip_grad:
                     accelerator.clip_grad_norm_(params, args.clip_grad)
                 opt.step()
-                sched.step()
+                if accelerator.sync_gradients:
+                    sched.step()
                 opt.zero_grad()
-            history.append({"step": step, "loss": float(loss.detach())})
-            if not math.isfinite(history[-1]["loss"]):
-                raise FloatingPointError(f"loss became {history[-1]['loss']} at step {step}")
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss became {value} at batch {batch_idx} (epoch {epoch})")
+            n = y.shape[0]
+            sums += torch.tensor([value * n, float((logits.argmax(-1) == y).sum()), n], device=sums.device)
+            history.append({"step": batch_idx, "epoch": epoch, "loss": value, "lr": opt.param_groups[0]["lr"]})
             bar.update(1)
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-            step += 1
-            if step >= total:
+            batch_idx += 1
+            if batch_idx >= batches:
                 break
+        sums = accelerator.reduce(sums, reduction="sum")
+        row = {"epoch": epoch, "train_loss": float(sums[0] / sums[2]), "train_acc": float(sums[1] / sums[2])}
+        if val_dl is not None and (args.eval_every_epoch or batch_idx >= batches):
+            row["val_top1"] = evaluate(model, val_dl, accelerator)
+        epochs.append(row)
+        if not args.quiet:
+            say(json.dumps(row))
+        epoch += 1
     bar.close()
-    metrics: dict = {"steps": step, "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"]}
+    metrics: dict = {
+        "steps": batch_idx,
+        "optimizer_steps": math.ceil(batch_idx / args.grad_accum),
+        "loss_first": history[0]["loss"],
+        "loss_last": history[-1]["loss"],
+        "epochs": epochs,
+        "params_total": n_total,
+        "params_trained": n_train,
+    }
     if val_dl is not None:
-        model.eval()
-        correct = seen = 0
-        with torch.no_grad():
-            for x, y in val_dl:
-                pred = accelerator.gather_for_metrics(model(x).argmax(-1))
-                y = accelerator.gather_for_metrics(y)
-                correct += int((pred == y).sum())
-                seen += y.numel()
-        metrics["val_top1"] = correct / max(seen, 1)
+        metrics["val_top1"] = epochs[-1]["val_top1"]
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        unwrapped = accelerator.unwrap_model(model)
+        state = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
         save_file(state, str(out / "model.safetensors"))
-        (out / "config.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
+        variant = None
+        for h in getattr(unwrapped, "_attnplug_handles", []):
+            if not h.removed and args.variant:
+                variant = variant_spec(h.variant)
+        config = {
+            "model": args.model,
+            "num_classes": len(classes),
+            "img_size": args.img_size,
+            "model_kwargs": model_kwargs,
+            "variant": variant,
+            "classes": classes,
+            "transform": kind,
+            "data_config": cfg,
+            "new_parameters": new_params,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        }
+        (out / "config.json").write_text(json.dumps(config, indent=2))
         (out / "metrics.json").write_text(json.dumps({**metrics, "history": history}, indent=2))
-        accelerator.print(json.dumps(metrics))
+    say(json.dumps({k: v for k, v in metrics.items() if k != "epochs"}))
     return metrics
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vision_attn.finetune", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m vision_attn.finetune",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", required=True, help="timm model name (or an attnplug-registered one)")
-    p.add_argument("--variant", default=None, help="e.g. eca, coord:reduction=16, agent:num_agents=49")
-    p.add_argument("--data", required=True, help="ImageFolder root with train/ (and optional val/)")
-    p.add_argument("--out", default="runs/finetune")
-    p.add_argument("--pretrained-file", default=None, help="local checkpoint loaded through timm's pretrained_cfg")
-    p.add_argument("--model-kwargs", default=None, help='JSON of extra timm.create_model kwargs, e.g. {"img_size": 64}')
-    p.add_argument("--num-classes", type=int, required=True)
-    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument(
+        "--variant", default=None, help="name:key=value,... e.g. eca, coord:reduction=16, agent:num_agents=49"
+    )
+    p.add_argument("--data", required=True, help="ImageFolder root with train/<class>/ (and optional val/<class>/)")
+    p.add_argument("--out", default="runs/finetune", help="output folder")
+    p.add_argument(
+        "--pretrained-file", default=None, help="local checkpoint (base or injected model), loaded after injection"
+    )
+    p.add_argument("--model-kwargs", default=None, help='JSON of extra timm.create_model kwargs, e.g. {"depth": 6}')
+    p.add_argument("--num-classes", type=int, default=None, help="checked against the dataset (default: its classes)")
+    p.add_argument("--img-size", type=int, default=None, help="model (where it takes img_size) and data resolution")
+    p.add_argument(
+        "--transform",
+        default="auto",
+        choices=TRANSFORMS,
+        help="timm: timm's ImageNet recipe; simple: resize + normalise; auto: timm for RGB photos >= 128 px",
+    )
+    p.add_argument("--eval-only", action="store_true", help="evaluate (val/, else train/) and write metrics.json only")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many batches (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=32, help="per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear warmup (optimizer steps)")
     p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max grad norm (0 = off)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
-    p.add_argument("--train-only-new", action="store_true", help="train only the parameters the variant added")
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--train-only-new", action="store_true", help="train exactly the parameters the injection created")
+    p.add_argument("--also-train", default=None, help="with --train-only-new: comma-separated name prefixes, e.g. head")
+    p.add_argument("--no-augment", action="store_true", help="evaluation transform for training too")
+    p.add_argument("--eval-every-epoch", action="store_true", help="validate after every epoch (default: at the end)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cpu", action="store_true")
-    return p
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    p.add_argument("--quiet", action="store_true", help="no progress bar / per-epoch lines")
+    return p  # fmt: skip
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.epochs < 1 and not args.eval_only:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs} (use --eval-only to evaluate without training)")
+    for flag in ("batch_size", "grad_accum"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.img_size is not None and args.img_size < 8:
+        raise UsageError(f"--img-size must be >= 8, got {args.img_size}")
+    if args.lr <= 0 or not math.isfinite(args.lr):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.pretrained_file is not None and not Path(args.pretrained_file).is_file():
+        raise UsageError(f"--pretrained-file: {args.pretrained_file!r} does not exist or is not a file")
+    if args.also_train and not args.train_only_new:
+        raise UsageError("--also-train only applies with --train-only-new")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        _check_args(args)
         train(args)
-    except (ValueError, FileNotFoundError) as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
