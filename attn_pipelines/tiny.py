@@ -196,7 +196,9 @@ def _build_flux() -> Any:
 def build_tiny_pipeline(kind: str = "wan", seed: int = 0) -> Any:
     """Build the tiny untrained pipeline `kind` ("wan" video or "flux" image), weights from `seed`.
 
-    The global torch RNG is left untouched (weights are drawn inside a forked RNG state).
+    Every module is in eval mode, like `from_pretrained` leaves them (freshly built transformers
+    models are in train mode: text-encoder dropout would make outputs differ run to run). The
+    global torch RNG is left untouched (weights are drawn inside a forked RNG state).
     """
     if kind not in TINY_KINDS:
         raise ValueError(f"kind must be one of {TINY_KINDS}, got {kind!r}")
@@ -205,6 +207,9 @@ def build_tiny_pipeline(kind: str = "wan", seed: int = 0) -> Any:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pipe = _build_wan() if kind == "wan" else _build_flux()
+    for component in pipe.components.values():  # inference: no dropout (same seed -> same output)
+        if isinstance(component, torch.nn.Module):
+            component.eval()
     pipe.set_progress_bar_config(desc=f"tiny {kind}")
     return pipe
 

@@ -54,3 +54,11 @@ def test_bad_kind_and_seed():
         build_tiny_pipeline("sdxl")
     with pytest.raises(TypeError, match="seed must be int"):
         build_tiny_pipeline("wan", seed=1.5)
+
+
+@pytest.mark.parametrize("kind", ["wan", "flux"])
+def test_every_module_is_in_eval_mode(kind):
+    """Freshly built transformers modules are in train mode: dropout would make same-seed runs differ."""
+    pipe = build_tiny_pipeline(kind)
+    modules = [m for c in pipe.components.values() if isinstance(c, torch.nn.Module) for m in c.modules()]
+    assert modules and not any(m.training for m in modules)
