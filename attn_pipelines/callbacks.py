@@ -83,6 +83,9 @@ class StepTimer:
     Step 0 is timed from the first transformer call when `attach(transformer)` was used
     (so prompt encoding is excluded), else from `start()`. On CUDA the device is synchronised
     before each reading so times are real, not launch times (disable with `sync=False`).
+    Timing happens outside compiled code: the hook does nothing while torch.compile traces (no
+    graph break; a transformer compiled as a whole is then timed from `start()`), and
+    `callback_on_step_end` runs between steps, outside the transformer.
     """
 
     def __init__(self, sync: bool = True) -> None:
@@ -107,6 +110,8 @@ class StepTimer:
         """Time step 0 from the first forward of `module` (the transformer); returns the hook handle."""
 
         def pre_hook(mod: torch.nn.Module, args: Any) -> None:
+            if torch.compiler.is_compiling():  # traced as a constant: no graph break, nothing timed inside
+                return
             if self._last is None and not self.step_times:
                 self._last = self._now()
 

@@ -101,3 +101,23 @@ def test_attn_step_callback_with_a_real_handle(pipe):
         assert steps == [1, 2, 0]
     finally:
         handle.remove()
+
+
+def test_step_timer_hook_does_not_break_a_fullgraph_compile():
+    """The timer's pre-hook is inside a module compiled as a whole: it must trace to nothing."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(4, 4)
+    timer = StepTimer()
+    timer.attach(lin)
+    compiled = torch.compile(lin, fullgraph=True, backend="eager")  # a graph break would raise
+    timer.start()
+    x = torch.randn(2, 4)
+    assert torch.equal(compiled(x), lin(x))  # the eager call runs the hook: step 0 starts there
+    assert timer._last is not None
+    timer.detach()
+    timer2 = StepTimer()
+    timer2.attach(lin)
+    compiled(x)  # compiled: the hook traced to nothing, nothing recorded inside compiled code
+    assert timer2._last is None
