@@ -1,19 +1,25 @@
 """Write generated images/videos with the run's settings embedded, and read them back.
 
 PNG: a tEXt chunk "attnplug" holding JSON. GIF: the comment extension (JSON). MP4: the
-container's `comment` tag, written by ffmpeg through imageio-ffmpeg (the `video` extra).
+container's `comment` tag, written by the ffmpeg binary of imageio-ffmpeg (the `video` extra),
+bit-exact flags on so the same frames give the same bytes. `OutputTarget` checks a destination
+before any work and writes through a temporary file renamed into place.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["OUTPUT_FORMATS", "METADATA_KEY", "to_uint8_frames", "save_output", "read_metadata", "require_ffmpeg"]
+__all__ = ["OUTPUT_FORMATS", "METADATA_KEY", "OutputError", "OutputTarget", "to_uint8_frames", "save_output"]
+__all__ += ["read_metadata", "require_ffmpeg"]
 
 OUTPUT_FORMATS = (".png", ".gif", ".mp4")
 METADATA_KEY = "attnplug"
@@ -47,8 +53,103 @@ def require_ffmpeg() -> Any:
     return imageio_ffmpeg
 
 
+class OutputError(Exception):
+    """An output path that cannot be written, or a write that failed; the message names the option."""
+
+
+class OutputTarget:
+    """An output file checked before any work and written atomically.
+
+    `check()` refuses a bad extension, an existing directory, a parent that is a file and a folder
+    where no file can be created (it creates and deletes a probe file). `write(fn)` calls
+    `fn(temp_path)` on a temporary file next to the target (same extension), then renames it onto
+    the target: a failed or interrupted write (full disk, ffmpeg error) leaves no partial file.
+    """
+
+    def __init__(self, path: str | Path, option: str = "--out", formats: tuple[str, ...] = OUTPUT_FORMATS) -> None:
+        self.path = Path(path)
+        self.option = option
+        self.formats = formats
+
+    def _fail(self, why: str) -> OutputError:
+        return OutputError(f"{self.option} {str(self.path)!r}: {why}")
+
+    def _existing_ancestor(self) -> Path:
+        parent = self.path.parent if str(self.path.parent) else Path(".")
+        while not parent.exists() and not parent.is_symlink():
+            parent = parent.parent
+        return parent
+
+    def check(self) -> None:
+        """Raise OutputError when the target cannot be written (nothing is left behind)."""
+        if self.path.suffix.lower() not in self.formats:
+            raise self._fail(f"must end in {' or '.join(self.formats)}")
+        if self.path.is_dir():
+            raise self._fail("is an existing directory; give a file name")
+        ancestor = self._existing_ancestor()
+        if not ancestor.is_dir():
+            raise self._fail(f"{str(ancestor)!r} is a file, not a directory")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".attnplug-probe-", dir=ancestor)
+        except OSError as e:
+            raise self._fail(f"cannot create files in {str(ancestor)!r}: {e.strerror or e}") from None
+        os.close(fd)
+        os.unlink(probe)
+
+    def write(self, fn: Callable[[Path], None]) -> Path:
+        """Write through `fn(temp_path)`, then rename onto the target; OutputError on any failure."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=self.path.suffix, dir=self.path.parent)
+        except OSError as e:
+            raise self._fail(f"cannot create the file: {e.strerror or e}") from None
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            fn(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            if tmp.stat().st_size == 0:
+                raise OSError("the writer produced an empty file")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+            os.replace(tmp, self.path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, (OSError, RuntimeError, ValueError)):
+                why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+                raise self._fail(f"writing failed, nothing was written: {why}") from None
+            raise
+        return self.path
+
+
+def _write_mp4(arr: np.ndarray, path: Path, text: str, fps: int) -> None:
+    """H.264 MP4 through ffmpeg (imageio-ffmpeg's binary); raises when ffmpeg does not exit 0."""
+    exe = require_ffmpeg().get_ffmpeg_exe()
+    h, w = arr.shape[1:3]
+    cmd = [
+        exe, "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps),
+        "-i", "-", "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "10", "-threads", "1",
+        "-fflags", "+bitexact", "-flags:v", "+bitexact", "-metadata", f"comment={text}", "-f", "mp4", str(path),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, input=np.ascontiguousarray(arr).tobytes(), capture_output=True)
+    if res.returncode != 0:
+        lines = res.stderr.decode("utf-8", "replace").strip().splitlines()
+        if res.returncode < 0:
+            import signal
+
+            why = f"ffmpeg was killed by {signal.Signals(-res.returncode).name}"
+        else:
+            why = f"ffmpeg exited with status {res.returncode}"
+        raise RuntimeError(why + (f": {lines[-1]}" if lines else ""))
+
+
 def save_output(frames: Any, path: str | Path, metadata: dict[str, Any], fps: int = 16) -> Path:
-    """Write `frames` to `path` (format from the extension) with `metadata` embedded as JSON."""
+    """Write `frames` to `path` (format from the extension) with `metadata` embedded as JSON.
+
+    Writes the file in place; the CLI wraps this in `OutputTarget.write` for atomic writes.
+    """
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in OUTPUT_FORMATS:
@@ -57,7 +158,6 @@ def save_output(frames: Any, path: str | Path, metadata: dict[str, Any], fps: in
         raise ValueError(f"fps must be an int >= 1, got {fps!r}")
     arr = to_uint8_frames(frames)
     text = json.dumps(metadata, sort_keys=True, default=str)
-    path.parent.mkdir(parents=True, exist_ok=True)
     from PIL import Image, PngImagePlugin
 
     if ext == ".png":
@@ -65,11 +165,12 @@ def save_output(frames: Any, path: str | Path, metadata: dict[str, Any], fps: in
             raise ValueError(f"a PNG holds one image but the output has {arr.shape[0]} frames; use .mp4 or .gif")
         info = PngImagePlugin.PngInfo()
         info.add_text(METADATA_KEY, text)
-        Image.fromarray(arr[0]).save(path, pnginfo=info)
+        Image.fromarray(arr[0]).save(path, format="PNG", pnginfo=info)
     elif ext == ".gif":
         images = [Image.fromarray(f) for f in arr]
         images[0].save(
             path,
+            format="GIF",
             save_all=True,
             append_images=images[1:],
             duration=max(1, round(1000 / fps)),
@@ -77,25 +178,10 @@ def save_output(frames: Any, path: str | Path, metadata: dict[str, Any], fps: in
             comment=text.encode("utf-8"),
         )
     else:
-        ffmpeg = require_ffmpeg()
         h, w = arr.shape[1:3]
         if h % 2 or w % 2:
             raise ValueError(f"MP4 (H.264, yuv420p) needs even height and width, got {h}x{w}; use .gif")
-        writer = ffmpeg.write_frames(
-            str(path),
-            (w, h),
-            fps=fps,
-            codec="libx264",
-            pix_fmt_out="yuv420p",
-            quality=8,
-            macro_block_size=1,
-            output_params=["-metadata", f"comment={text}"],
-            ffmpeg_log_level="error",
-        )
-        writer.send(None)
-        for f in arr:
-            writer.send(np.ascontiguousarray(f))
-        writer.close()
+        _write_mp4(arr, path, text, fps)
     return path
 
 

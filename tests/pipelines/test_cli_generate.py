@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import resource
+import shutil
+import subprocess
+import sys
 from typing import ClassVar
 
 import numpy as np
@@ -38,9 +42,12 @@ def test_subprocess_video_mp4_from_saved_pipeline(cli, tiny_wan_dir, tmp_path):
     out = tmp_path / "v.mp4"
     r = cli(
         "generate", "--model", str(tiny_wan_dir), "--prompt", "a fox in the snow", "--seed", "3",
-        "--steps", "2", "--frames", "5", "--height", "32", "--width", "48", "--out", str(out),
+        "--steps", "2", "--frames", "5", "--height", "32", "--width", "48", "--out", str(out), "--dtype", "float16",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
+    # no warning floods: diffusers' torch_dtype deprecation and its fp16-on-CPU warning (x3) are not printed
+    assert "torch_dtype" not in r.stderr and "cannot run with `cpu`" not in r.stderr
+    assert r.stderr.count("float16 on CPU is slow") == 1
     m = SUMMARY.search(r.stdout)
     assert m, r.stdout
     assert (m["frames"], m["w"], m["h"], m["steps"], m["attn"]) == ("5", "48", "32", "2", "dense")
@@ -50,6 +57,7 @@ def test_subprocess_video_mp4_from_saved_pipeline(cli, tiny_wan_dir, tmp_path):
     meta = read_metadata(out)
     assert meta["prompt"] == "a fox in the snow" and meta["seed"] == 3 and meta["steps"] == 2
     assert meta["pipeline"] == "WanPipeline" and meta["family"] == "wan" and meta["attn"] == []
+    assert meta["dtype"] == "float16"
     assert "EMBEDDED DEFAULT" not in r.stderr
 
 
@@ -191,12 +199,13 @@ def test_attn_options_are_typed_applied_and_removed(fake_registry, tiny_wan_dir,
 @pytest.mark.parametrize(
     ("spec", "needle"),
     [
-        ("nosuch", "unknown variant 'nosuch'; valid variants: radial, gna, lite, ultravico, softpag, regional"),
+        ("nosuch", "unknown variant 'nosuch'; valid variants: scale (planned, not implemented yet: ultravico, softpag"),
         ("scale:power=2", "unknown option 'power' for variant 'scale'; valid options: factor, repeats, axes"),
-        ("scale:factor=big", "scale.factor: expected float, got 'big'"),
-        ("scale:repeats=1.5", "scale.repeats: expected int"),
+        ("scale:factor=big", "--attn scale.factor: expected float, got 'big'"),
+        ("scale:repeats=1.5", "--attn scale.repeats: expected int, got 1.5"),
+        ("scale:axes=(1,x)", "--attn scale.axes[1]: expected int, got 'x'"),
         ("scale:factor", "is not key=value"),
-        ("ultravico:alpha=0.9", "not implemented in this version of diffusion_attn (implemented: scale)"),
+        ("ultravico:alpha=0.9", "variant 'ultravico' is planned but not implemented in this version (implemented: "),
     ],
 )
 def test_bad_attn_specs_fail_clearly(fake_registry, spec, needle, tmp_path, capsys):
@@ -208,23 +217,190 @@ def test_bad_attn_specs_fail_clearly(fake_registry, spec, needle, tmp_path, caps
 
 
 # ----------------------------------------------------------------------------------------------
-# --attn with the real diffusion_attn variants (skipped until they are registered)
+# --attn with the real diffusion_attn variants: prove they ran, not only the exit code
 # ----------------------------------------------------------------------------------------------
-def test_real_gna_changes_the_wan_output(tiny_wan_dir, tmp_path, capsys):
-    reg = getattr(diffusion_attn, "VARIANTS", {})
-    if "gna" not in reg or not callable(getattr(diffusion_attn, "apply", None)):
-        pytest.skip("diffusion_attn.apply / VARIANTS['gna'] not available yet")
+def _calls(out: str) -> int:
+    m = re.search(r"\[(\d+) attention calls through attnplug\]", out)
+    assert m, out
+    return int(m[1])
+
+
+def test_real_gna_runs_every_call_through_attnplug(tiny_wan_dir, tmp_path, capsys):
     base = ["generate", "--model", str(tiny_wan_dir), "--steps", "2", "--frames", "5", "--height", "64",
             "--width", "64", "--seed", "1"]  # fmt: skip
     assert main([*base, "--out", str(tmp_path / "dense.gif")]) == 0
     assert main([*base, "--attn", "gna:kernel_size=(1,1,1),block_size=16", "--out", str(tmp_path / "g.gif")]) == 0
-    m = re.search(r"attn: gna\(.*\) \[(\d+) attention calls through attnplug\]", capsys.readouterr().out)
-    assert m and int(m[1]) >= 2 * 2 * 2  # 2 steps x CFG (2 passes) x 2 layers, at least
+    out = capsys.readouterr().out
+    assert _calls(out) == 2 * 2 * 2  # 2 steps x CFG (2 passes) x 2 layers: every self-attention call
     import imageio.v3 as iio
 
     assert not np.array_equal(iio.imread(tmp_path / "dense.gif"), iio.imread(tmp_path / "g.gif"))
-    meta = read_metadata(tmp_path / "g.gif")
-    assert meta["attn"][0]["gna"]["kernel_size"] in ([1, 1, 1], 1)
+    assert read_metadata(tmp_path / "g.gif")["attn"][0]["gna"]["kernel_size"] == [1, 1, 1]
+
+
+def test_real_radial_sparse_phase_ran_and_the_summary_shows_resolved_values(tiny_wan_dir, tmp_path, capsys):
+    # 21 frames -> 6 latent frames of 4x4 tokens: frame pairs 3 apart are dropped (density 0.83 at blocks of 16)
+    base = ["generate", "--model", str(tiny_wan_dir), "--steps", "3", "--frames", "21", "--height", "64",
+            "--width", "64", "--seed", "1"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "dense.gif")]) == 0
+    spec = "radial:dense_steps=1,dense_layers=0,block_size=16"
+    assert main([*base, "--attn", spec, "--out", str(tmp_path / "r.gif")]) == 0
+    out = capsys.readouterr().out
+    assert _calls(out) == 2 * 2 * 2  # steps 1 and 2 sparse x CFG x 2 layers; step 0 dense (model's processor)
+    assert "radial(decay_factor=0.2, dense_steps=1, dense_layers=0," in out and "attention_sink=True" in out
+    assert "None" not in out.split("attn: ")[-1].split("num_steps")[0]  # family defaults resolved
+    meta = read_metadata(tmp_path / "r.gif")["attn"][0]["radial"]
+    assert meta["decay_factor"] == 0.2 and meta["attention_sink"] is True
+    import imageio.v3 as iio
+
+    assert not np.array_equal(iio.imread(tmp_path / "dense.gif"), iio.imread(tmp_path / "r.gif"))
+
+
+def test_radial_inside_its_dense_warm_up_warns_once(cli, tiny_wan_dir, tmp_path):
+    """Every step inside radial's 12 dense warm-up steps: said once (the CLI), not again by diffusers' logger."""
+    r = cli("generate", "--model", str(tiny_wan_dir), "--attn", "radial", "--steps", "2", "--frames", "5",
+            "--height", "32", "--width", "32", "--out", str(tmp_path / "r.gif"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("Radial does nothing") == 1, r.stderr
+    assert "attnplug: warning: Radial: dense_steps=12" in r.stderr and "(--steps 2)" in r.stderr
+    assert "[0 attention calls through attnplug]" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# same seed -> same bytes
+# ----------------------------------------------------------------------------------------------
+def test_readme_main_command_twice_gives_byte_identical_files(cli, tmp_path):
+    """The README's main job (embedded tiny Wan, MP4) run twice with one seed: identical bytes; GIF too."""
+    pytest.importorskip("imageio_ffmpeg")
+    outs = []
+    for i in range(2):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        r = cli("generate", "--steps", "2", "--seed", "7", cwd=d)
+        assert r.returncode == 0, r.stderr
+        outs.append((d / "out" / "attnplug.mp4").read_bytes())
+    assert outs[0] == outs[1]
+    gifs = []
+    for i in range(2):
+        assert main(["generate", "--steps", "2", "--seed", "7", "--out", str(tmp_path / f"{i}.gif")]) == 0
+        gifs.append((tmp_path / f"{i}.gif").read_bytes())
+    assert gifs[0] == gifs[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# checks before loading: a pipeline directory whose weights are gone fails only if it is loaded
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def weightless_wan(tiny_wan_dir, tmp_path):
+    """A copy of the tiny Wan pipeline without its weights: loading it fails, reading its config works."""
+    d = shutil.copytree(tiny_wan_dir, tmp_path / "weightless")
+    for f in d.rglob("*.safetensors"):
+        f.unlink()
+    return d
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--out", "/proc/x.gif"], "--out '/proc/x.gif': cannot create files in '/proc'"),
+        (["--out", "{tmp}/file/x.gif"], "'{tmp}/file' is a file, not a directory"),
+        (["--out", "{tmp}/x.gif"], "--out '{tmp}/x.gif': is an existing directory"),
+        (
+            ["--attn", "gna"],
+            "--attn: gna: Neighborhood.kernel_size[0] (frames, extent 3) must be in [1, 3], got 7 "
+            "(token grid 3x4x4 of 9 frame(s) 64x64 px on wan)",
+        ),
+        (["--attn", "gna:kernel_size=(1,3,3),dilation=(1,2,2)"], "Neighborhood.dilation[1] (height, extent 4)"),
+        (["--height", "40"], "--height 40: wan needs height and width in multiples of 16 (VAE 8 x patch 2), e.g. 32"),
+        (["--frames", "5", "--out", "{tmp}/v.png"], "a PNG holds one image"),
+        (
+            ["--config", "flux.1-dev-gna"],
+            "--config flux.1-dev-gna is a preset for 'flux' models but --model is a 'wan' pipeline (WanPipeline)",
+        ),
+    ],
+)
+def test_bad_settings_fail_before_loading_weights(argv, needle, weightless_wan, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "x.gif").mkdir()
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    base = ["generate", "--model", str(weightless_wan), "--steps", "2", "--frames", "9", "--height", "64",
+            "--width", "64"]  # fmt: skip
+    assert main([*base, *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle.replace("{tmp}", str(tmp_path)) in err and err.count("attnplug: error:") == 1, err
+
+
+def test_weightless_fixture_really_fails_to_load(weightless_wan, tmp_path, capsys):
+    assert main(["generate", "--model", str(weightless_wan), "--steps", "1", "--out", str(tmp_path / "x.gif")]) != 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--seed", "99999999999999999999"], "argument --seed: expected an integer in [0, 18446744073709551615]"),
+        (["--seed", "-1"], "argument --seed: expected an integer in [0, "),
+        (["--device", "meta"], "--device 'meta': expected cpu, cuda[:N], mps or xpu"),
+        (["--out", "/proc/x.png"], "--out '/proc/x.png': cannot create files in '/proc'"),
+    ],
+)
+def test_one_line_errors_in_a_subprocess(argv, needle, cli, tmp_path):
+    r = cli("generate", *argv, cwd=tmp_path)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and needle in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if "error:" in ln]) == 1 and "usage:" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# failed writes: nothing left behind, never reported as written
+# ----------------------------------------------------------------------------------------------
+def _limit_file_size():  # a "full disk" for this process: writes past 4 KiB fail (EFBIG / SIGXFSZ for ffmpeg)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+@pytest.mark.parametrize("ext", ["gif", "mp4"])
+def test_a_failed_write_leaves_no_file_and_exits_1(ext, tiny_wan_dir, tmp_path, make_env):
+    if ext == "mp4":
+        pytest.importorskip("imageio_ffmpeg")
+    d = tmp_path / "outdir"
+    d.mkdir()
+    out = d / f"v.{ext}"
+    r = subprocess.run(
+        [sys.executable, "-m", "attn_pipelines.cli", "generate", "--model", str(tiny_wan_dir), "--steps", "1",
+         "--frames", "5", "--height", "64", "--width", "64", "--out", str(out)],
+        env=make_env(), capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size,
+    )  # fmt: skip
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f"attnplug: error: --out '{out}': writing failed, nothing was written" in r.stderr
+    assert "Traceback" not in r.stderr and "wrote" not in r.stdout
+    assert list(d.iterdir()) == []  # no partial file, no temporary file
+
+
+def test_png_out_switching_the_embedded_default_to_flux_is_said(tmp_path, capsys):
+    assert main(["generate", "--steps", "1", "--out", str(tmp_path / "x.png")]) == 0
+    err = capsys.readouterr().err
+    assert "--out " in err and "is an image, so the embedded default is the tiny FLUX text-to-image pipeline" in err
+    assert read_metadata(tmp_path / "x.png")["model"] == "<embedded tiny flux, untrained>"
+
+
+def test_compile_has_no_graph_break(tiny_wan_dir, tmp_path, monkeypatch, capsys):
+    """--compile with a sparse variant: attnplug's hooks (step timer, layouts built before tracing) leave
+    Dynamo nothing to break on. Traced with the eager backend (no C++ compile in CI)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compile_(*a, **{**k, "backend": "eager"}))
+    torch._dynamo.reset()
+    counters.clear()
+    argv = ["generate", "--model", str(tiny_wan_dir), "--steps", "3", "--frames", "5", "--height", "32", "--width",
+            "32", "--compile", "--attn", "radial:dense_steps=1,dense_layers=0,block_size=16", "--out",
+            str(tmp_path / "c.gif")]  # fmt: skip
+    assert main(argv) == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # it did compile
+    assert dict(counters["graph_break"]) == {}
+    assert _calls(capsys.readouterr().out) > 0
+    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,9 +530,9 @@ def test_attn_without_apply_is_a_clear_error(monkeypatch, tmp_path, capsys):
 def test_shipped_preset_resolves_its_hub_model_offline(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(diffusion_attn, "apply", lambda pipe, *v: None, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import attn_pipelines.cli as cli_mod
+    from attn_pipelines import loading
 
-    monkeypatch.setattr(cli_mod, "_is_cached", lambda model: False)  # never load a real cached checkpoint here
+    monkeypatch.setattr(loading, "_cached_index", lambda model: None)  # never load a real cached checkpoint here
     rc = main(["generate", "--config", "wan2.1-t2v-1.3b-radial", "--steps", "2", "--out", str(tmp_path / "x.mp4")])
     assert rc == 2
     err = capsys.readouterr().err

@@ -1,0 +1,500 @@
+"""`attnplug generate`: run a diffusers pipeline with attention variants and write PNG / GIF / MP4.
+
+The order of work makes bad input fail in about a second, before any weight is loaded:
+
+1. preset, variant specs (typed, range-checked), `--out` (writable?), `--device`, `--seed`;
+2. the pipeline class and model family from the model's `model_index.json` (a local directory or
+   the Hub cache; the embedded default is known): its call defaults, the token grid of the
+   requested size, sizes and variant options checked against that grid, the preset's family
+   against the model's, and a warning when a variant would change nothing (e.g. radial's dense
+   warm-up covering every step);
+3. load, apply, generate, write through a temporary file renamed into place, one summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attn_spec import parse_spec
+
+from .. import __version__, argtypes
+from ..config import DTYPES, Preset, build_variant, load_preset, merge_attn
+from ..errors import CLIError, RunError
+from ..io import OutputError, OutputTarget
+from ..latent import check_fit, rule_for, token_grid
+from ..loading import ModelInfo, describe_model, family_of, load_pipeline
+
+__all__ = ["add_parser", "run", "variant_label", "resolved_options", "resolve_device", "DEFAULT_FPS"]
+
+DEFAULT_FPS = {"wan": 16, "hunyuan_video": 24, "cogvideox": 8, "ltx_video": 24}
+_EMBEDDED_PIPELINES = {"wan": "WanPipeline", "flux": "FluxPipeline"}
+_FP16_CPU = "Pipelines loaded with `dtype=torch.float16` cannot run with `cpu` device"
+
+
+def add_parser(sub: Any) -> None:
+    g = sub.add_parser("generate", help="run a diffusers pipeline with attention variants and write PNG/GIF/MP4")
+    g.add_argument("--model", help="Hub id or local diffusers pipeline directory (default: embedded tiny pipeline)")
+    g.add_argument("--config", help="preset name (see `attnplug list`) or path to a preset YAML")
+    g.add_argument("--prompt", default="a red fox running through the snow, cinematic")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--seed", type=argtypes.seed, default=None, help="random seed in [0, 2**64 - 1] (default 0)")
+    g.add_argument("--steps", type=argtypes.positive_int, default=None, help="denoising steps")
+    g.add_argument("--height", type=argtypes.positive_int, default=None)
+    g.add_argument("--width", type=argtypes.positive_int, default=None)
+    g.add_argument("--frames", type=argtypes.positive_int, default=None, help="video frames (1 = image)")
+    g.add_argument("--guidance-scale", type=argtypes.finite_float, default=None)
+    g.add_argument("--fps", type=argtypes.positive_int, default=None, help="frames per second of video outputs")
+    g.add_argument(
+        "--attn",
+        action="append",
+        default=[],
+        metavar="VARIANT[:k=v,...]",
+        help="attention variant with options (Python literals), repeatable, e.g. gna:kernel_size=(1,3,3); "
+        "'none' drops preset variants",
+    )
+    g.add_argument("--out", default=None, help="output file: .png (image), .gif or .mp4 (video)")
+    g.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=DTYPES, default=None, help="weights/compute dtype")
+    g.add_argument("--offload", action="store_true", help="accelerate model CPU offload (needs a CUDA GPU)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated blocks")
+    g.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def resolve_device(name: str | None, offload: bool) -> Any:
+    """A torch device that can run a pipeline here: cpu, cuda[:N] (mps / xpu where available)."""
+    import torch
+
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"--device {name!r} is not a torch device: {e}") from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+        "xpu": bool(getattr(torch, "xpu", None) and torch.xpu.is_available()),
+    }
+    if device.type not in available:
+        raise CLIError(f"--device {name!r}: expected cpu, cuda[:N], mps or xpu; a {device.type!r} device cannot run")
+    if not available[device.type]:
+        raise CLIError(f"--device {name!r}: {device.type} is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise CLIError(f"--device {name!r}: cuda index must be in [0, {torch.cuda.device_count() - 1}]")
+    if offload:
+        if not torch.cuda.is_available():
+            raise CLIError("--offload (accelerate model CPU offload) needs a CUDA GPU; this machine has none")
+        if device.type != "cuda":
+            raise CLIError(f"--offload offloads to CPU between uses on a CUDA device; got --device {name!r}")
+    return device
+
+
+def _peak_memory(device: Any) -> tuple[float, str]:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max_memory_allocated"
+    try:
+        import resource
+    except ImportError:  # Windows: no getrusage
+        return float("nan"), "process peak RSS unavailable on this platform"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (rss / 2**20 if sys.platform == "darwin" else rss / 2**10), "process peak RSS"
+
+
+def resolved_options(variant: Any, family: str) -> dict[str, Any]:
+    """The variant's options with family-dependent defaults (None) replaced by the values it uses."""
+    opts = variant.options() if callable(getattr(variant, "options", None)) else dict(vars(variant))
+    resolved = getattr(variant, "resolved", None)
+    if family and callable(resolved) and list(inspect.signature(resolved).parameters) == ["family"]:
+        for key, value in resolved(family).items():
+            if opts.get(key, 0) is None:
+                opts[key] = value
+    return opts
+
+
+def variant_label(variant: Any, family: str = "") -> str:
+    """`name(option=value, ...)` with the values actually used."""
+    body = ", ".join(f"{k}={v}" for k, v in resolved_options(variant, family).items())
+    return f"{getattr(variant, 'name', type(variant).__name__)}({body})"
+
+
+def _pick(cli: Any, preset: dict[str, Any], key: str, fallback: Any) -> Any:
+    if cli is not None:
+        return cli
+    return preset.get(key, fallback)
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records containing any of `needles` (messages the CLI already said once)."""
+
+    def __init__(self, needles: list[str]) -> None:
+        super().__init__()
+        self.needles = needles
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(n in msg for n in self.needles)
+
+
+@contextlib.contextmanager
+def _quiet(needles: list[str]) -> Iterator[None]:
+    """Silence diffusers' (and attnplug's diffusers-logger) repeats of what the CLI already printed."""
+    flt = _DropMessages(needles)
+    loggers = [logging.getLogger(n) for n in ("diffusers.attnplug", "diffusers.pipelines.pipeline_utils")]
+    for lg in loggers:
+        lg.addFilter(flt)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(flt)
+
+
+def _warn(msg: str) -> None:
+    print(f"attnplug: warning: {msg}", file=sys.stderr)
+
+
+@dataclass
+class _Settings:
+    """Generation settings resolved from the CLI, the preset and the pipeline's own call defaults."""
+
+    pipeline: str
+    family: str
+    is_video: bool
+    params: dict[str, inspect.Parameter]
+    steps: int
+    height: int | None
+    width: int | None
+    frames: int
+    guidance: float | None
+    negative: str | None
+    seed: int
+    fps: int
+    target: OutputTarget
+
+
+def _resolve(
+    args: argparse.Namespace,
+    pcfg: dict[str, Any],
+    pipe_cls: type,
+    family: str,
+    info: ModelInfo,
+    preset: Preset | None,
+    variants: list[Any],
+    where: str,
+    warned: list[str],
+) -> _Settings:
+    """Resolve every setting and check it (sizes, --out, variants against the token grid) before loading."""
+    params = dict(inspect.signature(pipe_cls.__call__).parameters)
+
+    def default(name: str, fallback: Any = None) -> Any:
+        p = params.get(name)
+        return p.default if p is not None and p.default is not inspect.Parameter.empty else fallback
+
+    is_video = "num_frames" in params
+    s = _Settings(
+        pipeline=pipe_cls.__name__,
+        family=family,
+        is_video=is_video,
+        params=params,
+        steps=_pick(args.steps, pcfg, "steps", default("num_inference_steps", 50)),
+        height=_pick(args.height, pcfg, "height", default("height")),
+        width=_pick(args.width, pcfg, "width", default("width")),
+        frames=_pick(args.frames, pcfg, "frames", default("num_frames", 1) if is_video else 1),
+        guidance=_pick(args.guidance_scale, pcfg, "guidance_scale", default("guidance_scale")),
+        negative=_pick(args.negative_prompt, pcfg, "negative_prompt", None),
+        seed=_pick(args.seed, pcfg, "seed", 0),
+        fps=_pick(args.fps, pcfg, "fps", DEFAULT_FPS.get(family, 16)),
+        target=OutputTarget("out/attnplug.png"),
+    )
+    if preset is not None and preset.family and family and preset.family != family:
+        raise CLIError(
+            f"--config {preset.name} is a preset for {preset.family!r} models but --model is a {family!r} pipeline "
+            f"({pipe_cls.__name__}); pick a {family} preset (attnplug list) or drop --config"
+        )
+    if not is_video and s.frames != 1:
+        raise CLIError(f"--frames {s.frames}: {pipe_cls.__name__} makes images; use --frames 1 (or omit it)")
+    video_out = is_video and s.frames > 1
+    out = Path(args.out) if args.out else Path("out") / ("attnplug.mp4" if video_out else "attnplug.png")
+    if out.suffix.lower() == ".png" and is_video and s.frames > 1:
+        raise CLIError(f"--out {out}: a PNG holds one image; use .mp4 or .gif for {s.frames} frames (or --frames 1)")
+    s.target = OutputTarget(out)
+    try:
+        s.target.check()
+    except OutputError as e:
+        raise CLIError(str(e)) from None
+    if out.suffix.lower() == ".mp4":
+        from ..io import require_ffmpeg
+
+        try:
+            require_ffmpeg()
+        except RuntimeError as e:
+            hint = "" if args.out else f" (the default output is {out}; pass --out video.gif)"
+            raise CLIError(f"{e}{hint}") from None
+    rule = rule_for(family, info.local_dir)
+    if rule is not None and s.height is not None and s.width is not None:
+        for flag, value in (("--height", s.height), ("--width", s.width)):
+            if value % rule.multiple:
+                near = max(rule.multiple, value // rule.multiple * rule.multiple)
+                raise CLIError(
+                    f"{flag} {value}: {family} needs height and width in multiples of {rule.multiple} "
+                    f"(VAE {rule.vae_s} x patch {rule.patch}), e.g. {near}"
+                )
+        grid = token_grid(rule, s.height, s.width, s.frames)
+        _check_variants_fit(variants, family, grid, s, where)
+    for v in variants:
+        reason_of = getattr(v, "inactive_reason", None)
+        reason = reason_of(family, s.steps, 0) if callable(reason_of) and family else None
+        if reason and reason not in warned:
+            warned.append(reason)
+            _warn(f"{reason} (--steps {s.steps}); the output is the dense model's")
+    return s
+
+
+def _check_variants_fit(variants: list[Any], family: str, grid: tuple[int, int, int], s: _Settings, where: str) -> None:
+    """Variant options that cannot fit the token grid (e.g. a GNA kernel larger than the latent frames)."""
+    try:
+        check_fit(variants, family, grid)
+    except (ValueError, TypeError) as e:
+        f, h, w = grid
+        raise CLIError(
+            f"{where}: {' '.join(str(e).split())} (token grid {f}x{h}x{w} of {s.frames} frame(s) "
+            f"{s.width}x{s.height} px on {family})"
+        ) from None
+
+
+def _compile_at_first_call(transformer: Any, handle: Any) -> None:
+    """torch.compile `transformer` at its first forward, after `handle.prepare` ran one eager forward
+    per variant phase with those inputs: layouts are built then, and compiled code only looks them
+    up. Regional compilation of the repeated blocks (diffusers' `compile_repeated_blocks`,
+    fullgraph) where the model has it: attnplug's hooks on the transformer stay outside compiled code."""
+    hook: Any = None
+
+    def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+        hook.remove()
+        if handle is not None and callable(getattr(handle, "prepare", None)):
+            handle.prepare(*args, **kwargs)
+        if handle is None and getattr(module, "_repeated_blocks", None) and hasattr(module, "compile_repeated_blocks"):
+            module.compile_repeated_blocks(fullgraph=True)
+        else:  # attnplug's processors know their layer: one graph for the whole model, not one per layer
+            module.compile()
+
+    hook = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    """Check everything, load (or build) the pipeline, apply variants, generate, write the file."""
+    t_start = time.perf_counter()
+    import diffusion_attn
+
+    preset = load_preset(args.config) if args.config else None
+    pcfg: dict[str, Any] = dict(preset.pipeline) if preset else {}
+    model = args.model or (preset.model if preset else None)
+    where = "--attn" if preset is None else f"--attn/--config {preset.name}"
+    specs = merge_attn(preset.attn if preset else (), [parse_spec(s, where="--attn") for s in args.attn])
+    variants = [build_variant(spec, where=where) for spec in specs]
+    apply = getattr(diffusion_attn, "apply", None)
+    if variants and not callable(apply):
+        raise CLIError("--attn needs diffusion_attn.apply, which this version of diffusion_attn does not provide")
+    if args.out and Path(args.out).suffix.lower() not in (".png", ".gif", ".mp4"):
+        raise CLIError(f"--out must end in .png (image), .gif or .mp4 (video), got {args.out!r}")
+
+    embedded = None
+    if model is None:
+        from ..tiny import TINY_DEFAULTS, UNTRAINED_NOTICE
+
+        png = args.out is not None and Path(args.out).suffix.lower() == ".png"
+        embedded = "flux" if args.frames == 1 or (png and args.frames is None) else "wan"
+        pcfg = {**TINY_DEFAULTS[embedded], **pcfg}
+        print(UNTRAINED_NOTICE.format(kind=embedded), file=sys.stderr)
+        if png and args.frames is None:
+            print(
+                f"note: --out {args.out} is an image, so the embedded default is the tiny FLUX text-to-image "
+                "pipeline instead of the tiny Wan video one (--out .gif/.mp4 for video)",
+                file=sys.stderr,
+            )
+        info = ModelInfo(pipeline=_EMBEDDED_PIPELINES[embedded], family=embedded)
+    else:
+        info = describe_model(model)
+
+    device = resolve_device(args.device, args.offload)
+    dtype_name = _pick(args.dtype, pcfg, "dtype", "bfloat16" if device.type == "cuda" else "float32")
+    quiet: list[str] = []
+    if device.type == "cpu" and dtype_name == "float16":
+        print("note: float16 on CPU is slow and some ops lack it; float32 is the CPU default", file=sys.stderr)
+        quiet.append(_FP16_CPU)
+    import diffusers
+    import torch
+
+    warned: list[str] = []
+    pipe_cls = getattr(diffusers, info.pipeline, None) if info.pipeline else None
+    settings = None
+    if isinstance(pipe_cls, type):
+        settings = _resolve(args, pcfg, pipe_cls, info.family or "", info, preset, variants, where, warned)
+
+    with _quiet(quiet + warned):
+        # --- pipeline ----------------------------------------------------------------------------
+        torch_dtype = getattr(torch, dtype_name)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if embedded is not None:
+            from ..tiny import build_tiny_pipeline
+
+            pipe = build_tiny_pipeline(embedded)
+            if torch_dtype != torch.float32:
+                pipe.to(dtype=torch_dtype)
+            model_label = f"<embedded tiny {embedded}, untrained>"
+        else:
+            pipe = load_pipeline(model, torch_dtype)
+            model_label = model
+        family = family_of(pipe)
+        if settings is None or settings.pipeline != type(pipe).__name__:
+            settings = _resolve(args, pcfg, type(pipe), family, info, preset, variants, where, warned)
+        return _generate(args, pipe, settings, variants, apply, specs, warned, device, dtype_name, model_label,
+                         preset, t_start)  # fmt: skip
+
+
+def _generate(
+    args: argparse.Namespace,
+    pipe: Any,
+    s: _Settings,
+    variants: list[Any],
+    apply: Any,
+    specs: tuple,
+    warned: list[str],
+    device: Any,
+    dtype_name: str,
+    model_label: str,
+    preset: Preset | None,
+    t_start: float,
+) -> int:
+    import torch
+
+    from ..callbacks import AttnStepCallback, CallbackList, StepTimer
+
+    if args.offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    handle = None
+    if variants:
+        sig = inspect.signature(apply).parameters
+        extra: dict[str, Any] = {"num_steps": s.steps} if "num_steps" in sig else {}
+        if args.compile and "step_source" in sig:
+            extra["step_source"] = "callback"  # the compiled forward reads no timestep on the host
+        try:
+            handle = apply(pipe, *variants, **extra)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise CLIError(f"could not apply {', '.join(str(x) for x in specs)} to {type(pipe).__name__}: {e}") from e
+        if callable(getattr(handle, "reset", None)):
+            handle.reset()
+    transformer = getattr(pipe, "transformer", None)
+    if args.compile:
+        if transformer is None:
+            raise CLIError(f"--compile: {type(pipe).__name__} has no `transformer` to compile")
+        _compile_at_first_call(transformer, handle)
+
+    timer = StepTimer()
+    if transformer is not None:
+        timer.attach(transformer)
+    callback: Any = timer
+    if handle is not None and args.compile and getattr(handle, "step_source", None) == "callback":
+        callback = CallbackList(AttnStepCallback(handle), timer)
+    kwargs: dict[str, Any] = {
+        "prompt": args.prompt,
+        "num_inference_steps": s.steps,
+        "generator": torch.Generator("cpu").manual_seed(s.seed),
+        "output_type": "np",
+        "callback_on_step_end": callback,
+    }
+    optional = {"height": s.height, "width": s.width, "guidance_scale": s.guidance, "negative_prompt": s.negative}
+    if s.is_video:
+        optional["num_frames"] = s.frames
+    for key, val in optional.items():
+        if val is not None:
+            if key not in s.params:
+                raise CLIError(f"{type(pipe).__name__} does not take {key!r}")
+            kwargs[key] = val
+    timer.start()
+    try:
+        result = pipe(**kwargs)
+    except ValueError as e:
+        raise CLIError(f"{type(pipe).__name__} stopped: {' '.join(str(e).split())}") from e
+    finally:
+        timer.detach()
+        calls = getattr(handle, "attention_calls", None) if handle is not None else None
+        if handle is not None and callable(getattr(handle, "remove", None)):
+            handle.remove()
+    images = getattr(result, "frames", None)
+    if images is None:
+        images = result.images
+    import numpy as np
+
+    arr = np.asarray(images[0])  # first (only) sample: video [F, H, W, C] or image [H, W, C]
+    if arr.ndim == 3:
+        arr = arr[None]
+    if s.is_video and arr.shape[0] != s.frames:
+        print(f"note: {type(pipe).__name__} produced {arr.shape[0]} frames (asked for {s.frames})", file=sys.stderr)
+
+    from ..io import save_output
+
+    family = s.family
+    metadata = {
+        "attnplug": __version__,
+        "model": model_label,
+        "pipeline": type(pipe).__name__,
+        "family": family,
+        "preset": preset.name if preset else None,
+        "prompt": args.prompt,
+        "negative_prompt": s.negative,
+        "seed": s.seed,
+        "steps": s.steps,
+        "height": int(arr.shape[1]),
+        "width": int(arr.shape[2]),
+        "frames": int(arr.shape[0]),
+        "guidance_scale": s.guidance,
+        "dtype": dtype_name,
+        "device": str(device),
+        "attn": [{v.name: resolved_options(v, family)} for v in variants],
+    }
+    meta = json.loads(json.dumps(metadata, default=str))
+    try:
+        s.target.write(lambda p: save_output(arr, p, meta, fps=s.fps))
+    except OutputError as e:
+        raise RunError(str(e)) from None
+    total = time.perf_counter() - t_start
+    peak, how = _peak_memory(device)
+    n_steps = len(timer.step_times)
+    if n_steps > 1:  # steady state: the first step also pays for warm-up (compile, autotune, caches)
+        per_step = f"{sum(timer.step_times[1:]) / (n_steps - 1):.3f} s/step (first step {timer.step_times[0]:.3f} s)"
+    else:
+        per_step = f"{timer.mean_step_s:.3f} s/step"
+    attn = "; ".join(variant_label(v, family) for v in variants) if variants else "dense"
+    if isinstance(calls, int):
+        attn += f" [{calls} attention calls through attnplug]"
+        if calls == 0 and not warned:
+            _warn("no attention call ran through attnplug (every call was dense); the output is the dense model's")
+    print(
+        f"attnplug: wrote {s.target.path} ({arr.shape[0]} frame{'s' if arr.shape[0] != 1 else ''}, "
+        f"{arr.shape[2]}x{arr.shape[1]}) | total {total:.2f} s | {n_steps} steps, {per_step} | "
+        f"peak memory {peak:.1f} MiB ({how}) | attn: {attn}"
+    )
+    return 0

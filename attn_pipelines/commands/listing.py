@@ -1,0 +1,82 @@
+"""`attnplug list`: diffusion variants, model families, vision variants, registered timm models, presets."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from typing import Any
+
+from attn_spec import describe
+
+from ..config import PLANNED_VARIANTS, Preset, iter_presets, variant_registry
+
+__all__ = ["add_parser", "run", "vision_variants"]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("list", help="variants (diffusion and timm) with options and defaults, families, presets")
+    p.set_defaults(func=run)
+
+
+def vision_variants() -> dict[str, type]:
+    """vision_attn's variants by name (`vision_attn.VARIANTS` when it has one)."""
+    import vision_attn
+
+    reg = getattr(vision_attn, "VARIANTS", None)
+    if isinstance(reg, dict):
+        return dict(reg)
+    return {cls.name: cls for cls in (vision_attn.Agent, vision_attn.CoordAttention, vision_attn.ECA)}
+
+
+def _print_variants(registry: dict[str, type]) -> None:
+    first: dict[type, str] = {}
+    for name, cls in registry.items():
+        if cls in first:
+            print(f"  {name:<12} alias of {first[cls]}")
+            continue
+        first[cls] = name
+        doc = (inspect.getdoc(cls) or "").split("\n")[0]
+        role = getattr(cls, "role", "")
+        print(f"  {name:<12} {cls.__name__}{f' [{role}]' if role else ''} {doc}")
+        for opt, tp, default in describe(cls):
+            print(f"      {opt}: {tp} = {default!r}")
+
+
+def preset_status(p: Preset) -> str:
+    """'' for a usable preset, else why it cannot run."""
+    if p.usable:
+        return ""
+    return f"NOT USABLE: needs {', '.join(repr(m) for m in p.missing)}, not implemented in this version"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print everything a user can name on the command line."""
+    import diffusion_attn
+
+    registry = variant_registry()
+    print("Diffusion variants (attnplug generate --attn NAME:option=value,...; show-mask --variant):")
+    _print_variants(registry)
+    planned = [n for n in PLANNED_VARIANTS if n not in registry]
+    if planned:
+        print(f"  planned, not implemented yet: {', '.join(planned)}")
+    print("\nModel families (diffusion_attn adapters):")
+    print("  " + ", ".join(diffusion_attn.ADAPTERS))
+
+    import vision_attn
+    from vision_attn.models import registered_names
+
+    print("\nVision variants (vision_attn.inject; python -m vision_attn.finetune --variant NAME:option=value,...):")
+    _print_variants(vision_variants())
+    print("\nRegistered timm models (timm.create_model(NAME) after `import vision_attn`):")
+    print("  " + ", ".join(registered_names()))
+    del vision_attn
+
+    print("\nPresets (attnplug generate --config NAME):")
+    presets = list(iter_presets())
+    w = max((len(p.name) for p in presets), default=4)
+    mw = max((len(p.model) for p in presets), default=5)
+    for p in presets:
+        variants = ", ".join(str(s) for s in p.attn) or "dense"
+        status = f"  [{preset_status(p)}]" if not p.usable else ""
+        print(f"  {p.name:<{w}}  {p.model:<{mw}}  {p.family or '?':<13}  {variants}{status}")
+    return 0
