@@ -113,3 +113,98 @@ def test_imports_flow_downward():
     assert not bad, bad
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     assert all(_imports(p) <= stdlib for p in (ROOT / "attn_spec").rglob("*.py")), "attn_spec is stdlib-only"
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/*.md, README.md and pyproject.toml refer only to files that exist in the repository
+# ----------------------------------------------------------------------------------------------
+DOC_FILES = ["README.md", "pyproject.toml", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+_EXT = r"(?:py|md|yaml|yml|json|png|gif|mp4|toml|sh|txt|cfg|ini|safetensors|whl)"
+_TOKEN = re.compile(rf"(?<![\w/.~@:-])((?:[\w.{{}},<>*-]+/)+[\w.{{}},<>*-]*|[\w-]+(?:\.[\w-]+)*\.{_EXT})(?![\w/])")
+#: outputs the docs show being written and the user's own data: not files of the repository
+GENERATED = {"mask.png", "out/attnplug.mp4", "fox.mp4", "clip.mp4", "small.gif", "x.png", "build/", "dist/"}
+GENERATED |= {"./imagefolder"}
+#: references to files that should exist but do not yet: each entry must still be missing (remove it when added)
+KNOWN_MISSING = {
+    "benchmarks/results/static_sm90.json": "docs/kernels.md: 'the last full run is committed as' (kernels owner)",
+}
+
+
+def _expand(token: str) -> list[str]:
+    """`a/{b,c}.py` -> a/b.py, a/c.py; `<family>` -> `*`."""
+    m = re.search(r"\{([^{}]*)\}", token)
+    if m:
+        return [x for alt in m[1].split(",") for x in _expand(token[: m.start()] + alt + token[m.end() :])]
+    return [re.sub(r"<[^<>]*>", "*", token)]
+
+
+def _exists(path: str, doc: Path) -> bool:
+    path = path.rstrip("/.,")
+    if "/" not in path:  # a bare file name: anywhere in the repository
+        return any(p for p in ROOT.rglob(path) if ".git" not in p.parts)
+    for base in (ROOT, doc.parent):
+        if any(base.glob(path)) if "*" in path else (base / path).exists():
+            return True
+    return False
+
+
+def _references(doc: Path) -> set[str]:
+    text = re.sub(r"\w+://\S+", "", doc.read_text())  # URLs
+    refs = set()
+    for token in _TOKEN.findall(text):
+        first = token.split("/")[0]
+        external = "/" in token and not (ROOT / first).exists() and first not in ("docs", "out", "build", "dist")
+        if external and not re.search(rf"\.{_EXT}$", token):
+            continue  # a Hub id or a GitHub owner/repo (Wan-AI/Wan2.1-T2V-14B-Diffusers)
+        refs.add(token)
+    return refs
+
+
+@pytest.mark.parametrize("doc", DOC_FILES)
+def test_docs_refer_only_to_files_in_the_repository(doc):
+    path = ROOT / doc
+    refs = _references(path)
+    assert refs, f"{doc}: no file references found (the scanner is broken)"
+    missing = sorted(
+        r
+        for r in refs
+        if r not in GENERATED and r not in KNOWN_MISSING and not all(_exists(x, path) for x in _expand(r))
+    )
+    assert not missing, f"{doc} refers to files that are not in the repository: {missing}"
+
+
+def test_known_missing_references_are_still_missing():
+    for ref in KNOWN_MISSING:
+        assert not (ROOT / ref).exists(), f"{ref} exists now: remove it from KNOWN_MISSING"
+
+
+def test_the_doc_scanner_finds_missing_files(tmp_path):
+    doc = tmp_path / "x.md"
+    doc.write_text(
+        "See `attn_pipelines/nope.py`, ARCHITECTURE.md and `docs/{kernels,gone}.md`; Wan-AI/Wan2.1 is a Hub id."
+    )
+    refs = _references(doc)
+    assert refs == {"attn_pipelines/nope.py", "ARCHITECTURE.md", "docs/{kernels,gone}.md"}
+    assert [r for r in sorted(refs) if all(_exists(x, doc) for x in _expand(r))] == []
+
+
+# ----------------------------------------------------------------------------------------------
+# `attnplug bench` runs after the main install: its scripts import only main dependencies
+# ----------------------------------------------------------------------------------------------
+def test_bench_scripts_need_only_the_main_install():
+    from attn_pipelines.commands.bench import BENCH_SCRIPTS
+
+    main_deps = {re.split(r"[ <>=!~;\[]", r, maxsplit=1)[0].lower() for r in _pyproject()["project"]["dependencies"]}
+    main_deps |= {
+        re.split(r"[ <>=!~;\[]", r, maxsplit=1)[0].lower()
+        for r in _pyproject()["project"]["optional-dependencies"]["video"]
+    }
+    dist_of = md.packages_distributions()
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    missing = {}
+    for name in BENCH_SCRIPTS:
+        for mod in _imports(ROOT / "benchmarks" / f"{name}.py") - stdlib - set(PACKAGES) - OPTIONAL:
+            dists = {d.lower().replace("_", "-") for d in dist_of.get(mod, [mod])}
+            if not dists & main_deps:
+                missing.setdefault(mod, []).append(name)
+    assert not missing, f"`attnplug bench` scripts import packages outside the main install: {missing}"
