@@ -254,3 +254,21 @@ def test_hunyuan_mask_errors_and_unseen_grid():
             attn(hs, enc, attention_mask=torch.ones(1, 1, 57, 57, dtype=torch.bool))
         with pytest.raises(RuntimeError, match=r"has 57 tokens but the attention call has 41 queries"):
             attn(hs[:, :32], enc)
+
+
+def test_wan_self_attention_with_a_mask_runs_the_models_processor():
+    """A self-attention call given a mask (the model never passes one) keeps the mask's exact semantics."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    model, inputs = BUILDERS["wan"]()
+    attn = model.blocks[1].attn1
+    hs = torch.randn(1, 72, 32)
+    mask = torch.rand(72, 72) > 0.5
+    mask |= torch.eye(72, dtype=torch.bool)
+    ref = WanAttnProcessor()(attn, hs, None, mask, None)
+    with da.apply(model, da.Radial(dense_steps=0, dense_layers=0, block_size=16)) as handle:
+        run(model, inputs)
+        calls = handle.attention_calls
+        out = attn(hs, None, mask, None)
+        assert handle.attention_calls == calls  # not through the sparse kernel
+    torch.testing.assert_close(out, ref)

@@ -153,15 +153,14 @@ def test_must_do_and_must_skip_frames():
     visit = plan.layout.to_block_mask()[0, 0]
     assert bool(visit[:, 2:4].all())  # must-do frame 1 (key blocks 2, 3)
     assert not bool(visit[:, 6:].any())
+    assert not bool(_skip(var, state)[..., 6:].any())  # the skip set holds visited tiles only
     assert not bool(visit.all())
 
 
 def test_must_do_and_must_skip_in_tokens():
     """range_unit="token": ranges are visual token indices (text excluded), here after 20 text tokens."""
     lay = TokenLayout((4, 4, 8), text_len=20, text_first=True)  # 148 tokens: text 0-19, visual 20-147
-    var = LiteAttention(
-        threshold=-2.0, block_size=B, range_unit="token", must_do=((60, 76),), must_skip=((92, 128),)
-    )
+    var = LiteAttention(threshold=-2.0, block_size=B, range_unit="token", must_do=((60, 76),), must_skip=((92, 128),))
     always, never, text_blk = var.static_masks(lay)
     # visual token t sits at sequence position 20 + t: must-do 80-95 = block 5; must-skip 112-147 covers
     # blocks 7, 8 and the 4-token tail block 9 entirely; block 6 (96-111) holds no must-skip key

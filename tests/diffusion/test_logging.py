@@ -39,8 +39,15 @@ def test_warns_when_a_variant_will_do_nothing(attnplug_log):
         pass
     with da.apply(model, da.LiteAttention(warmup_steps=4), num_steps=4):
         pass
+    with da.apply(model, da.Radial(dense_steps=2, dense_last_steps=2), num_steps=4):  # 2 + 2 = all 4 steps
+        pass
+    with da.apply(model, da.Radial(dense_steps=2, dense_last_steps=1), num_steps=4):  # step 2 sparse: no warning
+        pass
+    with da.apply(model, da.Radial(dense_steps=0, dense_layers=1)):  # layer 1 sparse: no warning
+        pass
     warned = _msgs(attnplug_log, logging.WARNING)
-    assert len(warned) == 3
+    assert len(warned) == 4
+    assert "dense_steps=2 + dense_last_steps=2 cover all 4 denoising steps" in warned[3]
     assert "dense_steps=12 + dense_last_steps=0 cover all 10 denoising steps" in warned[0]
     assert "dense_layers=2 >= the 2 hooked attention layers" in warned[1]
     assert "warmup_steps=4 >= 4 denoising steps" in warned[2]
