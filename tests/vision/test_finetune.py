@@ -135,7 +135,7 @@ def test_img_size_reaches_the_model_and_transforms(data, tmp_path):
     assert main(_args(data, out, "vit_tiny_patch16_224", "agent:num_agents=4,blocks=(0,)", kw, "--max-steps", "1")) == 0
     _, config = _read(out)
     assert config["data_config"]["input_size"] == [3, 32, 32] and config["transform"] == "simple"
-    assert config["variant"] == "agent:num_agents=4,blocks=(0,)"
+    assert config["variant"] == "agent:num_agents=4,blocks=(0,)"  # typed JSON, a spec that parses back
     model = va.load_finetuned(out)
     assert tuple(model.patch_embed.img_size) == (32, 32)
     assert [type(b.attn).__name__ for b in model.blocks] == ["AgentAttention", "Attention"]
@@ -157,10 +157,11 @@ def test_parse_variant_round_trips():
     assert parse_variant(variant_spec(a)) == a
     e = parse_variant("eca:kernel_size=None,mode=original")
     assert e == va.ECA(kernel_size=None, mode="original") and variant_spec(e) == "eca:mode=original"
-    assert parse_variant("agent:blocks=[2]").blocks == (2,)
+    assert variant_spec(va.Agent(num_agents=4, blocks=(0,))) == "agent:num_agents=4,blocks=(0,)"
     for bad, msg in [
-        ("eca:kernel_size", "must look like key=value"),
-        ("agent:blocks=3", r"Agent.blocks must be a tuple of indices"),
+        ("eca:kernel_size", "is not key=value"),
+        ("agent:blocks=3", r"agent.blocks: expected tuple\[int, ...\] \| None, got 3"),
+        ("agent:blocks=(-1,)", r"Agent.blocks must hold int indices >= 0"),
         ("agent:num_agents=4,num_agents=9", "given twice"),
         ("", "empty variant spec"),
     ]:
@@ -176,10 +177,10 @@ def test_clear_errors(data, tmp_path, capsys):
         return msg
 
     base = ("--data", str(data), "--out", str(tmp_path / "o"), "--cpu", "--max-steps", "1", "--img-size", "32")
-    assert "eca has no option 'kernel'; valid options: ['kernel_size', 'mode']" in err(
+    assert "unknown option 'kernel' for variant 'eca'; valid options: kernel_size, mode" in err(
         "--model", "resnet10t", "--variant", "eca:kernel=3", *base
     )
-    assert "unknown variant 'se'; choose one of ['agent', 'coord', 'eca']" in err(
+    assert "unknown variant 'se'; valid variants: agent, coord, eca" in err(
         "--model", "resnet10t", "--variant", "se", *base
     )
     assert "ECA.kernel_size must be an odd int" in err("--model", "resnet10t", "--variant", "eca:kernel_size=4", *base)
@@ -204,4 +205,6 @@ def test_cli_subprocess(data, tmp_path):
     cmd = [sys.executable, "-m", "vision_attn.finetune", *_args(data, tmp_path, "resnet10t", "agent:agents=4")]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 2
-    assert "agent has no option 'agents'; valid options: ['blocks', 'dwc_kernel', 'num_agents', 'stages']" in r.stderr
+    assert (
+        "unknown option 'agents' for variant 'agent'; valid options: num_agents, blocks, dwc_kernel, stages" in r.stderr
+    )
