@@ -313,3 +313,21 @@ def test_unsupported_model_lists_the_supported_families():
         ):
             va.inject(variant=variant, model=model)
     assert model.state_dict().keys() == sd.keys() and not hasattr(model, "_attnplug_handles")
+
+
+def test_registered_names_never_shadow_timm_names():
+    """Every attnplug name belongs to an attnplug module in timm's registry, and claiming a name timm
+    already has (eca_nfnet_l0, eca_resnet33ts, ...) is refused."""
+    from timm.models._registry import _model_to_module
+
+    from vision_attn.models import registered_names
+    from vision_attn.models._builder import claim_names
+
+    ours = registered_names()
+    assert ours and all(_model_to_module[n] in ("agent_deit", "coord_eca") for n in ours)
+    timm_own = {n for n in timm.list_models() if _model_to_module.get(n) not in ("agent_deit", "coord_eca")}
+    assert "eca_nfnet_l0" in timm_own and not set(ours) & timm_own
+    for taken in ("eca_nfnet_l0", "eca_resnet33ts", "resnet50"):
+        with pytest.raises(RuntimeError, match=f"timm already has a model named '{taken}'"):
+            claim_names([taken], "vision_attn.models.coord_eca")
+    claim_names(ours[:1], "vision_attn.models." + _model_to_module[ours[0]])  # re-import of our own: fine

@@ -15,7 +15,21 @@ from timm.models._pretrained import PretrainedCfg
 from ..checkpoint import load_checkpoint
 from ..inject import inject
 
-__all__ = ["build_injected"]
+__all__ = ["build_injected", "claim_names"]
+
+
+def claim_names(names, module: str) -> None:
+    """Refuse to register a name timm (or another package) already has: attnplug never shadows one."""
+    from timm.models._registry import _model_to_module
+
+    short = module.rsplit(".", 1)[-1]
+    for name in names:
+        owner = _model_to_module.get(name)
+        if owner is not None and owner != short:
+            raise RuntimeError(
+                f"vision_attn: timm already has a model named {name!r} (module {owner!r}); attnplug does not shadow it"
+            )
+
 
 _FEATURE_KWARGS = ("features_only", "out_indices", "feature_cls", "output_fmt", "flatten_sequential", "feature_cfg")
 

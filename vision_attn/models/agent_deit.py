@@ -15,7 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import generate_default_cfgs, register_model
 
 from ..variants.agent import Agent
-from ._builder import build_injected
+from ._builder import build_injected, claim_names
 
 __all__: list[str] = []
 
@@ -25,6 +25,8 @@ _ARCHS: dict[str, tuple[str, int, tuple[int, ...] | None]] = {
     "agent_deit_small_patch16_224": ("deit_small_patch16_224", 49, None),
     "agent_deit_base_patch16_224": ("deit_base_patch16_224", 81, (0, 1, 2, 3)),
 }
+
+claim_names(_ARCHS, __name__)  # before register_model below
 
 default_cfgs = generate_default_cfgs(
     {

@@ -16,7 +16,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ..variants.coord import CoordAttention
 from ..variants.eca import ECA
-from ._builder import build_injected
+from ._builder import build_injected, claim_names
 
 __all__: list[str] = []
 
@@ -46,6 +46,8 @@ def _cfg(base: str, **kwargs: Any) -> dict[str, Any]:
         **kwargs,
     }
 
+
+claim_names(_ARCHS, __name__)  # before register_model below
 
 default_cfgs = generate_default_cfgs({name: _cfg(base) for name, (base, _) in _ARCHS.items()})
 
