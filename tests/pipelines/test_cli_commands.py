@@ -330,3 +330,44 @@ def test_built_wheel_lists_and_loads_presets(tmp_path):
     r = subprocess.run([sys.executable, "-m", "attn_pipelines.cli", "bench", "--smoke"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 2 and "benchmarks/ folder is not here" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# maskdraw: the plan evaluated pair by pair equals the variant's own token mask
+# ----------------------------------------------------------------------------------------------
+def test_pair_mask_reads_multi_word_element_masks():
+    """Blocks of 64 keys: element-mask bits in the second 32-bit word are read at the right place."""
+    import torch
+
+    import diffusion_attn as da
+    from attn_pipelines.maskdraw import PairMask, plan_call
+    from diffusion_attn.variants.base import TokenLayout
+    from diffusion_attn.variants.draw import variant_token_mask
+
+    for v in (da.Neighborhood(kernel_size=3, block_size=64, permute=False), da.Neighborhood(kernel_size=(1, 3, 5))):
+        layout = TokenLayout(grid=(4, 8, 10), text_len=3, family="wan")
+        plan = plan_call(v, layout, 0, 0)
+        assert plan.layout.has_element_mask
+        n = layout.seq_len
+        ref = variant_token_mask(v, layout)
+        assert torch.equal(PairMask(plan, n)(torch.arange(n), torch.arange(n)), ref)
+
+
+def test_render_averages_every_pair_of_a_pixel():
+    """1,601 tokens at 768 px: 3 tokens per pixel, every pair evaluated, the pixel = the mean."""
+    import torch
+
+    import diffusion_attn as da
+    from attn_pipelines.maskdraw import _OFF, _ON, plan_call, render_plan
+    from diffusion_attn.variants.base import TokenLayout
+    from diffusion_attn.variants.draw import variant_token_mask
+
+    v = da.Radial(block_size=16, dense_steps=0, dense_layers=0)
+    layout = TokenLayout(grid=(16, 10, 10), text_len=1, family="hunyuan_video")  # text: no frame lines drawn
+    img, density, exact = render_plan(plan_call(v, layout, 0, 0), layout)
+    ref = variant_token_mask(v, layout, step=0, layer=0).float()
+    assert exact and abs(density - ref.mean().item()) < 1e-6
+    pooled = torch.nn.functional.avg_pool2d(ref[None, None], 3, ceil_mode=True)[0, 0].numpy()
+    frac = ((_OFF - np.asarray(img).astype(np.float32)) / (_OFF - _ON)).mean(-1)
+    assert frac.shape == pooled.shape and np.abs(frac - pooled).max() < 0.01
+    assert (np.abs(pooled - np.round(pooled)) > 0.05).mean() > 0.02  # partly visited pixels exist to compare

@@ -250,3 +250,18 @@ def test_load_preset_from_path_and_invalid_yaml(tmp_path):
         load_preset(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="unknown preset 'nope'; shipped presets: cogvideox-5b-lite"):
         load_preset("nope")
+
+
+@pytest.mark.parametrize(
+    ("family", "size", "grid"),
+    [
+        ("wan", (480, 832, 81), (21, 30, 52)),  # 32,760 tokens: Wan2.1 480p x 81 frames
+        ("hunyuan_video", (768, 1280, 117), (30, 48, 80)),  # NATTEN's HunyuanVideo grid
+        ("cogvideox", (480, 720, 49), (13, 30, 45)),  # 17,550 tokens
+        ("ltx_video", (480, 704, 161), (21, 15, 22)),  # LTX-Video: 1:8 in time, 32 x 32 pixels per token
+        ("flux", (1024, 1024, 1), (1, 64, 64)),  # 4,096 image tokens
+        ("sd3", (1024, 1024, 1), (1, 64, 64)),
+    ],
+)
+def test_token_grids_of_the_families(family, size, grid):
+    assert token_grid(FAMILY_RULES[family], *size) == grid
