@@ -8,7 +8,7 @@ from typing import Any
 
 from attn_spec import describe
 
-from ..config import PLANNED_VARIANTS, Preset, iter_presets, variant_registry
+from ..config import PLANNED_VARIANTS, ConfigError, Preset, load_preset, preset_names, variant_registry
 
 __all__ = ["add_parser", "run", "vision_variants"]
 
@@ -72,11 +72,18 @@ def run(args: argparse.Namespace) -> int:
     del vision_attn
 
     print("\nPresets (attnplug generate --config NAME):")
-    presets = list(iter_presets())
+    presets, broken = [], []
+    for name in preset_names():
+        try:
+            presets.append(load_preset(name))
+        except ConfigError as e:  # one bad preset must not hide the others
+            broken.append(f"  {name}  [INVALID: {e}]")
     w = max((len(p.name) for p in presets), default=4)
     mw = max((len(p.model) for p in presets), default=5)
     for p in presets:
         variants = ", ".join(str(s) for s in p.attn) or "dense"
         status = f"  [{preset_status(p)}]" if not p.usable else ""
         print(f"  {p.name:<{w}}  {p.model:<{mw}}  {p.family or '?':<13}  {variants}{status}")
+    for line in broken:
+        print(line)
     return 0

@@ -39,7 +39,8 @@ def test_list_prints_both_sides_options_models_and_presets(capsys):
     for name in variant_registry():
         assert f"  {name} " in out
     assert "decay_factor: float | None = None" in out and "kernel_size: int | tuple[int, int, int] = 7" in out
-    assert f"planned, not implemented yet: {', '.join(PLANNED_VARIANTS)}" in out
+    planned = [n for n in PLANNED_VARIANTS if n not in variant_registry()]
+    assert f"planned, not implemented yet: {', '.join(planned)}" in out or not planned
     vision = out[out.index("Vision variants") : out.index("Registered timm models")]
     for name, option in (("agent", "num_agents: int = 49"), ("coord", "reduction: int = 32"), ("eca", "kernel_size")):
         assert f"  {name} " in vision and option in vision
@@ -53,9 +54,31 @@ def test_list_prints_both_sides_options_models_and_presets(capsys):
         assert name in presets
     usable = re.search(r"wan2\.1-t2v-14b-radial .*\n", presets)[0]
     assert "radial:decay_factor=0.2,dense_steps=12,dense_layers=1" in usable and "NOT USABLE" not in usable
-    for line in presets.splitlines():
-        if "ultravico" in line.split()[0] or "softpag" in line.split()[0]:
-            assert "NOT USABLE: needs" in line and "not implemented" in line, line
+    from attn_pipelines.config import ConfigError, load_preset
+
+    for name in preset_names():
+        try:
+            usable = load_preset(name).usable
+        except ConfigError:
+            continue  # listed as INVALID (test_list_shows_an_invalid_preset_without_hiding_the_others)
+        line = next(ln for ln in presets.splitlines() if ln.startswith(f"  {name} "))
+        assert ("NOT USABLE: needs" in line) != usable, line
+
+
+def test_list_shows_an_invalid_preset_without_hiding_the_others(monkeypatch, capsys):
+    from attn_pipelines.commands import listing
+    from attn_pipelines.config import ConfigError, load_preset
+
+    def load(name):
+        if name == "ltx-video-lite":
+            raise ConfigError("preset ltx-video-lite: attn[0] lite: LiteAttention.threshold must be in ...")
+        return load_preset(name)
+
+    monkeypatch.setattr(listing, "load_preset", load)
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "ltx-video-lite  [INVALID: preset ltx-video-lite: attn[0] lite:" in out
+    assert "wan2.1-t2v-14b-radial" in out and "cogvideox-5b-lite" in out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +275,7 @@ def test_show_mask_wan_480p_grid_in_bounded_memory(tmp_path):
     [
         (["--variant", "nosuch", "--grid", "2x2x2"], "unknown variant 'nosuch'"),
         (["--variant", "gna", "--grid", "2x2x2", "--out", "m.jpg"], "--out 'm.jpg': must end in .png"),
-        (["--variant", "gna", "--grid", "2x2x2", "--family", "unet"], "--family 'unet' is not one of"),
+        (["--variant", "gna", "--grid", "2x2x2", "--family", "nope"], "--family 'nope' is not one of"),
         (["--variant", "lite:threshold=nan", "--grid", "2x2x2"], "LiteAttention.threshold must be in"),
         (["--variant", "gna", "--grid", "2x2x2"], "--variant gna on --grid 2x2x2: Neighborhood.kernel_size[0]"),
         (["--variant", "radial", "--grid", "200x200x200"], "8,000,000 tokens; show-mask draws layouts of up to"),
