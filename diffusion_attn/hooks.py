@@ -75,11 +75,17 @@ def _step_hook_cls():
             self.adapter = adapter
             self.branches = StateManager(BranchState)  # diffusers sets its context in cache_context()
             self._generation = -1
+            self._perturbed: dict = {}  # variant state of guidance passes, per branch
 
         def pre_forward(self, module, *args, **kwargs):
             rt, clock = self.runtime, self.runtime.clock
             context = self.branches._context
             branch = None if context is None else context.name
+            if rt.perturbed:  # a guidance variant's extra pass (SoftPAG): same step, its own variant state
+                name = f"{branch}:perturbed"
+                rt.begin_forward(name, self._perturbed.setdefault(name, {}))
+                rt.grid = self.adapter.grid(module, args, kwargs)
+                return args, kwargs
             if clock.source == "hook":
                 adapter = self.adapter
                 clock.observe(
@@ -187,6 +193,7 @@ class AttnHandle:
         self.runtimes: list[AttnRuntime] = []
         self._patched: list[tuple[nn.Module, Any, SparseProcessor, str]] = []  # (module, original, ours, name)
         self._hooked: list[nn.Module] = []
+        self._variant_hooks: list[tuple[nn.Module, str]] = []  # (model, hook name) of Variant.model_hook
         self.adapters: list[Adapter] = []
         self.variants: tuple[Variant, ...] = ()
         self.removed = False
@@ -326,6 +333,11 @@ class AttnHandle:
                 kept.append(name)
         if kept:
             logger.info(f"attnplug: remove() kept the processors set while applied on {', '.join(reversed(kept))}")
+        for model, name in reversed(self._variant_hooks):
+            registry = getattr(model, "_diffusers_hook", None)
+            if registry is not None:
+                registry.remove_hook(name, recurse=False)
+        self._variant_hooks.clear()
         for model in self._hooked:
             registry = getattr(model, "_diffusers_hook", None)
             if registry is not None:
@@ -396,6 +408,8 @@ def apply(
             raise RuntimeError(f"apply(): modules {bad[:3]} of {type(model).__name__} have no set_processor()")
         for name, module in mods:
             adapter.check_processor(name, module, model)
+        for v in variants:
+            v.check_apply(adapter.name, mods, tuple(variants))
         _check_parallel(model, adapter)
         plan.append((label, model, adapter, mods))
 
@@ -424,8 +438,13 @@ def apply(
                 handle._patched.append((module, original, ours, f"{label}.{name}"))
             registry = HookRegistry.check_if_exists_or_initialize(model)
             registry.register_hook(hook_cls(handle, runtime, adapter), HOOK_NAME)
-            registry.invalidate_child_registries_cache()
             handle._hooked.append(model)
+            for v in variants:
+                extra = v.model_hook(runtime)
+                if extra is not None:  # wraps the step hook (SoftPAG's perturbed pass, RIFLEx's RoPE)
+                    registry.register_hook(extra, f"{HOOK_NAME}_{v.name}")
+                    handle._variant_hooks.append((model, f"{HOOK_NAME}_{v.name}"))
+            registry.invalidate_child_registries_cache()
             model._attnplug_handle = handle
             logger.info(
                 f"attnplug: patched {len(mods)} attention modules of {type(model).__name__} ({label}) with "

@@ -83,6 +83,7 @@ class AttnRuntime:
     layer_names: tuple[str, ...] = ()
     calls: int = 0  # attention calls that went through attnplug's kernel (for tests / stats)
     branch: str | None = None  # cache-context name of the current forward
+    perturbed: bool = False  # the current forward is a guidance variant's perturbed pass (AttnContext.perturbed)
     _states: dict = field(default_factory=dict, repr=False)  # variant state of the current branch
     _default_states: dict = field(default_factory=dict, repr=False)  # branch of calls without a context
     _branch_states: dict = field(default_factory=dict, repr=False)  # {name: states} seen this generation
@@ -96,6 +97,10 @@ class AttnRuntime:
 
     def __post_init__(self) -> None:
         self._states = self._default_states
+        # sparsity variants plan first, so modifiers see the final layout and permutation (state keys keep the
+        # variant's index in `variants`)
+        rank = {"sparsity": 0, "modifier": 1, "guidance": 2}
+        self._order = sorted(enumerate(self.variants), key=lambda iv: rank.get(iv[1].role, 1))
 
     # -- clock views ------------------------------------------------------------------------
     @property
@@ -202,7 +207,7 @@ class AttnRuntime:
         """The variants' plan for one call of `layer` (`heads` in this call, the first at `head_offset`)."""
         plan = AttnPlan()
         clock = self.clock
-        for i, var in enumerate(self.variants):
+        for i, var in self._order:
             ctx = AttnContext(
                 layer=layer,
                 num_layers=self.num_layers,
@@ -218,6 +223,7 @@ class AttnRuntime:
                 num_steps=clock.num_steps,
                 head_offset=head_offset,
                 branch=self.branch,
+                perturbed=self.perturbed,
             )
             plan = var.plan(ctx, plan)
         if self._kinds is not None and 0 <= layer < len(self._kinds):
@@ -291,13 +297,37 @@ class AttnRuntime:
             modifiers=plan.modifiers,
             tile_stats=plan.tile_stats if run_after else None,
             backend=self.kernel_backend,
+            return_lse=bool(plan.extra),
         )
+        if plan.extra:
+            out = self._merge_extra(plan, out, qh, kh, vh, key_mask, perm, n)
         if run_after:
             for cb in plan.after:
                 cb(out, plan)
         if inv is not None:
             out = out[:, :, inv]
         return out.transpose(1, 2)
+
+    def _merge_extra(self, plan, main, qh, kh, vh, key_mask, perm, n) -> torch.Tensor:
+        """The main pass and `plan.extra`'s passes (disjoint pairs) merged by log-sum-exp: exactly the softmax
+        over the union of their pairs (device ops only)."""
+        from attn_kernels import attention
+
+        out, lse = main
+        acc = out.float()
+        for lay, mods in plan.extra:
+            if key_mask is not None:
+                lay = self._key_masked(lay, key_mask, perm, n, qh.device)
+            o2, l2 = attention(qh, kh, vh, lay, modifiers=mods, backend=self.kernel_backend, return_lse=True)
+            m = torch.maximum(lse, l2)
+            m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # rows without any key: weights 0
+            w1, w2 = torch.exp(lse - m), torch.exp(l2 - m)
+            tot = w1 + w2
+            acc = (acc * w1[..., None] + o2.float() * w2[..., None]) / tot.clamp_min(torch.finfo(tot.dtype).tiny)[
+                ..., None
+            ]
+            lse = m + torch.log(tot)
+        return acc.to(out.dtype)
 
     # -- context parallelism (diffusers' Ulysses) -------------------------------------------
     def _composed(self, gather: tuple, perm: Any, inv: Any) -> tuple[Any, Any]:

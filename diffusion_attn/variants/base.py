@@ -74,7 +74,8 @@ class AttnContext:
     heads: heads of this call; under Ulysses context parallelism a rank holds heads
     [head_offset, head_offset + heads) of the model's, so per-head data is indexed by global head;
     state: per (variant, layer, cache-context branch), cleared at a new generation;
-    branch: the cache-context name ("cond", "uncond", ...; None without a context).
+    branch: the cache-context name ("cond", "uncond", ...; None without a context);
+    perturbed: True in the extra forward a guidance variant runs (SoftPAG's perturbed pass).
     """
 
     layer: int
@@ -91,6 +92,7 @@ class AttnContext:
     num_steps: int | None = None
     head_offset: int = 0
     branch: str | None = None
+    perturbed: bool = False  # this forward is a guidance variant's perturbed pass (SoftPAG)
 
 
 @dataclass
@@ -103,10 +105,16 @@ class AttnPlan:
     modifiers: tuple = ()
     tile_stats: Any = None  # attn_kernels.TileStats
     after: list[Callable[..., None]] = field(default_factory=list)
+    # further (layout, modifiers) passes over (query, key) pairs disjoint from the main pass's, merged with
+    # it by log-sum-exp (UltraViCo's beta band: another logit factor on some pairs)
+    extra: tuple = ()
 
     @property
     def is_dense(self) -> bool:
-        return self.layout is None and self.perm is None and not self.modifiers and self.tile_stats is None
+        return (
+            self.layout is None and self.perm is None and not self.modifiers and self.tile_stats is None
+            and not self.extra
+        )  # fmt: skip
 
 
 def check_range(
@@ -155,6 +163,15 @@ class Variant:
     def inactive_reason(self, family: str, num_steps: int | None, num_layers: int) -> str | None:
         """Why this variant would change nothing in a generation of `num_steps` steps on `num_layers`
         hooked layers (e.g. every step inside a dense warm-up), or None. Logged as a warning."""
+        return None
+
+    def check_apply(self, family: str, modules: list, variants: tuple) -> None:
+        """Refuse (ValueError naming the option) what cannot run on this model before anything is patched:
+        `modules` are the hooked (name, attention module) pairs in layer order, `variants` all of `apply`'s."""
+
+    def model_hook(self, runtime: Any) -> Any:
+        """A diffusers `ModelHook` to register on the hooked model after attnplug's step hook (so it wraps
+        it), or None. Removed by `handle.remove()`. SoftPAG's perturbed pass and RIFLEx's RoPE use it."""
         return None
 
     def reset(self) -> None:
