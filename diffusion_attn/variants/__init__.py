@@ -9,6 +9,7 @@ from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range
 from .lite import LiteAttention
 from .neighborhood import Neighborhood
 from .radial import Radial
+from .softpag import SoftPAG
 
 __all__ = [
     "AttnContext",
@@ -19,6 +20,7 @@ __all__ = [
     "Radial",
     "Neighborhood",
     "LiteAttention",
+    "SoftPAG",
     "VARIANTS",
 ]
 
@@ -27,4 +29,5 @@ VARIANTS: dict[str, type[Variant]] = {
     "gna": Neighborhood,
     "neighborhood": Neighborhood,
     "lite": LiteAttention,
+    "softpag": SoftPAG,
 }
