@@ -9,7 +9,9 @@ from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range
 from .lite import LiteAttention
 from .neighborhood import Neighborhood
 from .radial import Radial
+from .riflex import RIFLEx
 from .softpag import SoftPAG
+from .ultravico import UltraViCo
 
 __all__ = [
     "AttnContext",
@@ -21,6 +23,8 @@ __all__ = [
     "Neighborhood",
     "LiteAttention",
     "SoftPAG",
+    "UltraViCo",
+    "RIFLEx",
     "VARIANTS",
 ]
 
@@ -30,4 +34,6 @@ VARIANTS: dict[str, type[Variant]] = {
     "neighborhood": Neighborhood,
     "lite": LiteAttention,
     "softpag": SoftPAG,
+    "ultravico": UltraViCo,
+    "riflex": RIFLEx,
 }
