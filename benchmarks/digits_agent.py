@@ -202,7 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
         report["models"] = {key: run_model(key, data, Path(tmp), a) for key in a.models}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     a.out.mkdir(parents=True, exist_ok=True)
-    name = "digits_agent_smoke.json" if a.smoke else "digits_agent.json"
+    name = (
+        "digits_agent" + ("_smoke" if a.smoke else "") + ("" if a.models == list(MODELS) else "_" + "_".join(a.models))
+    )
+    name += ".json"
     (a.out / name).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=1)[:4000])
     return report
