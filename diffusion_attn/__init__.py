@@ -4,6 +4,7 @@ pipeline's transformer through one adapter per model family; `handle.remove()` u
 from __future__ import annotations
 
 from .adapters.base import ADAPTERS, Adapter, AttnRuntime, find_adapter
+from .guidance import SoftPAGGuidance
 from .hooks import AttnHandle, apply
 from .variants import *  # noqa: F403
 from .variants import __all__ as _variant_names
@@ -25,6 +26,7 @@ __all__ = [
     "AttnHandle",
     "AttnPlan",
     "AttnRuntime",
+    "SoftPAGGuidance",
     "TokenLayout",
     "Variant",
     "apply",

@@ -249,6 +249,8 @@ class SoftPAG(Variant):
         return lo if self.active(lo, num_steps) else None
 
     def missing_num_steps(self, num_steps: int | None) -> str | None:
+        if self.mode == "guider":  # the guider's schedule decides
+            return None
         if num_steps is None and self.steps is None and (self.start, self.stop) != (0.0, 1.0):
             return (
                 f"SoftPAG(start={self.start}, stop={self.stop}) counts in fractions of the denoising steps, but the "
