@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .adapters.base import ADAPTERS, Adapter, AttnRuntime, find_adapter
 from .guidance import SoftPAGGuidance
+from .headhunter import HeadHunter, HeadHuntResult
 from .hooks import AttnHandle, apply
 from .variants import *  # noqa: F403
 from .variants import __all__ as _variant_names
@@ -26,6 +27,8 @@ __all__ = [
     "AttnHandle",
     "AttnPlan",
     "AttnRuntime",
+    "HeadHunter",
+    "HeadHuntResult",
     "SoftPAGGuidance",
     "TokenLayout",
     "Variant",

@@ -1,0 +1,68 @@
+"""`attnplug headhunt` (issue 11): search on the embedded tiny FLUX, resume from --out, feed the result to generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from attn_pipelines.cli import main
+
+SMALL = ["--steps", "1", "--height", "32", "--width", "32", "--no-progress"]
+
+
+def test_headhunt_resumes_and_its_result_drives_generate(tmp_path, capsys):
+    out = tmp_path / "hh.json"
+    args = ["headhunt", "--prompt", "a fox", "--prompt", "a cat", "--out", str(out), *SMALL]
+    assert main([*args, "--max-evaluations", "2"]) == 0
+    std = capsys.readouterr()
+    assert "headhunt stopped by --max-evaluations after 2 of 4 evaluations; selected heads: none yet" in std.out
+    assert "EMBEDDED DEFAULT" in std.err
+    state = json.loads(out.read_text())
+    assert state["evaluations"] == 2 and state["settings"]["pairs"] == [["a fox", 0], ["a cat", 1]]
+    assert state["settings"]["objective"] == "total_variation" and state["model"]["family"] == "flux"
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "headhunt complete after 4 of 4 evaluations; selected heads: (" in text
+    assert f"--attn softpag:heads_file={out},u=1.0" in text
+    png = tmp_path / "x.png"
+    assert main(["generate", "--attn", f"softpag:heads_file={out},u=0.5", "--steps", "1", "--height", "32",
+                 "--width", "32", "--out", str(png)]) == 0  # fmt: skip
+    assert "attention calls through attnplug]" in capsys.readouterr().out and png.is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--u", "2"], "--u/--scale: SoftPAG.u must be in [0.0, 1.0], got 2.0"),
+        (["--scale", "0"], "--u and --scale must be > 0 for a search"),
+        (["--objective", "lpips"], "--objective 'lpips': expected clip[:MODEL] or tv"),
+        (["--seeds", "1,2"], "--seeds: 2 seed(s) for 1 prompt(s); give one seed per prompt"),
+        (["--prompts-file", "/nonexistent/p.txt"], "--prompts-file '/nonexistent/p.txt': No such file"),
+        (["--objective", "clip:nobody/no-such-clip"], "CLIP model 'nobody/no-such-clip' is not available locally"),
+        (["--layers", "5"], "HeadHunter.layers must be layer indices in [0, 1], got [5]"),
+    ],
+)
+def test_headhunt_bad_input_is_one_line(extra, needle, tmp_path, capsys):
+    assert main(["headhunt", "--prompt", "a fox", "--out", str(tmp_path / "h.json"), *SMALL, *extra]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert needle in err[-1] and err[-1].startswith("attnplug: error: ")
+    assert not (tmp_path / "h.json").exists()
+
+
+def test_headhunt_refuses_an_out_of_other_settings_before_loading(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "hh.json"
+    assert main(["headhunt", "--prompt", "a fox", "--out", str(out), "--max-evaluations", "1", *SMALL]) == 0
+    import attn_pipelines.tiny
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded a pipeline")
+
+    monkeypatch.setattr(attn_pipelines.tiny, "build_tiny_pipeline", no_load)
+    assert main(["headhunt", "--prompt", "a fox", "--top-k", "2", "--out", str(out), *SMALL]) == 2
+    assert "holds a search with other settings (top_k differ)" in capsys.readouterr().err
+    (tmp_path / "x.json").write_text("[]")
+    assert main(["headhunt", "--out", str(tmp_path / "x.json"), *SMALL]) == 2
+    assert "is not a HeadHunter file" in capsys.readouterr().err
+    assert main(["headhunt", "--out", str(tmp_path / "x.txt"), *SMALL]) == 2
+    assert "--out" in capsys.readouterr().err
