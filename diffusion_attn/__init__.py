@@ -13,7 +13,7 @@ from .variants.base import AttnContext, AttnPlan, TokenLayout, Variant
 
 
 def _load_adapters() -> dict:
-    from .adapters import cogvideox, flux, hunyuan_video, ltx_video, sd3, wan  # noqa: F401
+    from .adapters import cogvideox, flux, hunyuan_video, ltx_video, sd3, unet, wan  # noqa: F401
 
     return ADAPTERS
 

@@ -194,6 +194,7 @@ class AttnHandle:
         self._patched: list[tuple[nn.Module, Any, SparseProcessor, str]] = []  # (module, original, ours, name)
         self._hooked: list[nn.Module] = []
         self._variant_hooks: list[tuple[nn.Module, str]] = []  # (model, hook name) of Variant.model_hook
+        self._undo: list = []  # callables undoing adapters' extra hooks (Adapter.install)
         self.adapters: list[Adapter] = []
         self.variants: tuple[Variant, ...] = ()
         self.removed = False
@@ -333,6 +334,9 @@ class AttnHandle:
                 kept.append(name)
         if kept:
             logger.info(f"attnplug: remove() kept the processors set while applied on {', '.join(reversed(kept))}")
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
         for model, name in reversed(self._variant_hooks):
             registry = getattr(model, "_diffusers_hook", None)
             if registry is not None:
@@ -394,6 +398,7 @@ def apply(
         raise ValueError(f"apply(): num_steps must be an int >= 1 (the number of denoising steps), got {num_steps!r}")
     models, pipe = _transformers_of(pipe_or_model)
     plan: list[tuple[str, nn.Module, Adapter, list]] = []
+    crosses: dict[int, list] = {}  # id(model) -> cross-attention modules (hooked for Variant.cross_attention)
     for label, model in models:
         if getattr(model, "_attnplug_handle", None) is not None:
             raise RuntimeError(
@@ -408,6 +413,10 @@ def apply(
             raise RuntimeError(f"apply(): modules {bad[:3]} of {type(model).__name__} have no set_processor()")
         for name, module in mods:
             adapter.check_processor(name, module, model)
+        if any(v.cross_attention for v in variants):
+            crosses[id(model)] = adapter.cross_attention_modules(model)
+            for name, module in crosses[id(model)]:
+                adapter.check_processor(name, module, model, cross=True)
         for v in variants:
             v.check_apply(adapter.name, mods, tuple(variants))
         _check_parallel(model, adapter)
@@ -436,6 +445,12 @@ def apply(
                 ours = adapter.make_processor(runtime, layer, module)
                 module.set_processor(ours)
                 handle._patched.append((module, original, ours, f"{label}.{name}"))
+            for j, (name, module) in enumerate(crosses.get(id(model), ())):  # layers len(mods) + j
+                original = module.processor
+                ours = adapter.make_processor(runtime, len(mods) + j, module, cross=True)
+                module.set_processor(ours)
+                handle._patched.append((module, original, ours, f"{label}.{name}"))
+            handle._undo += adapter.install(model, runtime)
             registry = HookRegistry.check_if_exists_or_initialize(model)
             registry.register_hook(hook_cls(handle, runtime, adapter), HOOK_NAME)
             handle._hooked.append(model)

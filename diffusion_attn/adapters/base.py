@@ -208,6 +208,8 @@ class AttnRuntime:
         plan = AttnPlan()
         clock = self.clock
         for i, var in self._order:
+            if layout.cross_len and not var.cross_attention:
+                continue  # cross-attention calls are planned only by variants that ask for them
             ctx = AttnContext(
                 layer=layer,
                 num_layers=self.num_layers,
@@ -252,12 +254,18 @@ class AttnRuntime:
         with Ulysses context parallelism: q, k, v are this rank's sequence shard, and the kernel runs
         inside diffusers' all-to-all on the whole sequence and this rank's heads."""
         if parallel_config is not None:
+            if layout.cross_len or plan.compute is not None:
+                raise RuntimeError(
+                    f"attnplug[{self.family}]: cross-attention plans and variants with their own computation "
+                    "(AgentSD, Boundary) do not support context parallelism"
+                )
             return self._run_ulysses(plan, q, k, v, layout, key_mask, parallel_config)
         n = q.shape[1]
-        if layout.seq_len != n or k.shape[1] != n:
+        if layout.seq_len != n or k.shape[1] != layout.key_len:
             raise RuntimeError(
-                f"attnplug[{self.family}]: token layout {layout} has {layout.seq_len} tokens but the attention call "
-                f"has {n} queries and {k.shape[1]} keys"
+                f"attnplug[{self.family}]: token layout {layout} has {layout.seq_len} tokens"
+                f"{f' and {layout.key_len} keys' if layout.cross_len else ''} but the attention call has {n} queries "
+                f"and {k.shape[1]} keys"
             )
         return self._kernel(plan, q, k, v, key_mask, None)
 
@@ -286,6 +294,11 @@ class AttnRuntime:
             perm, inv = self._composed(gather, perm, inv)
         if perm is not None:
             qh, kh, vh = qh[:, :, perm], kh[:, :, perm], vh[:, :, perm]
+        if plan.compute is not None:  # a variant's own computation replaces the kernel call (AgentSD, Boundary)
+            if key_mask is not None:
+                raise RuntimeError(f"attnplug[{self.family}]: key-padding masks are not supported with plan.compute")
+            out = plan.compute(qh, kh, vh, self.kernel_backend)
+            return (out if inv is None else out[:, :, inv]).transpose(1, 2)
         blayout = plan.layout
         if key_mask is not None:
             blayout = self._key_masked(blayout, key_mask, perm, n, q.device)
@@ -597,6 +610,8 @@ class Adapter:
     processors: ClassVar[dict[str, type]] = {}
     #: forward arguments `grid()` reads (diffusers' context-parallel hooks must not shard them first)
     grid_inputs: ClassVar[tuple[str, ...]] = ("hidden_states",)
+    #: as `processors`, for the modules of `cross_attention_modules` (hooked only for `Variant.cross_attention`)
+    cross_processors: ClassVar[dict[str, type]] = {}
     _params: ClassVar[dict[type, dict[str, int]]] = {}
 
     @classmethod
@@ -610,6 +625,15 @@ class Adapter:
     def grid(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
         """(frames, height, width) of visual tokens from the transformer's forward arguments."""
         raise NotImplementedError
+
+    def cross_attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """(name, module) of the text cross-attention layers, in execution order (Wan's and UNets' `attn2`);
+        they are layers `len(attention_modules) + i`, the i-th sitting in the block of self layer i."""
+        return []
+
+    def install(self, model: nn.Module, runtime: AttnRuntime) -> list[Callable[[], None]]:
+        """Extra hooks this family needs on `model` (after patching); returns the callables that undo them."""
+        return []
 
     @staticmethod
     def forward_arg(model: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
@@ -628,20 +652,23 @@ class Adapter:
         """The forward's timestep argument (keyword or positional, per the family's signature)."""
         return self.forward_arg(model, args, kwargs, "timestep")
 
-    def check_processor(self, name: str, module: nn.Module, model: nn.Module) -> None:
+    def check_processor(self, name: str, module: nn.Module, model: nn.Module, cross: bool = False) -> None:
         """Refuse (before patching) a processor this adapter does not reproduce exactly."""
         proc = module.processor
         cls = type(proc)
-        if cls.__name__ not in self.processors or not cls.__module__.startswith("diffusers."):
+        known = self.cross_processors if cross else self.processors
+        if cls.__name__ not in known or not cls.__module__.startswith("diffusers."):
             raise ValueError(
                 f"apply(): {name} of {type(model).__name__} uses {type(proc).__name__}, which attnplug does not "
-                f"reproduce exactly (supported: {', '.join(self.processors)}); nothing was patched. Restore the "
+                f"reproduce exactly (supported: {', '.join(known)}); nothing was patched. Restore the "
                 "model's default processor (e.g. unfuse_qkv_projections(), or set_attn_processor with one of these) "
                 "or remove the feature that installed it"
             )
 
-    def make_processor(self, runtime: AttnRuntime, layer: int, module: nn.Module) -> SparseProcessor:
-        cls = self.processors[type(module.processor).__name__]
+    def make_processor(
+        self, runtime: AttnRuntime, layer: int, module: nn.Module, cross: bool = False
+    ) -> SparseProcessor:
+        cls = (self.cross_processors if cross else self.processors)[type(module.processor).__name__]
         return cls(runtime, layer, module.processor)
 
 
@@ -654,7 +681,7 @@ def hidden_states_arg(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tens
 
 def find_adapter(model: nn.Module) -> Adapter:
     """The adapter for `model`'s class, or a ValueError listing the supported families."""
-    from . import cogvideox, flux, hunyuan_video, ltx_video, sd3, wan  # noqa: F401  (register)
+    from . import cogvideox, flux, hunyuan_video, ltx_video, sd3, unet, wan  # noqa: F401  (register)
 
     for cls in ADAPTERS.values():
         if cls.matches(model):

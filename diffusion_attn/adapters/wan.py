@@ -1,8 +1,9 @@
 """Wan 2.1 / 2.2 (`WanTransformer3DModel`): self-attention `attn1` of every block.
 
 Tokens: frames x height x width after the (t, h, w) patchify, no text in self-attention
-(text enters through the cross-attention `attn2`, left untouched). RoPE on q and k as in
-`WanAttnProcessor`. Forward signature: (hidden_states, timestep, encoder_hidden_states, ...).
+(text enters through the cross-attention `attn2`, hooked only for cross-attention variants such as
+Regional). RoPE on q and k as in `WanAttnProcessor`. Forward signature: (hidden_states, timestep,
+encoder_hidden_states, ...).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..variants.base import TokenLayout
 from .base import Adapter, SparseProcessor, hidden_states_arg, register_adapter
 
 
@@ -52,14 +54,58 @@ class WanSparseProcessor(SparseProcessor):
         return attn.to_out[1](hidden_states)
 
 
+class WanCrossProcessor(SparseProcessor):
+    """`WanAttnProcessor` for the text cross-attention `attn2` (text-to-video: no image context), the
+    attention call replaced by attnplug's; planned only by cross-attention variants (Regional)."""
+
+    def __init__(self, runtime, layer, original) -> None:
+        super().__init__(runtime, layer, original)
+        self._layouts: dict = {}
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        out = None
+        if encoder_hidden_states is not None and attn.add_k_proj is None and attention_mask is None:
+            out = self._cross(attn, hidden_states, encoder_hidden_states)
+        if out is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        return out
+
+    def _cross(self, attn, hidden_states, encoder_hidden_states):
+        rt = self.runtime
+        key = (rt.grid, encoder_hidden_states.shape[1])
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = TokenLayout(grid=rt.grid, family="wan", cross_len=key[1])
+        if layout.num_visual != hidden_states.shape[1]:
+            return None
+        head_dim = attn.inner_dim // attn.heads
+        plan = rt.plan(
+            self.layer, layout, hidden_states.shape[0], attn.heads, head_dim, hidden_states.device, hidden_states.dtype
+        )
+        if plan.is_dense:
+            return None
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        query, key_, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key_ = attn.norm_q(query), attn.norm_k(key_)
+        query, key_, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key_, value))
+        out = rt.run(plan, query, key_, value, layout=layout)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
 @register_adapter
 class WanAdapter(Adapter):
     name = "wan"
     model_classes = ("WanTransformer3DModel",)
     processors = {"WanAttnProcessor": WanSparseProcessor}
+    cross_processors = {"WanAttnProcessor": WanCrossProcessor}
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(f"blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.blocks)]
+
+    def cross_attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(f"blocks.{i}.attn2", b.attn2) for i, b in enumerate(model.blocks)]
 
     def grid(self, model, args, kwargs):
         _, _, f, h, w = hidden_states_arg(model, args, kwargs).shape

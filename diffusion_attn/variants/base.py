@@ -24,19 +24,27 @@ class TokenLayout:
     text_len: text tokens in the joint sequence (0 for pure visual self-attention).
     text_first: True for [text, visual] (CogVideoX, FLUX), False for [visual, text]
         (HunyuanVideo, SD3).
-    family: the adapter's name ("wan", "hunyuan_video", "cogvideox", "ltx_video", "flux", "sd3").
+    family: the adapter's name ("wan", "hunyuan_video", "cogvideox", "ltx_video", "flux", "sd3", "unet").
+    cross_len: keys of a cross-attention call (its text tokens; the queries are the visual tokens);
+        0 for self and joint attention. Only variants with `Variant.cross_attention` see such calls.
+    downsample: spatial downsampling of this call's grid relative to the model input's (UNet levels:
+        1, 2, 4, ...; always 1 for transformers).
     """
 
     grid: tuple[int, int, int]
     text_len: int = 0
     text_first: bool = False
     family: str = ""
+    cross_len: int = 0
+    downsample: int = 1
 
     def __post_init__(self) -> None:
         if len(self.grid) != 3 or any(int(g) < 1 for g in self.grid):
             raise ValueError(f"TokenLayout.grid must be 3 positive ints (frames, height, width), got {self.grid}")
         if self.text_len < 0:
             raise ValueError(f"TokenLayout.text_len must be >= 0, got {self.text_len}")
+        if self.cross_len < 0 or self.downsample < 1:
+            raise ValueError(f"TokenLayout.cross_len must be >= 0 and downsample >= 1, got {self}")
 
     @property
     def frames(self) -> int:
@@ -53,6 +61,11 @@ class TokenLayout:
     @property
     def seq_len(self) -> int:
         return self.num_visual + self.text_len
+
+    @property
+    def key_len(self) -> int:
+        """Keys of the call: the text tokens of a cross-attention call, else the whole sequence."""
+        return self.cross_len if self.cross_len else self.seq_len
 
     @property
     def visual_slice(self) -> slice:
@@ -108,12 +121,17 @@ class AttnPlan:
     # further (layout, modifiers) passes over (query, key) pairs disjoint from the main pass's, merged with
     # it by log-sum-exp (UltraViCo's beta band: another logit factor on some pairs)
     extra: tuple = ()
+    # replaces the kernel call: compute(q, k, v, backend) -> out on heads-first [B, H, N, D] tensors (after
+    # `perm`); AgentSD's merged agent attention, Boundary's map capture. `extras`: what the adapter hands it
+    # for this call (the UNet's block input, AgentSD's merge metric)
+    compute: Callable[..., torch.Tensor] | None = None
+    extras: dict = field(default_factory=dict)
 
     @property
     def is_dense(self) -> bool:
         return (
             self.layout is None and self.perm is None and not self.modifiers and self.tile_stats is None
-            and not self.extra
+            and not self.extra and self.compute is None
         )  # fmt: skip
 
 
@@ -144,6 +162,9 @@ class Variant:
     name: ClassVar[str] = ""
     role: ClassVar[str] = "modifier"
     families: ClassVar[tuple[str, ...] | None] = None
+    #: also planned for cross-attention calls (`TokenLayout.cross_len` > 0; Wan's and UNets' `attn2` are hooked
+    #: only when a variant of `apply` sets it); other variants never see them
+    cross_attention: ClassVar[bool] = False
 
     def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
         """Contribute to the plan of one attention call; return the (possibly new) plan."""
