@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+from .agentsd import AgentSD
 from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range
 from .lite import LiteAttention
 from .neighborhood import Neighborhood
@@ -25,6 +26,7 @@ __all__ = [
     "SoftPAG",
     "UltraViCo",
     "RIFLEx",
+    "AgentSD",
     "VARIANTS",
 ]
 
@@ -33,6 +35,7 @@ VARIANTS: dict[str, type[Variant]] = {
     "gna": Neighborhood,
     "neighborhood": Neighborhood,
     "lite": LiteAttention,
+    "agentsd": AgentSD,
     "softpag": SoftPAG,
     "ultravico": UltraViCo,
     "riflex": RIFLEx,
