@@ -10,6 +10,7 @@ from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range
 from .lite import LiteAttention
 from .neighborhood import Neighborhood
 from .radial import Radial
+from .regional import Entity, Regional
 from .riflex import RIFLEx
 from .softpag import SoftPAG
 from .ultravico import UltraViCo
@@ -27,6 +28,8 @@ __all__ = [
     "UltraViCo",
     "RIFLEx",
     "AgentSD",
+    "Entity",
+    "Regional",
     "VARIANTS",
 ]
 
