@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .agentsd import AgentSD
 from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range
+from .boundary import Boundary
 from .lite import LiteAttention
 from .neighborhood import Neighborhood
 from .radial import Radial
@@ -28,6 +29,7 @@ __all__ = [
     "UltraViCo",
     "RIFLEx",
     "AgentSD",
+    "Boundary",
     "Entity",
     "Regional",
     "VARIANTS",
