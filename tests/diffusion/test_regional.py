@@ -264,3 +264,25 @@ def test_other_variants_never_see_cross_attention_calls():
              output_type="latent", max_sequence_length=8)  # fmt: skip
         assert handle.attention_calls == 2  # Regional planned both attn2 layers (layers 2 and 3)
     assert {s[1] for s in rec.seen} == {0, 1}  # the recorder saw the two self-attention layers only
+
+
+def test_steady_state_reads_nothing_on_the_host(flux):
+    """After the first forward (entity prompts encoded, layouts built), a FLUX forward with entities
+    reads no tensor value on the host (step fed by set_step; see test_sync_free)."""
+    from tests.diffusion.test_sync_free import NoHostSync
+
+    seen: list[dict] = []
+    hook = flux.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+    try:
+        flux(PROMPT, height=64, width=64, num_inference_steps=1, output_type="latent", max_sequence_length=8)
+    finally:
+        hook.remove()
+    inputs = {k: v for k, v in seen[0].items() if k != "return_dict"}
+    reg = da.Regional(entities=[("a red fox", (0, 0, 32, 64))], height=64, width=64, max_sequence_length=L_ENT)
+    with da.apply(flux, reg, step_source="callback") as handle, torch.no_grad():
+        flux.transformer(**inputs, return_dict=False)
+        calls = handle.attention_calls
+        guard = NoHostSync(tolerate=("attn_kernels/reference.py",))
+        with guard:
+            flux.transformer(**inputs, return_dict=False)
+        assert handle.attention_calls - calls == 2 and guard.calls > 100
