@@ -43,7 +43,9 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     (TA, "            alpha = tl.exp2(m_i - m_new)", "            alpha = tl.exp2(m_new - m_i)", TRI),
     (TA, "far = (tl.abs(qp - kp) > decay_thr)", "far = (tl.abs(qp - kp) >= decay_thr)", TRI),
     (TA, "out = (1.0 - u) * out + u * vrow", "out = (1.0 - u) * out + u * out", TRI),
-    (TA, "cond = ((tile_max > m_before + stats_thr)", "cond = ((tile_max > m_i + stats_thr)", TRI),
+    # (tile_max > m_i + thr instead of m_before is equivalent for thr < 0: a sub-tile that fails the
+    # test leaves m_i == m_before, so it is not listed)
+    (TA, "need = tl.where(sub == 0, cond, tl.maximum(need, cond))", "need = cond", TRI),
     # backward
     (TA, "    dk = dk * scale\n", "    dk = dk\n", TRI),
     (TA, "        ds = p * (dp - delta[:, None]) * gate", "        ds = p * (dp - delta[:, None])", TRI),
