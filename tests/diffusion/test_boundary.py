@@ -184,3 +184,9 @@ def test_phrase_tokens_and_self_alignment_by_hand(sd):
     s = torch.softmax(q @ k.transpose(-1, -2) * 8**-0.5, -1)  # the N x N map, here only as the oracle
     torch.testing.assert_close(b._aligned(maps, q, k, "reference"), (s @ maps).mean(1))
     torch.testing.assert_close(_boundary(self_alignment=False)._aligned(maps, q, k, "reference"), maps.mean(1))
+    # phrase maps: softmax over the text keys (not over the pixels), averaged over each phrase's tokens
+    k_txt = torch.randn(1, 2, 5, 8, generator=g)
+    probs, pm = b._phrase_maps(q, k_txt, [[1, 2], [4]])
+    ref = torch.softmax(q @ k_txt.transpose(-1, -2) / 8**0.5, dim=-1)
+    torch.testing.assert_close(probs, ref)
+    torch.testing.assert_close(pm, torch.stack([ref[..., [1, 2]].mean(-1), ref[..., 4]], dim=-1))

@@ -123,6 +123,24 @@ def test_flux_entities_see_only_their_region_from_the_kernel_path(flux, monkeypa
         assert call["layout"].has_element_mask  # partial blocks carry element masks, not a dense bias
 
 
+def test_flux_text_stream_is_entities_then_global_prompt(flux):
+    """The transformer's text input is [entity 0, entity 1, global prompt] (EliGen's order, which the layout's
+    segments assume), each encoded by the pipeline's own encode_prompt; txt_ids grow by the entity tokens."""
+    seen = {}
+    hook = flux.transformer.context_embedder.register_forward_pre_hook(lambda m, a: seen.setdefault("ehs", a[0]))
+    reg = da.Regional(entities=[("a red fox", (0, 0, 32, 64)), ("a blue car", (32, 0, 64, 64))], height=64,
+                      width=64, max_sequence_length=L_ENT, block_size=16)  # fmt: skip
+    try:
+        with da.apply(flux, reg):
+            flux(PROMPT, generator=G(), height=64, width=64, num_inference_steps=1, output_type="latent",
+                 max_sequence_length=8)  # fmt: skip
+    finally:
+        hook.remove()
+    enc = lambda p, n: flux.encode_prompt(p, prompt_2=None, max_sequence_length=n)[0]  # noqa: E731
+    expect = torch.cat([enc("a red fox", L_ENT), enc("a blue car", L_ENT), enc(PROMPT, 8)], dim=1)
+    torch.testing.assert_close(seen["ehs"], expect.to(seen["ehs"].dtype))
+
+
 def test_entity_global_false_is_diffsynths_mask(flux, monkeypatch):
     spy = KernelSpy()
     monkeypatch.setattr(attn_kernels, "attention", spy)
