@@ -130,6 +130,27 @@ def test_resumes_from_its_json(model, tmp_path, capsys):
         da.apply(other, v)
 
 
+def test_json_is_saved_after_every_evaluation(model, tmp_path):
+    """A search killed in its fourth evaluation leaves the first three on disk, and resumes from them."""
+    path = tmp_path / "hh.json"
+    objective = total_variation()
+    calls = []
+
+    def dying(outputs, pairs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return objective(outputs, pairs)
+
+    dying.__name__ = "tv"
+    with pytest.raises(KeyboardInterrupt):
+        hunter(model, dying).run(path, progress=False)
+    state = json.loads(path.read_text())
+    assert state["evaluations"] == 3 and len(state["rounds"][0]["scores"]) == 3
+    done = hunter(model, objective, objective_name="tv").run(path, progress=False)
+    assert done.complete and done.evaluations == 12 + 11
+
+
 def test_resume_refuses_other_settings_or_model(model, tmp_path):
     path = tmp_path / "hh.json"
     objective = total_variation()

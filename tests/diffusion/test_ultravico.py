@@ -166,12 +166,12 @@ def test_band_layouts_partition_the_pairs():
 
 
 def test_composes_with_a_sparsity_variant(runtime_calls):
-    """UltraViCo + GNA (which permutes tokens into tiles) in one apply: GNA's mask, UltraViCo's logits at the
-    canonical positions."""
+    """UltraViCo + GNA (which permutes tokens into tiles) in one apply, UltraViCo listed first: GNA's mask,
+    UltraViCo's logits at the canonical positions (sparsity variants plan first)."""
     model, inputs = tiny_wan(frames=5)
     gna = da.Neighborhood(kernel_size=(3, 3, 3), block_size=16)
     alpha = 0.6
-    with da.apply(model, gna, da.UltraViCo(alpha=alpha, train_frames=2)) as handle:
+    with da.apply(model, da.UltraViCo(alpha=alpha, train_frames=2), gna) as handle:
         run(model, inputs)
         lay = handle.runtimes[0].layout(0, False)
         plan = handle.runtimes[0].plan(1, lay, 1, 2, 16, torch.device("cpu"), torch.float32)
