@@ -215,8 +215,16 @@ def test_formula_batched_cfg_sd3_with_skip_layer_guidance():
     cap = capture(pipe.transformer)
     steps = spy_steps(pipe)
     w, w_p = 4.0, 1.5
-    with da.apply(pipe, da.SoftPAG(scale=w_p, u=0.75, layers=(0,))):
-        pipe(**sd3_inputs(steps=3, guidance=w))
+    texts = []  # the text stream of every transformer call: the perturbed one must be the conditional half's
+    hook = pipe.transformer.context_embedder.register_forward_pre_hook(lambda m, a: texts.append(a[0].clone()))
+    try:
+        with da.apply(pipe, da.SoftPAG(scale=w_p, u=0.75, layers=(0,))):
+            pipe(**sd3_inputs(steps=3, guidance=w))
+    finally:
+        hook.remove()
+    pairs = [(a, b) for a, b in zip(texts, texts[1:]) if a.shape[0] == 2 and b.shape[0] == 1]
+    assert len(pairs) == 3 and not torch.equal(texts[0][0], texts[0][1])
+    assert all(torch.equal(b[0], a[1]) for a, b in pairs), "the perturbed pass must run on the conditional half"
     for i, got in enumerate(steps):
         (both,), (p,) = cap.of(i), cap.of(i, perturbed=True)
         u, c = both.chunk(2)
