@@ -1,0 +1,294 @@
+"""Train the world's text-to-video `WanPipeline` (transformer + text encoder) on procedural clips, on accelerate.
+
+    python -m attn_pipelines.world.train_vae --out runs/world/vae
+    python -m attn_pipelines.world.train_t2v --vae runs/world/vae/vae --out runs/world/t2v   # ~1 h, 1 thread
+    python -m attn_pipelines.world.train_t2v --vae ... --out /tmp/t --steps 3 --clips 32     # smoke
+
+Flow matching as Wan is trained: x_t = (1 - s) x0 + s noise, the transformer predicts noise - x0 at
+timestep 1000 s (s logit-normal), on the frozen VAE's normalised latents of `--clips` clips
+(encoded once, cached in `--out`). The text encoder (`UMT5EncoderModel`) trains with the
+transformer; its embeddings are built exactly as `WanPipeline.encode_prompt` builds them (zeros
+after the prompt's tokens, 512 positions), and 10% of captions are dropped to "" (the pipeline's
+default negative prompt), so classifier-free guidance works. The saved weights are an EMA of the
+trained ones. `--out` receives a diffusers pipeline directory (`pipeline/`, loadable with
+`DiffusionPipeline.from_pretrained`), `train_config.json`, `metrics.json` and a resumable
+`state.pt` (rerun the same command to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import Timer, cosine_lr, environment, setup_threads, write_json
+from .data import video_sample
+from .models import (
+    SCHEDULER_CONFIG,
+    TEXT_ENCODER_CONFIG,
+    TRANSFORMER_CONFIG,
+    VIDEO,
+    build_pipeline,
+    build_text_encoder,
+    build_transformer,
+    world_tokenizer,
+)
+
+__all__ = ["encode_captions", "latent_dataset", "main"]
+
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
+
+
+def _tokens(tokenizer: Any, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    t = tokenizer(
+        [prompt_clean(c) for c in captions], padding="longest", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+        add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+    )  # fmt: skip
+    return t.input_ids, t.attention_mask
+
+
+def encode_captions(
+    tokenizer: Any, text_encoder: Any, captions: list[str], device: Any = "cpu", length: int = MAX_SEQUENCE_LENGTH
+) -> torch.Tensor:
+    """Prompt embeddings [B, length, D] as `WanPipeline._get_t5_prompt_embeds` makes them (length 512), with
+    gradients; a shorter `length` keeps `length` positions (zeros past the prompt) for `PadWeightedCrossAttn`.
+
+    The pipeline pads the ids to 512 and zeroes every position past the prompt; running the encoder
+    on the padded-to-longest ids with the same attention mask gives the same values at the prompt's
+    positions (masked keys and relative position buckets do not depend on the padding length)."""
+    ids, mask = _tokens(tokenizer, captions)
+    if ids.shape[1] >= length and length < MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"a caption of {ids.shape[1]} tokens leaves no padded position in {length}")
+    ids, mask = ids.to(device), mask.to(device)
+    h = text_encoder(ids, mask).last_hidden_state * mask[..., None].to(torch.float32)
+    return torch.nn.functional.pad(h, (0, 0, 0, length - h.shape[1]))
+
+
+class PadWeightedCrossAttn:
+    """Training-only cross-attention processor: the pipeline's 512 text positions, computed on fewer.
+
+    `WanPipeline` pads prompt embeddings with zeros to 512 positions; every padded position gives the
+    same key and value (the text projection of a zero vector), so attention over the 512 positions
+    equals attention over the prompt plus ONE padded position whose logit carries + log(512 - L) (L the
+    prompt's length). Training feeds the prompt plus `P - L` padded positions and adds
+    log((512 - L) / (P - L)) to their logits: the same function as the saved model with diffusers'
+    own `WanAttnProcessor` at inference (checked by `check_pad_weighting`), at a fraction of the cost.
+    `bias` [B, 1, 1, P] is set by the training loop before each forward."""
+
+    def __init__(self) -> None:
+        self.bias: torch.Tensor | None = None
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, rotary_emb: Any = None) -> torch.Tensor:  # fmt: skip
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        k = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        v = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def short_embeddings(tokenizer: Any, text_encoder: Any, captions: list[str], pad_to: int, device: Any = "cpu"):
+    """(embeddings [B, pad_to, D] zero past each prompt, logit bias [B, 1, 1, pad_to]) for `PadWeightedCrossAttn`."""
+    emb = encode_captions(tokenizer, text_encoder, captions, device, length=pad_to)
+    lens = _tokens(tokenizer, captions)[1].sum(-1).to(emb.device)
+    pos = torch.arange(pad_to, device=emb.device)
+    weight = torch.log((MAX_SEQUENCE_LENGTH - lens).float() / (pad_to - lens).float())
+    bias = torch.where(pos[None] >= lens[:, None], weight[:, None], torch.zeros(()))
+    return emb, bias[:, None, None, :]
+
+
+def use_pad_weighting(transformer: Any) -> list[PadWeightedCrossAttn]:
+    """Install `PadWeightedCrossAttn` on every block's cross-attention (training); returns the processors."""
+    procs = []
+    for block in transformer.blocks:
+        proc = PadWeightedCrossAttn()
+        block.attn2.set_processor(proc)
+        procs.append(proc)
+    return procs
+
+
+@torch.no_grad()
+def check_pad_weighting(transformer: Any, tokenizer: Any, text_encoder: Any, latents: torch.Tensor,
+                        captions: list[str], pad_to: int) -> float:  # fmt: skip
+    """Max abs difference between the training forward (short text, weighted) and diffusers' own (512 zeros)."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    t = torch.full((len(captions),), 500.0)
+    for block in transformer.blocks:
+        block.attn2.set_processor(WanAttnProcessor())
+    full = encode_captions(tokenizer, text_encoder, captions)
+    ref = transformer(hidden_states=latents, timestep=t, encoder_hidden_states=full, return_dict=False)[0]
+    procs = use_pad_weighting(transformer)
+    emb, bias = short_embeddings(tokenizer, text_encoder, captions, pad_to)
+    for p in procs:
+        p.bias = bias
+    out = transformer(hidden_states=latents, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
+    return float((out - ref).abs().max())
+
+
+@torch.no_grad()
+def latent_dataset(vae: Any, seed: int, n: int, two_object_prob: float, batch: int = 16) -> tuple[torch.Tensor, list]:
+    """Normalised posterior means [n, z, f, h, w] of clips 0..n-1 (seed `seed`) and their captions."""
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1)
+    lat, caps = [], []
+    for s in range(0, n, batch):
+        m = min(batch, n - s)
+        samples = [video_sample(seed, i, two_object_prob=two_object_prob) for i in range(s, s + m)]
+        caps += [x.caption for x in samples]
+        x = torch.stack([torch.from_numpy(x.video) for x in samples]).permute(0, 4, 1, 2, 3).mul(2).sub(1)
+        lat.append((vae.encode(x).latent_dist.mode() - mean) / std)
+    return torch.cat(lat), caps
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m attn_pipelines.world.train_t2v", description=__doc__.split("\n\n")[0])
+    p.add_argument("--vae", required=True, help="trained VAE folder (train_vae's out/vae)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--clips", type=int, default=8000, help="training clips (encoded once)")
+    p.add_argument("--two-object-prob", type=float, default=0.2)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--text-len", type=int, default=16, help="text positions computed (see PadWeightedCrossAttn)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early (the schedule is kept)")
+    p.add_argument("--save-every", type=int, default=200)
+    return p
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import AutoencoderKLWan
+
+    a = parser().parse_args(argv)
+    threads = setup_threads(a.threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(a.seed)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = accelerator.print
+    timer = Timer()
+
+    vae = AutoencoderKLWan.from_pretrained(a.vae).eval()
+    cache = out / f"latents_{a.seed}_{a.clips}_{a.two_object_prob}.pt"
+    if cache.is_file():
+        data = torch.load(cache)
+    else:
+        lat, caps = latent_dataset(vae, a.seed, a.clips, a.two_object_prob)
+        data = {"latents": lat, "captions": caps}
+        torch.save(data, cache)
+    latents, captions = data["latents"], data["captions"]
+    say(f"{len(captions)} clips, latents {tuple(latents.shape)} ({timer.elapsed:.0f} s)")
+
+    tokenizer = world_tokenizer()
+    transformer = build_transformer()
+    text_encoder = build_text_encoder(len(tokenizer))
+    transformer.train()
+    text_encoder.train()
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, a.steps, a.warmup))
+    ema_t, ema_e = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()  # diffusers' processors
+    probe = latents[:3]
+    diff = check_pad_weighting(transformer, tokenizer, text_encoder, probe, captions[:2] + [""], a.text_len)
+    say(f"pad-weighted cross-attention vs diffusers' WanAttnProcessor on 512 positions: max abs diff {diff:.2e}")
+    if diff > 1e-4:
+        raise SystemExit(f"PadWeightedCrossAttn differs from WanAttnProcessor by {diff}")
+    procs = use_pad_weighting(transformer)
+    start, history, before = 0, [], 0.0  # before: training seconds of earlier runs (resume)
+    state_file = out / "state.pt"
+    if state_file.is_file():
+        st = torch.load(state_file)
+        transformer.load_state_dict(st["transformer"])
+        text_encoder.load_state_dict(st["text_encoder"])
+        ema_t.load_state_dict(st["ema_transformer"])
+        ema_e.load_state_dict(st["ema_text_encoder"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        start, history, before = st["step"], st["history"], st.get("seconds", 0.0)
+        torch.set_rng_state(st["rng"])
+        say(f"resumed at step {start}")
+    transformer, text_encoder, opt = accelerator.prepare(transformer, text_encoder, opt)
+    dev = accelerator.device
+    gen = torch.Generator().manual_seed(a.seed * 1000 + start)
+
+    def save_state(step: int) -> None:
+        st = {"transformer": accelerator.unwrap_model(transformer).state_dict(),
+              "text_encoder": accelerator.unwrap_model(text_encoder).state_dict(),
+              "ema_transformer": ema_t.state_dict(), "ema_text_encoder": ema_e.state_dict(),
+              "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "history": history,
+              "rng": torch.get_rng_state(), "seconds": before + timer.elapsed}  # fmt: skip
+        torch.save(st, state_file.with_suffix(".tmp"))
+        state_file.with_suffix(".tmp").replace(state_file)
+
+    done = start  # steps completed
+    run_loss = None
+    for step in range(start, a.steps):
+        idx = torch.randint(len(captions), (a.batch_size,), generator=gen)
+        x0 = latents[idx].to(dev)
+        caps = [captions[i] if torch.rand((), generator=gen) >= a.caption_dropout else "" for i in idx.tolist()]
+        sigma = torch.sigmoid(torch.randn(a.batch_size, generator=gen)).to(dev)
+        noise = torch.randn(x0.shape, generator=gen).to(dev)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        emb, bias = short_embeddings(tokenizer, text_encoder, caps, a.text_len, dev)
+        for proc in procs:
+            proc.bias = bias
+        pred = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False)[0]
+        loss = (pred.float() - (noise - x0)).pow(2).mean()
+        accelerator.backward(loss)
+        grad = accelerator.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        decay = min(a.ema, (1 + step) / (10 + step))
+        _ema_update(ema_t, accelerator.unwrap_model(transformer), decay)
+        _ema_update(ema_e, accelerator.unwrap_model(text_encoder), decay)
+        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        if step % 25 == 0 or step == a.steps - 1:
+            row = {"step": step, "loss": round(loss.item(), 4), "loss_avg": round(run_loss, 4),
+                   "grad_norm": round(float(grad), 3), "lr": opt.param_groups[0]["lr"],
+                   "s": round(timer.elapsed, 1)}  # fmt: skip
+            history.append(row)
+            say(row, flush=True)
+        done = step + 1
+        if done % a.save_every == 0:
+            save_state(done)
+        if timer.over(a.max_minutes):
+            say(f"--max-minutes {a.max_minutes} reached at step {step}")
+            break
+    save_state(done)
+    pipe = build_pipeline(vae, ema_t, ema_e, tokenizer)
+    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    cfg = {"args": vars(a), "transformer_config": TRANSFORMER_CONFIG, "text_encoder_config": TEXT_ENCODER_CONFIG,
+           "scheduler_config": SCHEDULER_CONFIG, "video": VIDEO, "threads": threads, **environment()}  # fmt: skip
+    write_json(out / "train_config.json", cfg)
+    write_json(out / "metrics.json", {"steps": done, "seconds": round(before + timer.elapsed, 1),
+                                      "loss_avg_last": run_loss, "history": history})  # fmt: skip
+    say(f"t2v: step {done} of {a.steps}, {timer.elapsed:.0f} s this run -> {out / 'pipeline'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
