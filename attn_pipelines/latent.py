@@ -62,11 +62,27 @@ def read_model_index(model_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def _vae_factors(rule: LatentRule, model_dir: Path) -> LatentRule:
+    """A video VAE's `scale_factor_temporal` / `scale_factor_spatial` from `model_dir/vae/config.json` (Wan's
+    `AutoencoderKLWan` config has them and `WanPipeline` reads them; other families keep their rule)."""
+    try:
+        cfg = json.loads((Path(model_dir) / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return rule
+    t, s = cfg.get("scale_factor_temporal"), cfg.get("scale_factor_spatial")
+    if rule.video and isinstance(t, int) and isinstance(s, int) and t > 0 and s > 0:
+        return replace(rule, vae_t=t, vae_s=s)
+    return rule
+
+
 def rule_for(family: str, model_dir: Path | None = None) -> LatentRule | None:
-    """The family's rule, patch sizes read from `model_dir/transformer/config.json` when present."""
+    """The family's rule, patch sizes read from `model_dir/transformer/config.json` when present (Wan: the
+    VAE's compression from `model_dir/vae/config.json` too)."""
     rule = FAMILY_RULES.get(family)
     if rule is None or model_dir is None or family == "flux":  # FLUX's patch_size 1 is applied after packing
         return rule
+    if family == "wan":
+        rule = _vae_factors(rule, model_dir)
     try:
         cfg = json.loads((Path(model_dir) / "transformer" / "config.json").read_text())
     except (OSError, ValueError):

@@ -8,16 +8,24 @@ in a few seconds, and so tests can `save_tiny_pipeline` to a directory and load 
 `DiffusionPipeline.from_pretrained` exactly like a real checkpoint.
 
 kinds: "wan" (text-to-video, `WanPipeline`) and "flux" (text-to-image, `FluxPipeline`).
+
+The embedded default of `attnplug generate` for video is NOT the tiny Wan pipeline when the world's
+trained text-to-video model is present (`world_t2v_dir()`: `assets/world/t2v` of a source checkout,
+or `$ATTNPLUG_WORLD_DIR/t2v`): a `WanPipeline` trained on procedural videos of coloured shapes
+(`attn_pipelines/world/`), whose output is recognisable. Images (`--frames 1`, `--out x.png`) still
+use the untrained tiny FLUX pipeline: no trained text-to-image model ships yet.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = ["TINY_KINDS", "TINY_DEFAULTS", "UNTRAINED_NOTICE", "build_tiny_pipeline", "save_tiny_pipeline"]
+__all__ += ["WORLD_DEFAULTS", "WORLD_PROMPT", "WORLD_NOTICE", "NO_TRAINED_IMAGE_MODEL", "world_t2v_dir"]
 
 TINY_KINDS = ("wan", "flux")
 
@@ -33,6 +41,33 @@ UNTRAINED_NOTICE = (
     "checkpoint (see `attnplug list` for presets)."
 )
 
+#: generation defaults of the world's trained text-to-video model (its training clip: 9 frames of 32 x 32 px)
+WORLD_DEFAULTS: dict[str, Any] = {
+    "height": 32, "width": 32, "frames": 9, "steps": 20, "guidance_scale": 5.0, "dtype": "float32", "fps": 8,
+}  # fmt: skip
+WORLD_PROMPT = "a red circle moving right"
+WORLD_NOTICE = (
+    "note: no --model given, using the EMBEDDED DEFAULT: attnplug's world text-to-video model ({path}), a "
+    "WanPipeline trained here on procedural videos of coloured shapes. It draws one or two circles, squares or "
+    "triangles (red, green, blue, yellow, purple, white) moving left, right, up or down on a dark background, "
+    'e.g. --prompt "a blue square moving down"; trained for half an hour on 2 CPU cores, it often gets the '
+    "shape and the motion right and the colour wrong (docs/world.md). Pass --model <hub id or "
+    "directory> for a real checkpoint (see `attnplug list` for presets)."
+)
+NO_TRAINED_IMAGE_MODEL = (
+    "note: attnplug ships no trained text-to-image model yet, so image outputs use the untrained tiny FLUX "
+    "pipeline; for a recognisable result ask for a video (--out x.gif or .mp4: the trained world model)"
+)
+
+
+def world_t2v_dir() -> Path | None:
+    """The world's trained text-to-video pipeline folder when it is present (a diffusers directory), else None."""
+    from .world.models import T2V_DIR, world_dir
+
+    d = world_dir() / T2V_DIR
+    return d if (d / "model_index.json").is_file() and (d / "transformer").is_dir() else None
+
+
 _WORDS = (
     "a an the of in on at with and to from by over under near fox cat dog bird fish horse car boat "
     "tree forest river lake sea ocean mountain snow rain sun moon sky cloud city street night day "
@@ -42,15 +77,18 @@ _WORDS = (
 ).split()
 
 
-def _unigram_tokenizer(model_max_length: int, *, bos: bool) -> Any:
-    """A small Unigram tokenizer (T5-style ids: <pad>=0, </s>=1, <unk>=2) wrapped for transformers."""
+def unigram_tokenizer(model_max_length: int, *, bos: bool, words: Sequence[str] | None = None) -> Any:
+    """A small Unigram tokenizer (T5-style ids: <pad>=0, </s>=1, <unk>=2) wrapped for transformers.
+
+    `words` become whole-word pieces (default: a generic prompt vocabulary); anything else is
+    spelled out in single characters, so no prompt is ever out of vocabulary."""
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "</s>", "<unk>"] + (["<s>"] if bos else [])
     vocab = [(t, 0.0) for t in specials]
-    vocab += [("\u2581" + w, -2.0) for w in _WORDS]
+    vocab += [("\u2581" + w, -2.0) for w in (_WORDS if words is None else words)]
     vocab += [("\u2581", -4.0)]
     vocab += [(c, -6.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"]
     tok = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
@@ -76,6 +114,9 @@ def _unigram_tokenizer(model_max_length: int, *, bos: bool) -> Any:
         model_max_length=model_max_length,
         **kw,
     )
+
+
+_unigram_tokenizer = unigram_tokenizer  # the name the test fixtures import
 
 
 def _build_wan() -> Any:

@@ -33,10 +33,12 @@ from ..errors import CLIError, RunError
 from ..io import OutputError, OutputTarget
 from ..latent import check_fit, rule_for, token_grid
 from ..loading import ModelInfo, describe_model, family_of, load_pipeline
+from ..tiny import WORLD_PROMPT
 
 __all__ = ["add_parser", "run", "variant_label", "resolved_options", "resolve_device", "DEFAULT_FPS"]
 
 DEFAULT_FPS = {"wan": 16, "hunyuan_video": 24, "cogvideox": 8, "ltx_video": 24}
+DEFAULT_PROMPT = "a red fox running through the snow, cinematic"
 _EMBEDDED_PIPELINES = {"wan": "WanPipeline", "flux": "FluxPipeline"}
 _FP16_CPU = "Pipelines loaded with `dtype=torch.float16` cannot run with `cpu` device"
 
@@ -45,7 +47,7 @@ def add_parser(sub: Any) -> None:
     g = sub.add_parser("generate", help="run a diffusers pipeline with attention variants and write PNG/GIF/MP4")
     g.add_argument("--model", help="Hub id or local diffusers pipeline directory (default: embedded tiny pipeline)")
     g.add_argument("--config", help="preset name (see `attnplug list`) or path to a preset YAML")
-    g.add_argument("--prompt", default="a red fox running through the snow, cinematic")
+    g.add_argument("--prompt", default=None, help=f"(default: {DEFAULT_PROMPT!r}; world model: {WORLD_PROMPT!r})")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--seed", type=argtypes.seed, default=None, help="random seed in [0, 2**64 - 1] (default 0)")
     g.add_argument("--steps", type=argtypes.positive_int, default=None, help="denoising steps")
@@ -318,19 +320,38 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--out must end in .png (image), .gif or .mp4 (video), got {args.out!r}")
 
     embedded = None
+    world_label = None
     if model is None:
-        from ..tiny import TINY_DEFAULTS, UNTRAINED_NOTICE
+        from ..tiny import (
+            NO_TRAINED_IMAGE_MODEL,
+            TINY_DEFAULTS,
+            UNTRAINED_NOTICE,
+            WORLD_DEFAULTS,
+            WORLD_NOTICE,
+            world_t2v_dir,
+        )
 
         png = args.out is not None and Path(args.out).suffix.lower() == ".png"
         embedded = "flux" if args.frames == 1 or (png and args.frames is None) else "wan"
-        pcfg = {**TINY_DEFAULTS[embedded], **pcfg}
-        print(UNTRAINED_NOTICE.format(kind=embedded), file=sys.stderr)
+        world = world_t2v_dir() if embedded == "wan" else None
+        if world is not None:  # the trained world model: a real pipeline directory, loaded like --model
+            embedded, model, world_label = None, str(world), f"<embedded world t2v, trained: {world}>"
+            pcfg = {**WORLD_DEFAULTS, **pcfg}
+            print(WORLD_NOTICE.format(path=world), file=sys.stderr)
+        else:
+            pcfg = {**TINY_DEFAULTS[embedded], **pcfg}
+            print(UNTRAINED_NOTICE.format(kind=embedded), file=sys.stderr)
+            if embedded == "flux":
+                print(NO_TRAINED_IMAGE_MODEL, file=sys.stderr)
         if png and args.frames is None:
             print(
                 f"note: --out {args.out} is an image, so the embedded default is the tiny FLUX text-to-image "
-                "pipeline instead of the tiny Wan video one (--out .gif/.mp4 for video)",
+                "pipeline instead of the video one (--out .gif/.mp4 for video)",
                 file=sys.stderr,
             )
+    if args.prompt is None:
+        args.prompt = WORLD_PROMPT if world_label else DEFAULT_PROMPT
+    if embedded is not None:
         info = ModelInfo(pipeline=_EMBEDDED_PIPELINES[embedded], family=embedded)
     else:
         info = describe_model(model)
@@ -364,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
             model_label = f"<embedded tiny {embedded}, untrained>"
         else:
             pipe = load_pipeline(model, torch_dtype)
-            model_label = model
+            model_label = world_label or model
         family = family_of(pipe)
         if settings is None or settings.pipeline != type(pipe).__name__:
             settings = _resolve(args, pcfg, type(pipe), family, info, preset, variants, where, warned)

@@ -113,11 +113,15 @@ def test_embedded_default_says_it_is_untrained(tmp_path, capsys):
 
 
 def test_embedded_default_video(tmp_path, capsys):
+    """Video without --model: the world's TRAINED text-to-video model (assets/world/t2v), said so."""
     out = tmp_path / "default.gif"
     assert main(["generate", "--steps", "2", "--out", str(out)]) == 0
-    assert "tiny wan" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "EMBEDDED DEFAULT: attnplug's world text-to-video model" in err and "untrained" not in err
     with Image.open(out) as im:
-        assert im.n_frames == 9
+        assert im.n_frames == 9 and im.size == (32, 32)
+    meta = read_metadata(out)
+    assert meta["model"].startswith("<embedded world t2v, trained") and meta["prompt"] == "a red circle moving right"
 
 
 def test_same_seed_reproduces_and_seed_changes_output(tiny_wan_dir, tmp_path):
@@ -547,6 +551,6 @@ def test_readme_main_job_writes_the_default_mp4(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["generate", "--steps", "2"]) == 0
     out = tmp_path / "out" / "attnplug.mp4"
-    assert iio.imread(out).shape == (9, 64, 64, 3)
-    assert read_metadata(out)["model"] == "<embedded tiny wan, untrained>"
+    assert iio.imread(out).shape == (9, 32, 32, 3)
+    assert read_metadata(out)["model"].startswith("<embedded world t2v, trained")
     assert "wrote out/attnplug.mp4" in capsys.readouterr().out

@@ -1,0 +1,91 @@
+"""The world's shipped checkpoints (assets/world) do what their model cards say, and `attnplug eval` runs on them.
+
+These load the committed weights (no download) and measure small effects, so a broken checkpoint,
+a classifier that no longer reads the world's images, or a text-to-video model whose output stopped
+following its prompt fails here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attn_pipelines.world import evaluate as ev
+from attn_pipelines.world.data import CLASSES, class_sample, video_sample
+from attn_pipelines.world.models import CLASSIFIERS, T2V_DIR, VIDEO, world_dir
+from attn_pipelines.world.score import AttributeScorer
+
+ROOT = world_dir()
+pytestmark = pytest.mark.skipif(
+    not (ROOT / T2V_DIR / "model_index.json").is_file(), reason=f"no trained world checkpoints in {ROOT}"
+)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return AttributeScorer(ROOT / "classifier")
+
+
+def test_every_checkpoint_is_small_and_carded():
+    files = list(ROOT.rglob("*.safetensors"))
+    assert files and all(f.stat().st_size <= 20 * 2**20 for f in files)
+    for name in CLASSIFIERS:
+        assert (ROOT / name / "MODEL_CARD.md").is_file() and (ROOT / name / "model.safetensors").is_file(), name
+    assert (ROOT / T2V_DIR / "MODEL_CARD.md").is_file()
+
+
+def test_attribute_classifier_reads_held_out_images_and_real_clips(scorer):
+    """Held-out classification images (seed 7, never trained on) and frames of real world clips."""
+    imgs, labels = zip(*(class_sample(7, i) for i in range(180)))
+    p = scorer.probs(np.stack(imgs)).argmax(-1).tolist()  # the classifier's classes are ImageFolder's (sorted)
+    assert np.mean([scorer.classes[i] == CLASSES[y] for i, y in zip(p, labels)]) >= 0.95
+    right = 0
+    for i in range(24):
+        clip = video_sample(7, i, two_object_prob=0.0)
+        color, shape, _ = scorer.predict(clip.video)
+        right += clip.caption.startswith(f"a {color} {shape} ")
+    assert right >= 22, right
+
+
+def test_text_to_video_draws_what_the_prompt_asks(scorer):
+    """The embedded default's model: colour and shape of 6 prompts (seed 0, 20 steps) read back by the classifier.
+
+    The shipped model (1,400 CPU steps) gets 3 of these 6 right; over 36 prompts its colour is right far less
+    often than its shape (benchmarks/results/world_eval.json): below the 80% the world aims at, so this guards
+    against regressions, not the target."""
+    pipe = ev.load_world_pipeline()
+    prompts = ["a red circle moving right", "a blue square moving down", "a green triangle moving left",
+               "a yellow square moving up", "a white circle moving left", "a purple triangle moving right"]  # fmt: skip
+    right = 0
+    for prompt in prompts:
+        video = pipe(prompt=prompt, num_inference_steps=20, num_frames=VIDEO["frames"], height=VIDEO["size"],
+                     width=VIDEO["size"], guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+                     output_type="np").frames[0]  # fmt: skip
+        right += bool(scorer.score(np.asarray(video, dtype=np.float32), prompt)["attr_ok"])
+    assert right >= 3, f"{right} of {len(prompts)} prompts drawn as asked"
+
+
+def test_eval_smoke_writes_every_case(tmp_path):
+    from attn_pipelines.cli import main
+
+    assert main(["eval", "--smoke", "--out", str(tmp_path), "--vision-models", "classifier"]) == 0
+    res = json.loads((tmp_path / "world_eval.json").read_text())
+    cases = res["diffusion"]["cases"]
+    assert set(cases) >= {c.name for c in ev.SUITE} | {"dense"}
+    for name in ("radial", "gna", "lite", "softpag", "ultravico", "riflex", "regional"):
+        assert cases[name]["status"] == "ok", (name, cases[name]["status"])
+    assert cases["gna"]["summary"]["density"] < 1.0  # a sparse variant really ran sparse
+    assert cases["boundary"]["status"].startswith("not applicable")
+    assert cases["agentsd"]["status"].startswith("not applicable")
+    vis = res["vision"]["models"]["classifier"]
+    assert vis["status"] == "ok" and set(vis["variants"]) == set(ev.VISION_SUITE["classifier"])
+    assert (tmp_path / "world_eval.png").stat().st_size > 0 and res["smoke"] is True
+
+
+def test_eval_smoke_refuses_the_results_folder():
+    from attn_pipelines.cli import main
+
+    out = ev.__file__.rsplit("attn_pipelines", 1)[0] + "benchmarks/results"
+    assert main(["eval", "--smoke", "--out", out]) == 2
