@@ -201,6 +201,7 @@ def test_model_free_objectives_are_exact():
     img[:, :, 2:] = 1.0  # one vertical edge: 4 rows x 1 jump x 3 channels
     assert total_variation()([img, torch.zeros(3, 4, 4)], PAIRS) == pytest.approx((12 / 48 + 0) / 2)
     assert total_variation()([img.permute(1, 2, 0)], PAIRS[:1]) == pytest.approx(12 / 48)  # [H, W, C] too
+    assert total_variation()([torch.stack([img, img, img])], PAIRS[:1]) == pytest.approx(12 / 48)  # a video: per pixel
     ref = torch.full((3, 8, 8), 0.5)
     out = ref + 0.1
     mse = reference_similarity([ref], "mse")([out], PAIRS[:1])
@@ -228,6 +229,8 @@ def _tiny_clip(path):
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
                   patch_size=8)  # fmt: skip
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval()
+    with torch.no_grad():  # seed 0 gives negative image-text cosines, which CLIP score clamps to 0: flip them
+        model.visual_projection.weight.neg_()
     model.save_pretrained(path)
     proc.save_pretrained(path)
     return model, proc
@@ -248,7 +251,9 @@ def test_clip_score_from_a_local_model_only(tmp_path):
             t = model.get_text_features(**proc(text=[prompt], return_tensors="pt", padding=True)).pooler_output
         return max(100 * torch.nn.functional.cosine_similarity(i, t).item(), 0.0)
 
-    want = (manual(imgs[0], "a fox") + (manual(imgs[1], "a cat") + manual(imgs[2], "a cat")) / 2) / 2
+    per_frame = [manual(imgs[1], "a cat"), manual(imgs[2], "a cat")]
+    assert min(per_frame) > 0 and abs(per_frame[0] - per_frame[1]) > 0.1  # every frame counts, none clamped
+    want = (manual(imgs[0], "a fox") + sum(per_frame) / 2) / 2
     assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
     with pytest.raises(ValueError, match="CLIP model 'nobody/no-such-clip' is not available locally"):
         clip_score("nobody/no-such-clip")
