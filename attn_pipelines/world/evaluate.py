@@ -65,7 +65,7 @@ SUITE: tuple[Case, ...] = (
     Case("agentsd", "sparse", ("agentsd:dit=True",), "ToMe + agent attention"),
     Case("softpag", "guidance", ("softpag:scale=1.0,u=0.5,layers=(2,)",), "perturbed heads: all of layer 2"),
     Case("ultravico", "length", ("ultravico:train_frames=5",), "decay beyond the 5 training token frames"),
-    Case("riflex", "length", ("riflex:frames=5",), "intrinsic temporal RoPE frequency for 5 token frames"),
+    Case("riflex", "length", ("riflex:k=1",), "k=1: period 6 token frames, just above the 5 trained"),
     Case("regional", "layout", ("regional",), "entity 'a <colour> <shape>' in a left or right half box (Python API)"),
     Case("boundary", "layout", ("boundary",), "layout guidance: UNet / SD3 only"),
 )  # fmt: skip
