@@ -116,14 +116,11 @@ def unigram_tokenizer(model_max_length: int, *, bos: bool, words: Sequence[str] 
     )
 
 
-_unigram_tokenizer = unigram_tokenizer  # the name the test fixtures import
-
-
 def _build_wan() -> Any:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    tokenizer = _unigram_tokenizer(512, bos=False)
+    tokenizer = unigram_tokenizer(512, bos=False)
     text_encoder = UMT5EncoderModel(
         UMT5Config(
             vocab_size=len(tokenizer) + 4,
@@ -165,8 +162,8 @@ def _build_flux() -> Any:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    tokenizer = _unigram_tokenizer(77, bos=True)
-    tokenizer_2 = _unigram_tokenizer(512, bos=False)
+    tokenizer = unigram_tokenizer(77, bos=True)
+    tokenizer_2 = unigram_tokenizer(512, bos=False)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer) + 4,

@@ -87,19 +87,22 @@ TEXT_ENCODER_CONFIG: dict[str, Any] = {
 
 SCHEDULER_CONFIG: dict[str, Any] = {"prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 2.0}
 
+#: the world's ViT (both datasets): patch 4 on 32 px -> 64 tokens, width 96, 6 blocks
+VIT_KWARGS: dict[str, Any] = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
+
 #: vision checkpoints: folder -> (timm name, model kwargs, dataset, what it is)
 CLASSIFIERS: dict[str, dict[str, Any]] = {
     "classifier": {"model": "resnet10t", "kwargs": {}, "data": "shapes", "role": "attribute classifier (CNN)"},
     "vit_shapes": {
         "model": "vit_tiny_patch16_224",
-        "kwargs": {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3},
+        "kwargs": VIT_KWARGS,
         "data": "shapes",
         "role": "ViT",
     },
     "cnn_digits": {"model": "resnet10t", "kwargs": {}, "data": "digits", "role": "CNN"},
     "vit_digits": {
         "model": "vit_tiny_patch16_224",
-        "kwargs": {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3},
+        "kwargs": VIT_KWARGS,
         "data": "digits",
         "role": "ViT",
     },

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from attn_pipelines.tiny import _unigram_tokenizer
+from attn_pipelines.tiny import unigram_tokenizer
 
 PROMPT = "a red fox and a blue car in the snow"
 
@@ -84,7 +84,7 @@ def tiny_sd_pipeline(scheduler: str = "ddim"):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        tok = _unigram_tokenizer(77, bos=True)
+        tok = unigram_tokenizer(77, bos=True)
         text_encoder = _clip(tok, 32)
         vae = _vae()
         unet = tiny_unet("sd15", 32)
@@ -106,12 +106,12 @@ def tiny_sdxl_pipeline():
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        tok = _unigram_tokenizer(77, bos=True)
+        tok = unigram_tokenizer(77, bos=True)
         te1, te2 = _clip(tok, 32), _clip(tok, 32, projection=True)
         vae = _vae()
         unet = tiny_unet("sdxl", 64)
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=_unigram_tokenizer(77, bos=True),
+        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=unigram_tokenizer(77, bos=True),
         unet=unet, scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
         force_zeros_for_empty_prompt=True,
     )  # fmt: skip
@@ -126,9 +126,9 @@ def tiny_sd3_pipeline():
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        tok = _unigram_tokenizer(77, bos=True)
+        tok = unigram_tokenizer(77, bos=True)
         te1, te2 = _clip(tok, 16, projection=True), _clip(tok, 16, projection=True)
-        tok3 = _unigram_tokenizer(256, bos=False)
+        tok3 = unigram_tokenizer(256, bos=False)
         te3 = T5EncoderModel(
             T5Config(
                 vocab_size=len(tok3) + 4, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -143,7 +143,7 @@ def tiny_sd3_pipeline():
         )  # fmt: skip
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=te1,
-        tokenizer=tok, text_encoder_2=te2, tokenizer_2=_unigram_tokenizer(77, bos=True), text_encoder_3=te3,
+        tokenizer=tok, text_encoder_2=te2, tokenizer_2=unigram_tokenizer(77, bos=True), text_encoder_3=te3,
         tokenizer_3=tok3,
     )  # fmt: skip
     return _eval(pipe)
