@@ -1,20 +1,26 @@
 """Diffusion attention variants: what is computed (see docs/internal-api.md section 2).
 
-`VARIANTS` maps registry names to variant classes; "neighborhood" is an alias of "gna".
+`VARIANTS` maps registry names to variant classes; each variant file registers its class with
+`@register_variant` (name and aliases: "neighborhood" is an alias of "gna"). Importing this package
+imports every variant, so `VARIANTS` is complete.
 """
 
 from __future__ import annotations
 
-from .agentsd import AgentSD
-from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range
-from .boundary import Boundary
-from .lite import LiteAttention
-from .neighborhood import Neighborhood
+from .base import VARIANTS, AttnContext, AttnPlan, TokenLayout, Variant, check_range, register_variant
+
+# registration order is the order `attnplug list` and error messages show
+# isort: off
 from .radial import Radial
-from .regional import Entity, Regional
-from .riflex import RIFLEx
+from .neighborhood import Neighborhood
+from .lite import LiteAttention
+from .agentsd import AgentSD
 from .softpag import SoftPAG
 from .ultravico import UltraViCo
+from .riflex import RIFLEx
+from .regional import Entity, Regional
+from .boundary import Boundary
+# isort: on
 
 __all__ = [
     "AttnContext",
@@ -22,6 +28,7 @@ __all__ = [
     "TokenLayout",
     "Variant",
     "check_range",
+    "register_variant",
     "Radial",
     "Neighborhood",
     "LiteAttention",
@@ -34,14 +41,3 @@ __all__ = [
     "Regional",
     "VARIANTS",
 ]
-
-VARIANTS: dict[str, type[Variant]] = {
-    "radial": Radial,
-    "gna": Neighborhood,
-    "neighborhood": Neighborhood,
-    "lite": LiteAttention,
-    "agentsd": AgentSD,
-    "softpag": SoftPAG,
-    "ultravico": UltraViCo,
-    "riflex": RIFLEx,
-}

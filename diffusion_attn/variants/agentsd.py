@@ -55,7 +55,7 @@ from typing import ClassVar, Literal
 
 import torch
 
-from .base import AttnContext, AttnPlan, Variant, check_range
+from .base import AttnContext, AttnPlan, Variant, check_range, register_variant
 
 __all__ = ["AgentSD", "ToMeMerge", "agent_formula"]
 
@@ -230,6 +230,7 @@ def agent_attention_call(
     return out[..., :D].to(dtype)
 
 
+@register_variant
 @dataclass
 class AgentSD(Variant):
     """AgentSD: agent attention on ToMe-merged tokens in self-attention, training-free (see module docstring).

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-__all__ = ["TokenLayout", "AttnContext", "AttnPlan", "Variant", "check_range"]
+__all__ = ["TokenLayout", "AttnContext", "AttnPlan", "Variant", "VARIANTS", "check_range", "register_variant"]
 
 
 @dataclass(frozen=True)
@@ -157,9 +157,11 @@ class Variant:
 
     role: "sparsity" (at most one per `apply`), "modifier" (fused score/output modifiers) or
     "guidance" (adds a perturbed pass). families: adapter names it supports (None = all).
+    aliases: further registry names (`VARIANTS`) of the class.
     """
 
     name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
     role: ClassVar[str] = "modifier"
     families: ClassVar[tuple[str, ...] | None] = None
     #: also planned for cross-attention calls (`TokenLayout.cross_len` > 0; Wan's and UNets' `attn2` are hooked
@@ -201,3 +203,21 @@ class Variant:
     def options(self) -> dict[str, Any]:
         """The variant's options and their current values (for `attnplug list` and metadata)."""
         return {f.name: getattr(self, f.name) for f in fields(self)} if hasattr(self, "__dataclass_fields__") else {}
+
+
+#: Every diffusion variant by registry name (`name`, then its `aliases`), filled by `@register_variant` where each
+#: variant is defined: the CLI (`--attn`, `attnplug list`), presets and the docs read it.
+VARIANTS: dict[str, type[Variant]] = {}
+
+
+def register_variant(cls: type[Variant]) -> type[Variant]:
+    """Class decorator: add a variant to `VARIANTS` under its `name` and `aliases` (a name taken by another
+    class is an error, so two variants can never shadow each other)."""
+    if not (isinstance(cls, type) and issubclass(cls, Variant)) or not cls.name:
+        raise TypeError(f"register_variant: {cls!r} must be a Variant subclass with a non-empty `name`")
+    for key in (cls.name, *cls.aliases):
+        other = VARIANTS.get(key)
+        if other is not None and other.__qualname__ != cls.__qualname__:  # re-import of the same module is fine
+            raise ValueError(f"register_variant: {key!r} is already {other.__name__}'s name; pick another")
+        VARIANTS[key] = cls
+    return cls

@@ -56,7 +56,7 @@ from typing import Any, ClassVar
 import torch
 
 from ._pipes import check_pipeline, encode_prompt, model_hook_base, phrase_token_indices
-from .base import AttnContext, AttnPlan, Variant, check_range
+from .base import AttnContext, AttnPlan, Variant, check_range, register_variant
 
 __all__ = ["Boundary", "box_cells", "boundary_losses"]
 
@@ -100,6 +100,7 @@ def boundary_losses(
     return torch.stack(l_in), torch.stack(l_out), torch.stack(l_bd), torch.stack(mass)
 
 
+@register_variant
 @dataclass
 class Boundary(Variant):
     """BACON boundary attention: phrases with boxes steer the early latents (see the module docstring).

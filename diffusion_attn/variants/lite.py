@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range
+from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range, register_variant
 
 __all__ = ["LiteAttention"]
 
@@ -64,6 +64,7 @@ def _check_ranges(name: str, ranges: Any) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+@register_variant
 @dataclass
 class LiteAttention(Variant):
     """Evolutionary tile skipping: tiles found negligible stay skipped for the rest of the generation.

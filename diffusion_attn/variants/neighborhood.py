@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range
+from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range, register_variant
 
 __all__ = ["Neighborhood", "na_1d_mask", "na_token_mask", "choose_tile_shape", "tile_permutation"]
 
@@ -137,6 +137,7 @@ def _as3(name: str, value: Any, kind: type) -> tuple[Any, ...]:
     raise TypeError(f"Neighborhood.{name} must be {kind.__name__} or a 3-tuple (frames, height, width), got {value!r}")
 
 
+@register_variant
 @dataclass
 class Neighborhood(Variant):
     """NATTEN-style neighborhood attention (GNA with stride) on the visual tokens; text global.
@@ -147,6 +148,7 @@ class Neighborhood(Variant):
     """
 
     name: ClassVar[str] = "gna"
+    aliases: ClassVar[tuple[str, ...]] = ("neighborhood",)
     role: ClassVar[str] = "sparsity"
     families: ClassVar[tuple[str, ...] | None] = None
 

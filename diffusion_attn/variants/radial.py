@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range
+from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range, register_variant
 
 __all__ = ["Radial", "radial_block_mask", "RADIAL_DEFAULTS"]
 
@@ -179,6 +179,7 @@ def radial_block_mask(
     return out
 
 
+@register_variant
 @dataclass
 class Radial(Variant):
     """Radial attention: static O(n log n) spatio-temporal block mask with dense warm-up.

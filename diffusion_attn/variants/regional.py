@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from ._pipes import check_pipeline, encode_prompt, model_hook_base, pixels_per_token
-from .base import AttnContext, AttnPlan, TokenLayout, Variant
+from .base import AttnContext, AttnPlan, TokenLayout, Variant, register_variant
 
 __all__ = ["Entity", "Regional", "mask_to_pixels", "token_membership"]
 
@@ -128,6 +128,7 @@ def token_membership(pixels: np.ndarray, ppt: int) -> torch.Tensor:
     return t.any(dim=3).any(dim=1)
 
 
+@register_variant
 @dataclass
 class Regional(Variant):
     """EliGen regional attention: entity prompts with masks + the global prompt (see the module docstring).

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import AttnContext, AttnPlan, Variant
+from .base import AttnContext, AttnPlan, Variant, register_variant
 
 __all__ = ["RIFLEx", "RIFLEX_DEFAULTS", "rope_axis"]
 
@@ -43,6 +43,7 @@ def rope_axis(family: str, model: Any) -> tuple[int, float, torch.dtype]:
     raise ValueError(f"RIFLEx supports {', '.join(RIFLEX_DEFAULTS)}; got model family {family!r}")
 
 
+@register_variant
 @dataclass
 class RIFLEx(Variant):
     """One intrinsic temporal RoPE frequency set to factor * 2 pi / L (L: the video's token frames).

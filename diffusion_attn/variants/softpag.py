@@ -50,7 +50,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from .base import AttnContext, AttnPlan, Variant, check_range
+from .base import AttnContext, AttnPlan, Variant, check_range, register_variant
 
 __all__ = ["SoftPAG", "HEADS_FORMAT", "load_heads_file"]
 
@@ -107,6 +107,7 @@ def _check_fraction(name: str, value: Any) -> float:
     return float(value)
 
 
+@register_variant
 @dataclass
 class SoftPAG(Variant):
     """Head-level perturbed-attention guidance (HeadHunter's SoftPAG).

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import AttnContext, AttnPlan, TokenLayout, Variant
+from .base import AttnContext, AttnPlan, TokenLayout, Variant, register_variant
 
 __all__ = ["UltraViCo", "ULTRAVICO_DEFAULTS", "ultravico_positions", "harmonic_bands"]
 
@@ -147,6 +147,7 @@ def band_layouts(layout: TokenLayout, bands: list[tuple[int, int]], block: int) 
     return main, band
 
 
+@register_variant
 @dataclass
 class UltraViCo(Variant):
     """Decay positive logits beyond the training window by alpha (and near RoPE harmonics by beta).
