@@ -34,8 +34,10 @@ from .argtypes import MAX_SEED
 
 __all__ = ["PLANNED_VARIANTS", "DTYPES", "ConfigError", "Preset", "PipelineSettings", "variant_registry"]
 __all__ += ["build_variant", "merge_attn", "preset_names", "load_preset", "validate_preset", "iter_presets"]
+__all__ += ["LAYOUT_FLAGS", "parse_box_item", "layout_specs", "fill_layout"]
 
-#: Variants the project plans (presets may name them) but diffusion_attn does not implement yet.
+#: Names a preset may carry before the variant exists (it loads, marked not usable); `attnplug list` and the
+#: errors show only those missing from the registry, so with today's `diffusion_attn.VARIANTS` none is "planned".
 PLANNED_VARIANTS: tuple[str, ...] = ("ultravico", "softpag", "regional")
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -144,6 +146,114 @@ def merge_attn(base: tuple[Spec, ...], overrides: list[Spec]) -> tuple[Spec, ...
             continue
         out.setdefault(spec.name, {}).update(spec.options)
     return tuple(Spec(k, v) for k, v in out.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# layout flags: --region (regional) and --boundary (boundary), boxes in fractions of the frame
+# ---------------------------------------------------------------------------------------------
+#: CLI flag -> (variant it feeds, what its text is, the variant options the flag sets).
+LAYOUT_FLAGS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "--region": ("regional", "PROMPT", ("entities", "height", "width")),
+    "--boundary": ("boundary", "PHRASE", ("phrases", "boxes", "prompt")),
+}
+
+Box = tuple[float, float, float, float]
+
+
+def parse_box_item(text: str, flag: str) -> tuple[str, Box]:
+    """`TEXT@x0,y0,x1,y1` -> (TEXT, box): the box in fractions of the frame, 0 <= x0 < x1 <= 1 and
+    0 <= y0 < y1 <= 1 ((0, 0) is the top-left corner). The last '@' separates them, so TEXT may hold '@'."""
+    what = LAYOUT_FLAGS[flag][1]
+    form = f"{what}@x0,y0,x1,y1 with the box in fractions of the frame, e.g. 'a red circle@0,0,0.5,1'"
+    phrase, at, coords = str(text).rpartition("@")
+    if not at or not phrase.strip():
+        raise ConfigError(f"{flag} {text!r}: expected {form}")
+    parts = coords.split(",")
+    try:
+        box = tuple(float(c) for c in parts)
+    except ValueError:
+        box = ()
+    if len(parts) != 4 or len(box) != 4:
+        raise ConfigError(f"{flag} {text!r}: the box must be 4 numbers x0,y0,x1,y1; expected {form}")
+    x0, y0, x1, y1 = box
+    if not all(math.isfinite(c) and 0.0 <= c <= 1.0 for c in box) or not (x0 < x1 and y0 < y1):
+        raise ConfigError(
+            f"{flag} {text!r}: box (x0, y0, x1, y1) = {box} must be fractions of the frame in [0, 1] with "
+            "x0 < x1 and y0 < y1"
+        )
+    return phrase.strip(), box  # type: ignore[return-value]
+
+
+def _flag_items(region: list[str] | None, boundary: list[str] | None) -> dict[str, list[tuple[str, Box]]]:
+    given = {"--region": region or [], "--boundary": boundary or []}
+    return {flag: [parse_box_item(t, flag) for t in items] for flag, items in given.items() if items}
+
+
+def layout_specs(
+    specs: tuple[Spec, ...], region: list[str] | None = None, boundary: list[str] | None = None
+) -> tuple[Spec, ...]:
+    """`specs` with the variants the layout flags feed appended when absent (`--region` alone = regional);
+    every flag item parsed and range-checked (ConfigError naming the flag). A spec that already sets an option
+    the flag sets is refused: the entities / phrases come from one place."""
+    out = list(specs)
+    for flag in _flag_items(region, boundary):
+        name, _, owned = LAYOUT_FLAGS[flag]
+        spec = next((s for s in out if s.name == name), None)
+        if spec is None:
+            out.append(Spec(name))
+            continue
+        clash = [k for k in owned if k in spec.options]
+        if clash:
+            raise ConfigError(f"{flag} sets {name}'s {', '.join(owned)}; drop {clash[0]}= from --attn {spec}")
+    return tuple(out)
+
+
+def fill_layout(
+    variants: list[Any],
+    region: list[str] | None = None,
+    boundary: list[str] | None = None,
+    *,
+    prompt: str | None = None,
+    size: tuple[int | None, int | None] | None = None,
+    where: str = "--attn",
+) -> list[Any]:
+    """`variants` with the layout flags' entities and phrases filled in (new objects; the others unchanged).
+
+    Regional gets one entity per `--region` with its box in pixels of `size` = (height, width); Boundary
+    the `--boundary` phrases and boxes and `prompt`. Without a size or prompt yet (the first check, before
+    the pipeline's defaults are known) nominal ones stand in, so every item and option is validated early.
+    """
+    items = _flag_items(region, boundary)
+    if not items:
+        return list(variants)
+    out = []
+    for v in variants:
+        flag = next((f for f in items if LAYOUT_FLAGS[f][0] == getattr(v, "name", None)), None)
+        if flag is None:
+            out.append(v)
+            continue
+        _, _, owned = LAYOUT_FLAGS[flag]
+        opts = {k: val for k, val in v.options().items() if k not in owned}
+        if flag == "--region":
+            height, width = size if size is not None else (None, None)
+            if size is not None and (height is None or width is None):
+                raise ConfigError(
+                    "--region boxes are fractions of the frame: give --height and --width (the pipeline's "
+                    "default size is not known before loading)"
+                )
+            height, width = (height or 1, width or 1)
+            ents = tuple((p, (x0 * width, y0 * height, x1 * width, y1 * height)) for p, (x0, y0, x1, y1) in items[flag])
+            opts.update(entities=ents, height=height, width=width)
+        else:
+            phrases = tuple(p for p, _ in items[flag])
+            text = prompt if prompt is not None else ", ".join(phrases)
+            opts.update(phrases=phrases, boxes=tuple(b for _, b in items[flag]), prompt=text)
+        try:
+            out.append(type(v)(**opts))
+        except (TypeError, ValueError) as e:
+            msg = " ".join(str(e).split())
+            raise ConfigError(f"{flag} ({where} {v.name}): {msg}") from e
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 from attn_spec import parse_spec
 
 from .. import __version__, argtypes
-from ..config import DTYPES, Preset, build_variant, load_preset, merge_attn
+from ..config import DTYPES, Preset, build_variant, fill_layout, layout_specs, load_preset, merge_attn
 from ..errors import CLIError, RunError
 from ..io import OutputError, OutputTarget
 from ..latent import check_fit, rule_for, token_grid
@@ -63,6 +63,22 @@ def add_parser(sub: Any) -> None:
         metavar="VARIANT[:k=v,...]",
         help="attention variant with options (Python literals), repeatable, e.g. gna:kernel_size=(1,3,3); "
         "'none' drops preset variants",
+    )
+    g.add_argument(
+        "--region",
+        action="append",
+        default=[],
+        metavar="PROMPT@x0,y0,x1,y1",
+        help="regional attention: an entity prompt and its box in fractions of the frame, repeatable, e.g. "
+        "'a red circle@0,0,0.5,1' (adds `regional` unless --attn names it)",
+    )
+    g.add_argument(
+        "--boundary",
+        action="append",
+        default=[],
+        metavar="PHRASE@x0,y0,x1,y1",
+        help="boundary attention: a phrase of --prompt and its box in fractions of the frame, repeatable "
+        "(adds `boundary` unless --attn names it)",
     )
     g.add_argument("--out", default=None, help="output file: .png (image), .gif or .mp4 (video)")
     g.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
@@ -224,6 +240,10 @@ def _resolve(
         fps=_pick(args.fps, pcfg, "fps", DEFAULT_FPS.get(family, 16)),
         target=OutputTarget("out/attnplug.png"),
     )
+    region, boundary = getattr(args, "region", None), getattr(args, "boundary", None)
+    if region or boundary:  # entity boxes in pixels of this size, phrases of this prompt
+        sized = fill_layout(variants, region, boundary, prompt=args.prompt, size=(s.height, s.width), where=where)
+        variants[:] = sized
     if preset is not None and preset.family and family and preset.family != family:
         raise CLIError(
             f"--config {preset.name} is a preset for {preset.family!r} models but --model is a {family!r} pipeline "
@@ -312,7 +332,8 @@ def run(args: argparse.Namespace) -> int:
     model = args.model or (preset.model if preset else None)
     where = "--attn" if preset is None else f"--attn/--config {preset.name}"
     specs = merge_attn(preset.attn if preset else (), [parse_spec(s, where="--attn") for s in args.attn])
-    variants = [build_variant(spec, where=where) for spec in specs]
+    specs = layout_specs(specs, args.region, args.boundary)
+    variants = fill_layout([build_variant(spec, where=where) for spec in specs], args.region, args.boundary)
     apply = getattr(diffusion_attn, "apply", None)
     if variants and not callable(apply):
         raise CLIError("--attn needs diffusion_attn.apply, which this version of diffusion_attn does not provide")
@@ -439,6 +460,9 @@ def _generate(
     callback: Any = timer
     if handle is not None and args.compile and getattr(handle, "step_source", None) == "callback":
         callback = CallbackList(AttnStepCallback(handle), timer)
+    guides = [v.callback for v in variants if callable(getattr(v, "callback", None))]  # Boundary's latent updates
+    if guides:
+        callback = CallbackList(callback, *guides)
     kwargs: dict[str, Any] = {
         "prompt": args.prompt,
         "num_inference_steps": s.steps,

@@ -8,7 +8,7 @@ from typing import Any
 
 from attn_spec import describe
 
-from ..config import PLANNED_VARIANTS, ConfigError, Preset, load_preset, preset_names, variant_registry
+from ..config import LAYOUT_FLAGS, PLANNED_VARIANTS, ConfigError, Preset, load_preset, preset_names, variant_registry
 
 __all__ = ["add_parser", "run", "vision_variants"]
 
@@ -35,11 +35,15 @@ def _print_variants(registry: dict[str, type]) -> None:
             print(f"  {name:<12} alias of {first[cls]}")
             continue
         first[cls] = name
-        doc = (inspect.getdoc(cls) or "").split("\n")[0]
+        doc = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())  # the whole first paragraph
         role = getattr(cls, "role", "")
         print(f"  {name:<12} {cls.__name__}{f' [{role}]' if role else ''} {doc}")
         for opt, tp, default in describe(cls):
             print(f"      {opt}: {tp} = {default!r}")
+        for flag, (target, what, owned) in LAYOUT_FLAGS.items():
+            if target == name:
+                usage = f"{flag} '{what}@x0,y0,x1,y1'"
+                print(f"      attnplug generate {usage} (repeatable, box in frame fractions; sets {', '.join(owned)})")
 
 
 def preset_status(p: Preset) -> str:
