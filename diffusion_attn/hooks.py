@@ -22,7 +22,8 @@ Context parallelism (diffusers `ContextParallelConfig(ulysses_degree=N)`, `enabl
 call `enable_parallelism` before `apply` when the model's context-parallel plan shards inputs
 of the top-level forward (FLUX, LTX-Video); Wan works in either order. Dense calls are diffusers'
 own; sparse calls run inside diffusers' Ulysses all-to-all on the whole sequence and this rank's
-heads. Ring attention (`ring_degree > 1`) is refused for sparse variants.
+heads. Ring attention (`ring_degree > 1`, also with Ulysses) runs every rank's key chunk through the
+kernel and merges the chunks by log-sum-exp (`diffusion_attn.adapters.ring`; inference only).
 
 Steps: `step_source="hook"` (default) or "callback" (`handle.set_step`; forwards read nothing on
 the host), see `diffusion_attn.clock`. Warm-up for compile / CUDA graphs: `handle.prepare(**inputs)`
@@ -158,11 +159,10 @@ def _check_parallel(model: nn.Module, adapter: Adapter) -> None:
     cp = getattr(pc, "context_parallel_config", None)
     if cp is None:
         return
-    if cp.ring_degree > 1:
+    if getattr(cp, "ring_anything", False):
         raise ValueError(
-            f"apply(): {type(model).__name__} runs diffusers' ring attention (ring_degree={cp.ring_degree}); "
-            "attnplug's sparse variants support Ulysses context parallelism only "
-            "(ContextParallelConfig(ulysses_degree=N)); nothing was patched"
+            f"apply(): {type(model).__name__} runs diffusers' ring_anything (uneven shards), which attnplug's "
+            "sparse variants do not support; use equal shards (ring_degree=N); nothing was patched"
         )
     if cp.ulysses_anything:
         raise ValueError(

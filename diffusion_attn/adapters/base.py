@@ -82,6 +82,7 @@ class AttnRuntime:
     model_name: str = ""
     layer_names: tuple[str, ...] = ()
     calls: int = 0  # attention calls that went through attnplug's kernel (for tests / stats)
+    ring_skipped: int = 0  # ring attention: (pass, key chunk) kernel calls skipped as empty (for tests / stats)
     branch: str | None = None  # cache-context name of the current forward
     perturbed: bool = False  # the current forward is a guidance variant's perturbed pass (AttnContext.perturbed)
     _states: dict = field(default_factory=dict, repr=False)  # variant state of the current branch
@@ -92,6 +93,7 @@ class AttnRuntime:
     _fwd_sources: list = field(default_factory=list, repr=False)  # (model mask, key mask) of this forward
     _mask_entries: list = field(default_factory=list, repr=False)  # key masks seen lately (content, layouts)
     _gather_perms: list = field(default_factory=list, repr=False)  # context parallelism: composed perms
+    _ring_plans: list = field(default_factory=list, repr=False)  # ring attention: host-built plans per rank
     _kinds: list | None = field(default=None, repr=False)  # plan kind per layer of this forward (logging)
     _last_kinds: tuple | None = field(default=None, repr=False)
 
@@ -252,13 +254,17 @@ class AttnRuntime:
         key_mask: bool [B, N] (False = padded key), the same tensor object for every layer of a
         forward (see `key_mask_of`). parallel_config: diffusers' ParallelConfig when the model runs
         with Ulysses context parallelism: q, k, v are this rank's sequence shard, and the kernel runs
-        inside diffusers' all-to-all on the whole sequence and this rank's heads."""
+        inside diffusers' all-to-all on the whole sequence and this rank's heads; with ring attention
+        (`ring_degree > 1`, also Ulysses x ring) every ring rank's key chunk runs through the kernel and the
+        chunks are merged by log-sum-exp (see `diffusion_attn.adapters.ring`)."""
         if parallel_config is not None:
             if layout.cross_len or plan.compute is not None:
                 raise RuntimeError(
                     f"attnplug[{self.family}]: cross-attention plans and variants with their own computation "
                     "(AgentSD, Boundary) do not support context parallelism"
                 )
+            if parallel_config.context_parallel_config.ring_degree > 1:
+                return self._run_ring(plan, q, k, v, layout, key_mask, parallel_config)
             return self._run_ulysses(plan, q, k, v, layout, key_mask, parallel_config)
         n = q.shape[1]
         if layout.seq_len != n or k.shape[1] != layout.key_len:
@@ -431,6 +437,71 @@ class AttnRuntime:
             q, k, v, None, 0.0, False, None, False, False, forward_op, backward_op, parallel_config
         )
 
+    # -- context parallelism (diffusers' ring attention, Ulysses x ring) ----------------------
+    def _run_ring(self, plan, q, k, v, layout, key_mask, parallel_config) -> torch.Tensor:
+        """Ring (and Ulysses x ring): Ulysses' all-to-all inside each Ulysses group when ulysses_degree > 1,
+        then every ring rank's key chunk through the kernel, merged by log-sum-exp (`adapters.ring`)."""
+        from .ring import build_ring_plan, ring_attention
+
+        cp = parallel_config.context_parallel_config
+        ring, uly = cp.ring_degree, cp.ulysses_degree
+        world = ring * uly
+        if key_mask is not None:
+            raise RuntimeError(
+                f"attnplug[{self.family}]: key-padding masks are not supported with context parallelism "
+                "(diffusers has no context-parallel plan for this model family)"
+            )
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            raise RuntimeError(
+                f"attnplug[{self.family}]: ring attention with sparse variants is inference only (no backward); "
+                "train with ContextParallelConfig(ulysses_degree=N) or data parallelism"
+            )
+        if plan.after and plan.tile_stats is None:
+            raise RuntimeError(f"attnplug[{self.family}]: plans with `after` callbacks are not supported under ring")
+        n_local = q.shape[1]
+        if n_local * world != layout.seq_len or k.shape[1] != n_local:
+            raise RuntimeError(
+                f"attnplug[{self.family}]: with ring_degree={ring} x ulysses_degree={uly} each rank must hold "
+                f"1/{world} of the {layout.seq_len} tokens of {layout}, got {n_local} queries and {k.shape[1]} keys"
+            )
+        for name, size in (("text", layout.text_len), ("visual", layout.num_visual)):
+            if size % world:
+                raise RuntimeError(
+                    f"attnplug[{self.family}]: the {size} {name} tokens cannot be split evenly over "
+                    f"ring_degree x ulysses_degree = {world}"
+                )
+        self.calls += 1
+        perm, inv = plan.perm, plan.inv
+        if perm is not None:
+            perm = perm.to(q.device)
+            inv = torch.argsort(perm) if inv is None else inv.to(q.device)
+        gather = ((layout, world, str(q.device)), self._c2g_cached(layout, world, q.device))
+        combined, combined_inv = self._composed(gather, perm, inv)
+        rank = cp._ring_local_rank
+        leaves = [plan.layout, *plan.modifiers]
+        for lay, mods in plan.extra:
+            leaves += [lay, *mods]
+        scalars = (plan.tile_stats is None, ring, rank, len(plan.modifiers), len(plan.extra), str(q.device))
+        leaves.append(combined)
+        rplan = None
+        for sc, lv, hit in self._ring_plans:  # cached per (scalars, objects by identity): no per-call host work
+            if sc == scalars and len(lv) == len(leaves) and all(a is b for a, b in zip(lv, leaves)):
+                rplan = hit
+                break
+        if rplan is None:
+            rplan = build_ring_plan(plan, layout.seq_len, combined_inv, ring, rank, q.device)
+            self._ring_plans.append((scalars, leaves, rplan))
+            del self._ring_plans[:-16]
+        group = cp._ulysses_mesh.get_group() if uly > 1 else None
+        if group is not None:
+            from diffusers.models.attention_dispatch import SeqAllToAllDim
+
+            q, k, v = (SeqAllToAllDim.apply(group, t, 2, 1) for t in (q, k, v))  # sequence gathered, heads split
+        out = ring_attention(self, plan, q, k, v, rplan, cp, combined)
+        if group is not None:
+            out = SeqAllToAllDim.apply(group, out, 1, 2)
+        return out
+
     def _c2g_cached(self, layout: TokenLayout, degree: int, device: torch.device) -> torch.Tensor | None:
         key = ("c2g", layout, degree, str(device))
         if key not in self._layouts:
@@ -539,8 +610,8 @@ class SparseProcessor:
         offset = 0
         if pc is not None:
             cp = pc.context_parallel_config
-            if cp.ring_degree > 1 or cp.ulysses_anything:
-                what = f"ring_degree={cp.ring_degree}" if cp.ring_degree > 1 else "ulysses_anything=True"
+            if cp.ulysses_anything or getattr(cp, "ring_anything", False):
+                what = "ulysses_anything=True" if cp.ulysses_anything else "ring_anything=True"
                 plan = rt.plan(
                     self.layer, layout, hidden_states.shape[0], heads, head_dim, hidden_states.device,
                     hidden_states.dtype,
@@ -549,7 +620,7 @@ class SparseProcessor:
                     return None
                 raise RuntimeError(
                     f"attnplug[{rt.family}]: diffusers' context parallelism with {what} is not supported by "
-                    "sparse variants; use ContextParallelConfig(ulysses_degree=N) (Ulysses, equal shards)"
+                    "sparse variants; use equal shards: ContextParallelConfig(ulysses_degree=N) and/or ring_degree=M"
                 )
             degree = cp.ulysses_degree
             if heads % degree:

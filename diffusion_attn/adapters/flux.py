@@ -36,7 +36,8 @@ class FluxSparseProcessor(SparseProcessor):
         rt = self.runtime
         n_img = rt.grid[1] * rt.grid[2]
         pc = self._context_parallel()
-        degree = 1 if pc is None else pc.context_parallel_config.ulysses_degree
+        cp = None if pc is None else pc.context_parallel_config
+        degree = 1 if cp is None else cp.ulysses_degree * cp.ring_degree  # every rank holds 1/degree
         n = hidden_states.shape[1] * degree
         if encoder_hidden_states is not None:
             return encoder_hidden_states.shape[1] * degree

@@ -38,7 +38,14 @@ import torch
 
 from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range, register_variant
 
-__all__ = ["Neighborhood", "na_1d_mask", "na_token_mask", "choose_tile_shape", "tile_permutation"]
+__all__ = [
+    "Neighborhood",
+    "na_1d_mask",
+    "na_token_mask",
+    "choose_tile_shape",
+    "tile_permutation",
+    "separable_block_layout",
+]
 
 _DIMS = ("frames", "height", "width")
 _BLOCK_SIZES = (16, 32, 64, 128)
@@ -124,6 +131,91 @@ def tile_permutation(grid: tuple[int, int, int], tile: tuple[int, int, int]) -> 
     inner = ((t % tile[0]) * tile[1] + y % tile[1]) * tile[2] + x % tile[2]
     key = (tile_id * math.prod(tile) + inner).reshape(-1)
     return torch.argsort(key, stable=True)
+
+
+def separable_block_layout(
+    dim_masks: list[torch.Tensor], layout: TokenLayout, perm: torch.Tensor | None, block_size: int
+) -> Any:
+    """The BlockLayout of a separable visual mask (outer AND of per-dimension masks, text global) on the
+    (permuted) sequence, without evaluating the N x N token mask: equal to `BlockLayout.from_mask_mod` of
+    `Neighborhood.mask_mod` (same blocks, partial blocks and element masks).
+
+    Per query block Q the visible pairs with every key block are counted at once: T_Q[t, y, x] =
+    sum over Q's visual queries of A[t_q, t] B[y_q, y] C[x_q, x] is one (frames * height) x |Q| x width
+    matrix product, and a key block's count is the sum of T_Q over its keys (text pairs are all visible).
+    A block is visited when the count is > 0 and full when it equals its valid pairs; only partial blocks
+    get element masks. HunyuanVideo's 30 x 48 x 80 grid: seconds instead of evaluating 1.3e10 pairs."""
+    from attn_kernels import BlockLayout
+    from attn_kernels.layout import _pack_bits
+
+    n, b = layout.seq_len, block_size
+    f, h, w = layout.grid
+    nv, v0 = layout.num_visual, layout.visual_slice.start
+    order = perm if perm is not None else torch.arange(n)
+    vis_idx = order - v0
+    is_vis = (vis_idx >= 0) & (vis_idx < nv)
+    vi = vis_idx.clamp(0, nv - 1)
+    ct, ch, cw = vi // (h * w), (vi // w) % h, vi % w
+    a_m, b_m, c_m = (m.to(torch.float32) for m in dim_masks)
+    nb = -(-n // b)
+    pad = nb * b - n
+    valid = torch.nn.functional.pad(torch.ones(n), (0, pad)).view(nb, b).sum(1)  # valid tokens per block
+    n_vis = torch.nn.functional.pad(is_vis.float(), (0, pad)).view(nb, b).sum(1)
+    vis_f = is_vis.float()
+    counts = torch.empty(nb, nb)
+    for qb in range(nb):
+        rows = torch.arange(qb * b, min((qb + 1) * b, n))
+        rows = rows[is_vis[rows]]
+        if rows.numel() == 0:
+            counts[qb] = 0.0
+            continue
+        x = (a_m[ct[rows]][:, :, None] * b_m[ch[rows]][:, None, :]).reshape(rows.numel(), f * h)
+        t_q = (x.T @ c_m[cw[rows]]).reshape(-1)  # [f * h * w] raster: visible queries of Q per key position
+        per_key = t_q[vi] * vis_f
+        counts[qb] = torch.nn.functional.pad(per_key, (0, pad)).view(nb, b).sum(1)
+    total = valid[:, None] * valid[None, :]
+    counts = counts + total - n_vis[:, None] * n_vis[None, :]
+    block_mask = counts > 0
+    partial = block_mask & (counts < total)
+    bl = BlockLayout.from_block_mask(block_mask, n, n, b, b)
+    if not bool(partial.any()):
+        return bl
+    mask_mod = _separable_mask_mod(dim_masks, layout, order)
+    pidx = torch.full((nb, nb), -1, dtype=torch.int32)
+    bits, n_partial = [], 0
+    cols = torch.arange(b)
+    for qb in torch.nonzero(partial.any(1)).flatten().tolist():
+        kbs = torch.nonzero(partial[qb]).flatten()
+        q = torch.arange(qb * b, (qb + 1) * b)
+        kv = (kbs[:, None] * b + cols[None, :]).reshape(-1)
+        m = mask_mod(q.clamp(max=n - 1)[:, None], kv.clamp(max=n - 1)[None, :])
+        m = m & (q < n)[:, None] & (kv < n)[None, :]
+        m = m.view(b, kbs.numel(), b).permute(1, 0, 2)  # [partial blocks, block_q, block_k]
+        pidx[qb, kbs] = torch.arange(n_partial, n_partial + kbs.numel(), dtype=torch.int32)
+        n_partial += kbs.numel()
+        bits.append(_pack_bits(m))
+    return BlockLayout(
+        bl.row_ptr, bl.col_idx, q_len=n, k_len=n, block_q=b, block_k=b,
+        partial=pidx[block_mask].to(torch.int32), elem_mask=torch.cat(bits, 0),
+    )  # fmt: skip
+
+
+def _separable_mask_mod(
+    dim_masks: list[torch.Tensor], layout: TokenLayout, order: torch.Tensor
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """mask(q_idx, kv_idx) on the (permuted) sequence: per-dimension masks ANDed, text pairs visible."""
+    f, h, w = layout.grid
+    nv = layout.num_visual
+    vis_idx = order - layout.visual_slice.start
+    is_vis = (vis_idx >= 0) & (vis_idx < nv)
+    vi = vis_idx.clamp(0, nv - 1)
+    ct, ch, cw = vi // (h * w), (vi // w) % h, vi % w
+
+    def mask(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        m = dim_masks[0][ct[q], ct[kv]] & dim_masks[1][ch[q], ch[kv]] & dim_masks[2][cw[q], cw[kv]]
+        return m | ~is_vis[q] | ~is_vis[kv]
+
+    return mask
 
 
 def _as3(name: str, value: Any, kind: type) -> tuple[Any, ...]:
@@ -282,22 +374,8 @@ class Neighborhood(Variant):
         hit = self._cache.get(key)
         if hit is None:
             self.resolved(layout.grid)  # validate first: clear errors before any work
-            from attn_kernels import BlockLayout
-
             perm, _ = self.permutation(layout)
-            n = layout.seq_len
-            bl = BlockLayout.from_mask_mod(
-                self.mask_mod(layout, perm, device),
-                n,
-                n,
-                B=1,
-                H=1,
-                block_q=self.block_size,
-                block_k=self.block_size,
-                element_mask=True,
-                device=device,
-            )
-            bl = bl.to(device)
+            bl = separable_block_layout(self.dim_masks(layout.grid), layout, perm, self.block_size).to(device)
             inv = None if perm is None else torch.argsort(perm).to(device)
             hit = self._cache[key] = (bl, None if perm is None else perm.to(device), inv)
         return hit
