@@ -1,6 +1,7 @@
 """diffusers context parallelism (issue 9): Ulysses over 2 CPU processes (gloo) gives the same outputs as one
 process for radial, GNA and LiteAttention, on Wan (self-attention) and FLUX (joint [text, image] attention,
-text and image sharded per rank); ring attention is refused before patching.
+text and image sharded per rank); ring_anything (uneven ring shards) is refused before patching (ring attention
+itself: test_ring.py).
 
 diffusers places a rank on `torch.device(accelerator, rank % torch.accelerator.device_count())`; on a machine
 without a GPU the count is 0, so the workers make it report 1 (test code only) and pass their own CPU mesh.
@@ -27,7 +28,9 @@ STEPS = (0, 1, 2, 3)
 
 def _variants() -> dict:
     return {
-        "radial": lambda: da.Radial(dense_steps=1, dense_layers=0, decay_factor=0.3, block_size=16),
+        "radial": lambda: da.Radial(
+            dense_steps=1, dense_layers=0, decay_factor=0.3, attention_sink=True, block_size=16
+        ),
         "gna": lambda: da.Neighborhood(kernel_size=3, stride=(1, 1, 3), block_size=16),  # images: frames kernel 1
         "lite": lambda: da.LiteAttention(threshold=-0.05, block_size=16),
     }
@@ -96,10 +99,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         except RuntimeError as e:
             results["flux_after"] = str(e)
         handle.remove()
-        # ring attention: refused before patching
+        # ring_anything (uneven shards): refused before patching
         model, inputs = tiny_wan(frames=4, height=8, width=12)
         mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("ring", "ulysses"))
-        model.enable_parallelism(config=ContextParallelConfig(ring_degree=WORLD, mesh=mesh))
+        model.enable_parallelism(config=ContextParallelConfig(ring_degree=WORLD, ring_anything=True, mesh=mesh))
         procs = [m.processor for m in model.modules() if hasattr(m, "processor")]
         try:
             da.apply(model, _variants()["radial"]())
@@ -166,6 +169,6 @@ def test_enable_parallelism_after_apply(two_ranks):
     assert "enable_parallelism" in two_ranks["flux_after"] and "img_ids" in two_ranks["flux_after"]
 
 
-def test_ring_attention_is_refused_before_patching(two_ranks):
+def test_ring_anything_is_refused_before_patching(two_ranks):
     msg, untouched = two_ranks["ring"]
-    assert "ring_degree=2" in msg and "ulysses_degree" in msg and untouched
+    assert "ring_anything" in msg and "ring_degree=N" in msg and untouched

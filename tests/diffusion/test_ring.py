@@ -1,0 +1,205 @@
+"""diffusers ring context parallelism (issue 22): `ContextParallelConfig(ring_degree=N)` and Ulysses x ring over
+CPU processes (gloo) give the same outputs as one process for radial, GNA, LiteAttention and UltraViCo (with its
+beta band: extra passes merged like the chunks) on Wan (self-attention) and radial / GNA on FLUX (joint
+[text, image] attention, both sharded per rank); a ring step whose sub-layout is empty makes no kernel call.
+
+Every case plans every self-attention call sparse: dense calls run diffusers' own ring attention, which needs
+an attention backend that returns the LSE, and diffusers has none on the CPU. As in test_parallel.py, the workers make `torch.accelerator.device_count` report 1 (test code only) so diffusers
+places every rank on the CPU; nothing needs NCCL. One spawn per world size (module fixtures).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffusion_attn as da
+
+from .tiny import tiny_flux, tiny_wan
+
+STEPS = (0, 1, 2)
+
+
+def _variants() -> dict:
+    return {
+        "radial": lambda: da.Radial(
+            dense_steps=0, dense_layers=0, decay_factor=0.3, attention_sink=True, block_size=16
+        ),
+        "gna": lambda: da.Neighborhood(kernel_size=3, stride=(1, 1, 3), block_size=16),
+        "lite": lambda: da.LiteAttention(threshold=-0.05, block_size=16),
+        "ultravico": lambda: da.UltraViCo(
+            alpha=0.8, beta=0.5, train_frames=1, harmonic_period=2, harmonic_width=1, block_size=16
+        ),
+    }
+
+
+def _wan():
+    return tiny_wan(frames=4, height=8, width=16)  # 4 x 4 x 8 = 128 tokens: 32 (two blocks of 16) per rank of 4
+
+
+def _flux():
+    model, inputs = tiny_flux()  # 6 x 8 = 48 image tokens
+    g = torch.Generator().manual_seed(5)
+    inputs["encoder_hidden_states"] = torch.randn(1, 8, 24, generator=g)  # 8 text tokens: 2 per rank of 4
+    inputs["txt_ids"] = torch.zeros(8, 3)
+    return model, inputs
+
+
+MODELS = {"wan": _wan, "flux": _flux}
+#: (family, variant) pairs run under every layout; LiteAttention needs block-aligned shards (no text)
+CASES = [("wan", "radial"), ("wan", "gna"), ("wan", "lite"), ("wan", "ultravico"), ("flux", "radial"), ("flux", "gna")]
+
+
+def _generate(model, inputs, variant) -> tuple[list[torch.Tensor], int]:
+    handle = da.apply(model, variant, step_source="callback")
+    try:
+        outs = []
+        for step in STEPS:
+            handle.set_step(step)
+            with torch.no_grad():
+                outs.append(model(**inputs, return_dict=False)[0])
+        return outs, handle.attention_calls
+    finally:
+        handle.remove()
+
+
+def _worker(rank: int, world: int, port: int, meshes: list, out: str) -> None:
+    try:
+        import torch.distributed as dist
+        from diffusers import ContextParallelConfig
+        from torch.distributed.device_mesh import init_device_mesh
+
+        import attn_kernels
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.accelerator.device_count = lambda: 1  # see the module docstring
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        kernel_calls = [0]
+        real = attn_kernels.attention
+
+        def counting(*args, **kwargs):
+            kernel_calls[0] += 1
+            return real(*args, **kwargs)
+
+        attn_kernels.attention = counting  # ring.py imports it per call: every kernel call is counted
+        results: dict = {}
+        for ring, uly in meshes:
+            for family, name in CASES:
+                model, inputs = MODELS[family]()
+                mesh = init_device_mesh("cpu", (ring, uly), mesh_dim_names=("ring", "ulysses"))
+                model.enable_parallelism(config=ContextParallelConfig(ring_degree=ring, ulysses_degree=uly, mesh=mesh))
+                kernel_calls[0] = 0
+                handle = da.apply(model, _variants()[name](), step_source="callback")
+                outs = []
+                for step in STEPS:
+                    handle.set_step(step)
+                    with torch.no_grad():
+                        outs.append(model(**inputs, return_dict=False)[0])
+                rt = handle.runtimes[0]
+                results[(ring, uly, family, name)] = (outs, rt.calls, kernel_calls[0], rt.ring_skipped)
+                handle.remove()
+        # gradients through ring attention are refused with a clear error (inference only)
+        model, inputs = _wan()
+        mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("ring", "ulysses"))
+        model.enable_parallelism(config=ContextParallelConfig(ring_degree=world, mesh=mesh))
+        with da.apply(model, _variants()["radial"](), step_source="callback") as handle:
+            handle.set_step(0)
+            try:
+                model(**inputs, return_dict=False)[0].sum().backward()
+                results["grad"] = "no error"
+            except RuntimeError as e:
+                results["grad"] = str(e)
+        torch.save(results, out + f".{rank}")
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        Path(out + f".err{rank}").write_text(traceback.format_exc())
+        raise
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(tmp_path_factory, world: int, meshes: list) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path_factory.mktemp(f"ring{world}") / "rank")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, meshes, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    msgs = [Path(out + f".err{r}").read_text() for r in range(world) if Path(out + f".err{r}").exists()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not msgs, "\n".join(msgs)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(out + f".{r}", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return _spawn(tmp_path_factory, 2, [(2, 1)])
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return _spawn(tmp_path_factory, 4, [(4, 1), (2, 2)])
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One process, the same models and variants: outputs and attnplug attention calls per case."""
+    return {case: _generate(*MODELS[case[0]](), _variants()[case[1]]()) for case in CASES}
+
+
+def _check(results: list[dict], reference: dict, ring: int, uly: int, family: str, name: str) -> None:
+    ref, ref_calls = reference[(family, name)]
+    for rank, res in enumerate(results):
+        outs, calls, kernel_calls, skipped = res[(ring, uly, family, name)]
+        assert calls == ref_calls > 0  # the sparse path ran on every rank, once per attnplug call
+        for step, (a, b) in enumerate(zip(outs, ref)):
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4, msg=f"rank {rank} step {STEPS[step]}")
+        if name == "lite":  # one call over all gathered keys (exact tile statistics)
+            assert kernel_calls == calls
+        else:  # one kernel call per (pass, ring chunk), less the chunks whose sub-layout is empty
+            passes = 2 if name == "ultravico" else 1
+            assert kernel_calls + skipped == calls * passes * ring
+
+
+@pytest.mark.parametrize("family,name", CASES)
+def test_ring_two_ranks_equal_one_process(two_ranks, reference, family, name):
+    _check(two_ranks, reference, 2, 1, family, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,name", CASES)
+@pytest.mark.parametrize("ring,uly", [(4, 1), (2, 2)])
+def test_ring_four_ranks_equal_one_process(four_ranks, reference, ring, uly, family, name):
+    _check(four_ranks, reference, ring, uly, family, name)
+
+
+def test_ring_gradients_refused(two_ranks):
+    for res in two_ranks:
+        assert "inference only" in res["grad"] and "ulysses_degree" in res["grad"]
+
+
+@pytest.mark.slow
+def test_empty_ring_steps_are_skipped(four_ranks):
+    """GNA with a 3-frame window on 4 frames, one frame per rank: the first and last ranks' queries see no key of
+    the farthest rank's chunk, so those chunks make no kernel call (and the outputs above still match)."""
+    skipped = [res[(4, 1, "wan", "gna")][3] for res in four_ranks]
+    assert skipped[0] > 0 and skipped[3] > 0, skipped
+    assert all(res[(4, 1, "wan", "radial")][3] == 0 for res in four_ranks)  # radial's band: every chunk visible
