@@ -11,15 +11,6 @@ from .variants import *  # noqa: F403
 from .variants import __all__ as _variant_names
 from .variants.base import AttnContext, AttnPlan, TokenLayout, Variant
 
-
-def _load_adapters() -> dict:
-    from .adapters import cogvideox, flux, hunyuan_video, ltx_video, sd3, unet, wan  # noqa: F401
-
-    return ADAPTERS
-
-
-_load_adapters()
-
 __all__ = [
     "ADAPTERS",
     "Adapter",

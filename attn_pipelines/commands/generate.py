@@ -31,13 +31,12 @@ from .. import __version__, argtypes
 from ..config import DTYPES, Preset, build_variant, fill_layout, layout_specs, load_preset, merge_attn
 from ..errors import CLIError, RunError
 from ..io import OutputError, OutputTarget
-from ..latent import check_fit, rule_for, token_grid
+from ..latent import check_family, check_fit, rule_for, token_grid
 from ..loading import ModelInfo, describe_model, family_of, load_pipeline
 from ..tiny import WORLD_PROMPT
 
-__all__ = ["add_parser", "run", "variant_label", "resolved_options", "resolve_device", "DEFAULT_FPS"]
+__all__ = ["add_parser", "run", "variant_label", "resolved_options", "resolve_device", "default_fps"]
 
-DEFAULT_FPS = {"wan": 16, "hunyuan_video": 24, "cogvideox": 8, "ltx_video": 24}
 DEFAULT_PROMPT = "a red fox running through the snow, cinematic"
 _EMBEDDED_PIPELINES = {"wan": "WanPipeline", "flux": "FluxPipeline"}
 _FP16_CPU = "Pipelines loaded with `dtype=torch.float16` cannot run with `cpu` device"
@@ -151,6 +150,14 @@ def variant_label(variant: Any, family: str = "") -> str:
     return f"{getattr(variant, 'name', type(variant).__name__)}({body})"
 
 
+def default_fps(family: str) -> int:
+    """Frames per second of a family's videos (its adapter's `default_fps`; 16 when it has none)."""
+    from diffusion_attn.adapters import ADAPTERS
+
+    fps = getattr(ADAPTERS.get(family), "default_fps", None)
+    return fps if fps is not None else 16
+
+
 def _pick(cli: Any, preset: dict[str, Any], key: str, fallback: Any) -> Any:
     if cli is not None:
         return cli
@@ -237,7 +244,7 @@ def _resolve(
         guidance=_pick(args.guidance_scale, pcfg, "guidance_scale", default("guidance_scale")),
         negative=_pick(args.negative_prompt, pcfg, "negative_prompt", None),
         seed=_pick(args.seed, pcfg, "seed", 0),
-        fps=_pick(args.fps, pcfg, "fps", DEFAULT_FPS.get(family, 16)),
+        fps=_pick(args.fps, pcfg, "fps", default_fps(family)),
         target=OutputTarget("out/attnplug.png"),
     )
     region, boundary = getattr(args, "region", None), getattr(args, "boundary", None)
@@ -279,6 +286,10 @@ def _resolve(
                 )
         grid = token_grid(rule, s.height, s.width, s.frames)
         _check_variants_fit(variants, family, grid, s, where)
+    try:
+        check_family(variants, family)  # a variant's official defaults exist for this family (or are given)
+    except ValueError as e:
+        raise CLIError(f"{where}: {' '.join(str(e).split())} ({family} pipeline {pipe_cls.__name__})") from None
     for v in variants:
         reason_of = getattr(v, "inactive_reason", None)
         reason = reason_of(family, s.steps, 0) if callable(reason_of) and family else None

@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from attn_spec import parse_spec
+from diffusion_attn.adapters import DEFAULT_FAMILY
 
 from .. import argtypes
 from ..config import build_variant
@@ -18,10 +19,7 @@ from ..errors import CLIError
 from ..io import OutputError, OutputTarget
 from .generate import variant_label
 
-__all__ = ["add_parser", "run", "TEXT_FIRST"]
-
-#: [text, visual] (True) or [visual, text] (False) joint sequences, when the adapter does not say.
-TEXT_FIRST = {"cogvideox": True, "flux": True, "hunyuan_video": False, "sd3": False, "wan": False, "ltx_video": False}
+__all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: Any) -> None:
@@ -29,7 +27,11 @@ def add_parser(sub: Any) -> None:
     m.add_argument("--variant", required=True, metavar="VARIANT[:k=v,...]")
     m.add_argument("--grid", required=True, type=argtypes.grid, metavar="FxHxW", help="visual tokens after patchify")
     m.add_argument("--text-len", type=argtypes.nonneg_int, default=0)
-    m.add_argument("--family", default="wan", help="adapter family (layout conventions and family defaults)")
+    m.add_argument(
+        "--family",
+        default=DEFAULT_FAMILY,
+        help=f"adapter family (layout conventions and family defaults; default {DEFAULT_FAMILY})",
+    )
     order = m.add_mutually_exclusive_group()
     order.add_argument("--text-first", dest="text_first", action="store_true", default=None)
     order.add_argument("--text-last", dest="text_first", action="store_false")
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         )
     text_first = args.text_first
     if text_first is None:
-        text_first = getattr(diffusion_attn.ADAPTERS[args.family], "text_first", TEXT_FIRST.get(args.family, False))
+        text_first = diffusion_attn.ADAPTERS[args.family].text_first
     layout = TokenLayout(grid=args.grid, text_len=args.text_len, text_first=bool(text_first), family=args.family)
     try:
         step, layer, plan = find_sparse_call(variant, layout, args.step, args.layer)

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..clock import STEP_SOURCES, StepClock
 from ..variants.base import AttnContext, AttnPlan, TokenLayout, Variant
+from .latent import LatentRule, rule_from_dir, token_grid
 
 __all__ = [
     "ADAPTERS",
@@ -684,6 +685,39 @@ class Adapter:
     #: as `processors`, for the modules of `cross_attention_modules` (hooked only for `Variant.cross_attention`)
     cross_processors: ClassVar[dict[str, type]] = {}
     _params: ClassVar[dict[type, dict[str, int]]] = {}
+    # -- the family's facts (the CLI, show-mask, presets and variants ask the adapter) --------------------
+    #: pixels -> latents -> tokens of the family's pipelines (None: not known before loading)
+    latent: ClassVar[LatentRule | None] = None
+    #: a pipeline directory's `transformer/config.json` patch size is the token patch (FLUX: False, its
+    #: patch_size 1 is applied after the 2x2 latent packing)
+    patch_from_config: ClassVar[bool] = True
+    #: `vae/config.json`'s `scale_factor_temporal` / `scale_factor_spatial` give the VAE compression (Wan)
+    vae_from_config: ClassVar[bool] = False
+    #: frames per second of the family's videos (None: an image family)
+    default_fps: ClassVar[int | None] = None
+    #: joint self-attention sequences are [text, visual] (True) or [visual, text] (False)
+    text_first: ClassVar[bool] = False
+
+    @classmethod
+    def latent_rule(cls, model_dir: Any = None) -> LatentRule | None:
+        """The family's `latent` rule, with what a local pipeline directory's configs say (None: unknown)."""
+        if cls.latent is None or model_dir is None:
+            return cls.latent
+        return rule_from_dir(
+            cls.latent, model_dir, patch_from_config=cls.patch_from_config, vae_from_config=cls.vae_from_config
+        )
+
+    @classmethod
+    def token_grid(cls, height: int, width: int, frames: int, model_dir: Any = None) -> tuple[int, int, int] | None:
+        """(frames, height, width) of visual tokens of a `frames` x `height` x `width` generation (None: unknown)."""
+        rule = cls.latent_rule(model_dir)
+        return None if rule is None else token_grid(rule, height, width, frames)
+
+    @classmethod
+    def variant_defaults(cls, variant: Variant | type[Variant]) -> dict[str, Any]:
+        """`variant`'s official defaults for this family (`Variant.family_defaults`); ValueError when the
+        variant has a table and this family is not in it (never another family's values)."""
+        return variant.defaults_for(cls.name)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -751,9 +785,8 @@ def hidden_states_arg(model: nn.Module, args: tuple, kwargs: dict) -> torch.Tens
 
 
 def find_adapter(model: nn.Module) -> Adapter:
-    """The adapter for `model`'s class, or a ValueError listing the supported families."""
-    from . import cogvideox, flux, hunyuan_video, ltx_video, sd3, unet, wan  # noqa: F401  (register)
-
+    """The adapter for `model`'s class, or a ValueError listing the supported families (`ADAPTERS` is complete:
+    importing `diffusion_attn.adapters` imports every adapter module)."""
     for cls in ADAPTERS.values():
         if cls.matches(model):
             return cls()

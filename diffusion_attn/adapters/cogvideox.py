@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .base import Adapter, SparseProcessor, hidden_states_arg, register_adapter
+from .latent import LatentRule
 
 
 class CogVideoXSparseProcessor(SparseProcessor):
@@ -52,6 +53,9 @@ class CogVideoXSparseProcessor(SparseProcessor):
 class CogVideoXAdapter(Adapter):
     name = "cogvideox"
     model_classes = ("CogVideoXTransformer3DModel",)
+    latent = LatentRule(video=True, vae_t=4, vae_s=8, patch_t=1, patch=2)
+    default_fps = 8
+    text_first = True
     processors = {"CogVideoXAttnProcessor2_0": CogVideoXSparseProcessor}
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .base import Adapter, SparseProcessor, WrappedModuleProcessor, register_adapter
+from .latent import LatentRule
 
 
 class FluxSparseProcessor(SparseProcessor):
@@ -145,6 +146,9 @@ class FluxIPSparseProcessor(WrappedModuleProcessor, FluxSparseProcessor):
 class FluxAdapter(Adapter):
     name = "flux"
     model_classes = ("FluxTransformer2DModel",)
+    latent = LatentRule(video=False, vae_t=1, vae_s=8, patch_t=1, patch=2)  # 2x2 latent packing
+    patch_from_config = False  # the transformer's patch_size 1 applies after the 2x2 packing
+    text_first = True
     processors = {"FluxAttnProcessor": FluxSparseProcessor, "FluxIPAdapterAttnProcessor": FluxIPSparseProcessor}
     grid_inputs = ("hidden_states", "img_ids")
 

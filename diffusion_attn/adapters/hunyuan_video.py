@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .base import Adapter, SparseProcessor, hidden_states_arg, register_adapter
+from .latent import LatentRule
 
 
 def _key_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,8 @@ class HunyuanVideoSparseProcessor(SparseProcessor):
 class HunyuanVideoAdapter(Adapter):
     name = "hunyuan_video"
     model_classes = ("HunyuanVideoTransformer3DModel",)
+    latent = LatentRule(video=True, vae_t=4, vae_s=8, patch_t=1, patch=2)
+    default_fps = 24
     processors = {"HunyuanVideoAttnProcessor2_0": HunyuanVideoSparseProcessor}
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .base import Adapter, SparseProcessor, hidden_states_arg, register_adapter
+from .latent import LatentRule
 
 
 class LTXVideoSparseProcessor(SparseProcessor):
@@ -42,6 +43,8 @@ class LTXVideoSparseProcessor(SparseProcessor):
 class LTXVideoAdapter(Adapter):
     name = "ltx_video"
     model_classes = ("LTXVideoTransformer3DModel",)
+    latent = LatentRule(video=True, vae_t=8, vae_s=32, patch_t=1, patch=1)
+    default_fps = 24
     processors = {"LTXVideoAttnProcessor": LTXVideoSparseProcessor}
     grid_inputs = ("hidden_states", "num_frames", "height", "width")
 

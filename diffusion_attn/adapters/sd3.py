@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Adapter, SparseProcessor, WrappedModuleProcessor, hidden_states_arg, register_adapter
+from .latent import LatentRule
 
 
 class SD3SparseProcessor(SparseProcessor):
@@ -106,6 +107,7 @@ class SD3IPSparseProcessor(WrappedModuleProcessor, SD3SparseProcessor):
 class SD3Adapter(Adapter):
     name = "sd3"
     model_classes = ("SD3Transformer2DModel",)
+    latent = LatentRule(video=False, vae_t=1, vae_s=8, patch_t=1, patch=2)
     processors = {
         "JointAttnProcessor2_0": SD3SparseProcessor,
         "SD3IPAdapterJointAttnProcessor2_0": SD3IPSparseProcessor,

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..variants.base import TokenLayout
 from .base import Adapter, SparseProcessor, hidden_states_arg, register_adapter
+from .latent import LatentRule
 
 
 def _wan_rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -98,6 +99,9 @@ class WanCrossProcessor(SparseProcessor):
 class WanAdapter(Adapter):
     name = "wan"
     model_classes = ("WanTransformer3DModel",)
+    latent = LatentRule(video=True, vae_t=4, vae_s=8, patch_t=1, patch=2)
+    vae_from_config = True  # AutoencoderKLWan's config has scale_factor_temporal / _spatial (WanPipeline reads them)
+    default_fps = 16
     processors = {"WanAttnProcessor": WanSparseProcessor}
     cross_processors = {"WanAttnProcessor": WanCrossProcessor}
 

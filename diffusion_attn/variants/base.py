@@ -164,6 +164,12 @@ class Variant:
     aliases: ClassVar[tuple[str, ...]] = ()
     role: ClassVar[str] = "modifier"
     families: ClassVar[tuple[str, ...] | None] = None
+    #: official values, per adapter family, of options left None: {family: {option: value}} (Radial's decay,
+    #: RIFLEx's k, ...); a family absent from a non-empty table is refused, never given another family's values
+    family_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: options of `family_defaults` whose None is itself a setting ("off"): on a family without defaults they stay
+    #: None instead of being refused (UltraViCo's beta band)
+    family_optional: ClassVar[tuple[str, ...]] = ()
     #: also planned for cross-attention calls (`TokenLayout.cross_len` > 0; Wan's and UNets' `attn2` are hooked
     #: only when a variant of `apply` sets it); other variants never see them
     cross_attention: ClassVar[bool] = False
@@ -171,6 +177,44 @@ class Variant:
     def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
         """Contribute to the plan of one attention call; return the (possibly new) plan."""
         raise NotImplementedError
+
+    @classmethod
+    def defaults_for(cls, family: str) -> dict[str, Any]:
+        """The official defaults of `family` ({} for a variant without family defaults); ValueError naming the
+        families that have them when `family` has none."""
+        if not cls.family_defaults:
+            return {}
+        if family not in cls.family_defaults:
+            opts = ", ".join(f"{k}=" for k in cls._family_options())
+            raise ValueError(
+                f"{cls.__name__} has no official defaults for the {family!r} model family (only for "
+                f"{', '.join(cls.family_defaults)}); give {opts} explicitly"
+            )
+        return dict(cls.family_defaults[family])
+
+    @classmethod
+    def _family_options(cls) -> list[str]:
+        return list(dict.fromkeys(k for d in cls.family_defaults.values() for k in d))
+
+    def family_values(self, family: str) -> dict[str, Any]:
+        """The options of `family_defaults` as this variant runs on `family`: its own value, or the family's
+        official one where it is None. ValueError (naming the options to give) when one is None and the
+        family has no official defaults."""
+        own = {k: getattr(self, k) for k in self._family_options()}
+        missing = [k for k, v in own.items() if v is None]
+        if not missing:
+            return own
+        if family not in self.family_defaults:
+            missing = [k for k in missing if k not in self.family_optional]
+            if not missing:
+                return own
+            raise ValueError(
+                f"{type(self).__name__} has no official {', '.join(missing)} for the {family!r} model family "
+                f"(official defaults: {', '.join(self.family_defaults)}); give {', '.join(f'{k}=' for k in missing)} "
+                "explicitly"
+            )
+        table = self.family_defaults[family]
+        return {k: table[k] if v is None else v for k, v in own.items()}
 
     def phase_steps(self, family: str, num_steps: int | None = None) -> tuple[int, ...]:
         """One denoising step per phase of this variant (steps whose calls take different code
@@ -190,7 +234,10 @@ class Variant:
 
     def check_apply(self, family: str, modules: list, variants: tuple) -> None:
         """Refuse (ValueError naming the option) what cannot run on this model before anything is patched:
-        `modules` are the hooked (name, attention module) pairs in layer order, `variants` all of `apply`'s."""
+        `modules` are the hooked (name, attention module) pairs in layer order, `variants` all of `apply`'s.
+        The base refuses a family without official defaults for the options left None (`family_values`)."""
+        if self.family_defaults:
+            self.family_values(family)
 
     def model_hook(self, runtime: Any) -> Any:
         """A diffusers `ModelHook` to register on the hooked model after attnplug's step hook (so it wraps

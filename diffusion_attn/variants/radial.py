@@ -57,8 +57,6 @@ RADIAL_DEFAULTS: dict[str, tuple[int, int, float, bool]] = {
     "wan": (1, 12, 0.2, True),  # Wan2.1-14B 768x1280x69f, scripts/wan_t2v_inference.sh
     "hunyuan_video": (0, 12, 0.95, False),  # HunyuanVideo 117f, scripts/hunyuan_t2v_inference.sh
 }
-#: Families without official settings use HunyuanVideo's (no attention sink).
-_FALLBACK_DEFAULTS = RADIAL_DEFAULTS["hunyuan_video"]
 _BLOCK_SIZES = (16, 32, 64, 128)
 
 
@@ -193,6 +191,10 @@ class Radial(Variant):
     name: ClassVar[str] = "radial"
     role: ClassVar[str] = "sparsity"
     families: ClassVar[tuple[str, ...] | None] = None
+    family_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        family: dict(zip(("dense_layers", "dense_steps", "decay_factor", "attention_sink"), values))
+        for family, values in RADIAL_DEFAULTS.items()
+    }  # other families: give the four options (refused when one is None)
 
     decay_factor: float | None = None
     dense_steps: int | None = None
@@ -219,14 +221,9 @@ class Radial(Variant):
 
     # -- resolved settings ------------------------------------------------------------------
     def resolved(self, family: str) -> dict[str, Any]:
-        """The effective settings for an adapter family (None options replaced by its defaults)."""
-        layers, steps, decay, sink = RADIAL_DEFAULTS.get(family, _FALLBACK_DEFAULTS)
-        return {
-            "dense_layers": layers if self.dense_layers is None else self.dense_layers,
-            "dense_steps": steps if self.dense_steps is None else self.dense_steps,
-            "decay_factor": decay if self.decay_factor is None else self.decay_factor,
-            "attention_sink": sink if self.attention_sink is None else self.attention_sink,
-        }
+        """The effective settings for an adapter family (None options replaced by its official defaults;
+        ValueError when the family has none and an option is None)."""
+        return self.family_values(family)
 
     def is_dense(self, ctx: AttnContext) -> bool:
         """True when this call runs dense (warm-up step, dense layer or dense last step)."""

@@ -56,6 +56,7 @@ class RIFLEx(Variant):
     name: ClassVar[str] = "riflex"
     role: ClassVar[str] = "modifier"
     families: ClassVar[tuple[str, ...] | None] = tuple(RIFLEX_DEFAULTS)
+    family_defaults: ClassVar[dict[str, dict[str, Any]]] = {f: {"k": k} for f, k in RIFLEX_DEFAULTS.items()}
 
     k: int | None = None
     factor: float = 0.9
@@ -77,7 +78,7 @@ class RIFLEx(Variant):
             raise TypeError(f"RIFLEx.always must be True or False, got {self.always!r}")
 
     def resolved(self, family: str) -> dict[str, Any]:
-        return {"k": self.k if self.k is not None else RIFLEX_DEFAULTS.get(family)}
+        return self.family_values(family)
 
     def period(self, d_t: int, theta: float, family: str) -> int:
         """N_k: the intrinsic frequency's period in frames (RIFLEx's identify_k)."""

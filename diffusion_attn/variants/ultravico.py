@@ -162,6 +162,11 @@ class UltraViCo(Variant):
     name: ClassVar[str] = "ultravico"
     role: ClassVar[str] = "modifier"
     families: ClassVar[tuple[str, ...] | None] = tuple(ULTRAVICO_DEFAULTS)
+    family_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        family: dict(zip(("train_frames", "beta", "harmonic_period"), values))
+        for family, values in ULTRAVICO_DEFAULTS.items()
+    }
+    family_optional: ClassVar[tuple[str, ...]] = ("beta", "harmonic_period")  # None: no beta band
 
     alpha: float = 0.9
     beta: float | None = None
@@ -196,12 +201,7 @@ class UltraViCo(Variant):
 
     def resolved(self, family: str) -> dict[str, Any]:
         """Options with the family's defaults filled in (train_frames, beta, harmonic_period)."""
-        tf, beta, period = ULTRAVICO_DEFAULTS.get(family, (21, None, None))
-        return {
-            "train_frames": self.train_frames if self.train_frames is not None else tf,
-            "beta": self.beta if self.beta is not None else beta,
-            "harmonic_period": self.harmonic_period if self.harmonic_period is not None else period,
-        }
+        return self.family_values(family)
 
     def threshold(self, layout: TokenLayout) -> int:
         """The window (token distance) of a call: pairs farther apart are decayed."""

@@ -266,7 +266,7 @@ def _rand(n, heads=2, d=16):
 
 def test_huge_decay_keeps_all_blocks_and_equals_dense():
     lay = TokenLayout((4, 8, 8), text_len=9, text_first=True, family="cogvideox")
-    r = Radial(decay_factor=1e6, dense_steps=0, dense_layers=0, block_size=16)
+    r = Radial(decay_factor=1e6, dense_steps=0, dense_layers=0, attention_sink=False, block_size=16)
     plan = r.plan(_ctx(lay), AttnPlan())
     assert plan.layout is not None and plan.perm is not None
     assert bool(plan.layout.to_block_mask().all())
@@ -279,7 +279,7 @@ def test_huge_decay_keeps_all_blocks_and_equals_dense():
 def test_sparse_plan_equals_masked_attention_in_original_order():
     """Text-first layout: the perm puts text last; the result equals SDPA with the mask mapped back."""
     lay = TokenLayout((6, 4, 6), text_len=7, text_first=True, family="cogvideox")
-    r = Radial(decay_factor=0.3, dense_steps=0, block_size=16)
+    r = Radial(decay_factor=0.3, dense_steps=0, dense_layers=0, attention_sink=False, block_size=16)  # CogVideoX
     plan = r.plan(_ctx(lay), AttnPlan())
     n = lay.seq_len
     tok = plan.layout.to_token_mask(0, 0)

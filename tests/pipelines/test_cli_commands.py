@@ -240,11 +240,13 @@ def test_show_mask_matches_the_variants_token_mask_with_permutation(tmp_path, ca
     from diffusion_attn.variants.draw import variant_token_mask
 
     out = tmp_path / "c.png"
-    argv = ["show-mask", "--variant", "radial:block_size=16,dense_steps=0", "--grid", "6x4x4", "--text-len", "5",
+    opts = "block_size=16,dense_steps=0,dense_layers=0,decay_factor=0.95,attention_sink=False"  # no CogVideoX defaults
+    argv = ["show-mask", "--variant", f"radial:{opts}", "--grid", "6x4x4", "--text-len", "5",
             "--family", "cogvideox", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     layout = TokenLayout(grid=(6, 4, 4), text_len=5, text_first=True, family="cogvideox")
-    ref = variant_token_mask(da.Radial(block_size=16, dense_steps=0), layout, step=0, layer=0).numpy()
+    radial = da.Radial(block_size=16, dense_steps=0, dense_layers=0, decay_factor=0.95, attention_sink=False)
+    ref = variant_token_mask(radial, layout, step=0, layer=0).numpy()
     assert not ref.all() and np.array_equal(_drawn(out, 101), ref)
     assert torch.is_tensor(torch.from_numpy(ref))
 

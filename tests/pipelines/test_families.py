@@ -1,0 +1,155 @@
+"""One home for each family fact: the adapter class. The CLI's latent rules, class names, fps and text order
+are read from the adapters (a family added by one adapter file is known everywhere); a variant's official
+per-family defaults are reachable from the adapter, and a family absent from a variant's table is refused
+with the options to give, never handed another family's values."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import diffusion_attn as da
+from attn_pipelines.cli import main
+from attn_pipelines.commands.generate import default_fps
+from attn_pipelines.latent import FAMILY_OF_TRANSFORMER, FAMILY_RULES, check_fit, rule_for
+from diffusion_attn.adapters import ADAPTERS, LatentRule, family_of_class, register_adapter
+from diffusion_attn.adapters.base import Adapter
+from tests.diffusion.tiny import tiny_cogvideox, tiny_flux
+
+ROOT = Path(__file__).resolve().parents[2]
+FAMILIES = tuple(ADAPTERS)
+
+
+def test_the_cli_tables_are_the_adapters_facts():
+    assert FAMILY_RULES == {n: c.latent for n, c in ADAPTERS.items() if c.latent is not None}
+    assert FAMILY_OF_TRANSFORMER == {m: n for n, c in ADAPTERS.items() for m in c.model_classes}
+    assert family_of_class("WanTransformer3DModel") == "wan" and family_of_class("Nope") is None
+    assert {n: default_fps(n) for n in ("wan", "hunyuan_video", "cogvideox", "ltx_video")} == {
+        "wan": 16,
+        "hunyuan_video": 24,
+        "cogvideox": 8,
+        "ltx_video": 24,
+    }
+    assert [n for n, c in ADAPTERS.items() if c.text_first] == ["cogvideox", "flux"]
+
+
+def test_a_family_added_by_one_adapter_file_is_known_to_the_cli(tmp_path, capsys):
+    """Nothing outside the adapter lists families: a new adapter's latent rule, fps and text order are used."""
+    assert da.ADAPTERS is ADAPTERS  # one registry, filled by @register_adapter
+
+    try:
+
+        @register_adapter
+        class NewAdapter(Adapter):
+            name = "newfam"
+            model_classes = ("NewTransformer3DModel",)
+            latent = LatentRule(video=True, vae_t=2, vae_s=4, patch_t=1, patch=2)
+            default_fps = 30
+            text_first = True
+
+        assert rule_for("newfam").multiple == 8 and default_fps("newfam") == 30
+        assert family_of_class("NewTransformer3DModel") == "newfam"
+        assert NewAdapter.token_grid(64, 32, 9) == (5, 8, 4)  # (9 - 1) // 2 + 1 frames, 64 / 8 x 32 / 8
+        out = tmp_path / "m.png"
+        argv = ["show-mask", "--variant", "gna:kernel_size=(1,3,3),block_size=16", "--grid", "2x4x4", "--text-len", "3"]
+        assert main([*argv, "--family", "newfam", "--out", str(out)]) == 0
+        assert "+ 3 text (first)" in capsys.readouterr().out  # the new adapter's text order
+    finally:
+        ADAPTERS.pop("newfam", None)
+
+
+def test_variant_defaults_are_reachable_from_the_adapter_and_never_borrowed():
+    wan, flux = ADAPTERS["wan"], ADAPTERS["flux"]
+    official = {"dense_layers": 1, "dense_steps": 12, "decay_factor": 0.2, "attention_sink": True}
+    assert wan.variant_defaults(da.Radial) == official
+    assert ADAPTERS["hunyuan_video"].variant_defaults(da.RIFLEx) == {"k": 4}
+    assert ADAPTERS["hunyuan_video"].variant_defaults(da.UltraViCo) == {
+        "train_frames": 33,
+        "beta": 0.6,
+        "harmonic_period": 50,
+    }
+    assert flux.variant_defaults(da.Neighborhood) == {}  # no family table: nothing to borrow
+    with pytest.raises(ValueError, match=r"Radial has no official defaults for the 'flux' model family \(only for "):
+        flux.variant_defaults(da.Radial)
+    r = da.Radial(dense_steps=3)
+    assert r.resolved("wan") == {**official, "dense_steps": 3}
+    with pytest.raises(ValueError, match=r"no official dense_layers, decay_factor, attention_sink for the 'flux'"):
+        r.resolved("flux")
+    given = dict(dense_layers=0, dense_steps=3, decay_factor=0.5, attention_sink=False)
+    assert da.Radial(**given).resolved("flux") == given  # every option given: any family runs
+    with pytest.raises(ValueError, match=r"UltraViCo has no official train_frames for the 'sd3' model family"):
+        da.UltraViCo().resolved("sd3")
+    assert da.UltraViCo(train_frames=4).resolved("sd3") == {"train_frames": 4, "beta": None, "harmonic_period": None}
+    with pytest.raises(ValueError, match=r"RIFLEx has no official k for the 'ltx_video' model family"):
+        da.RIFLEx().resolved("ltx_video")
+
+
+@pytest.mark.parametrize(("build", "family"), [(tiny_flux, "flux"), (tiny_cogvideox, "cogvideox")])
+def test_apply_refuses_a_family_without_radial_defaults_model_untouched(build, family):
+    model, inputs = build()
+    procs = {n: type(p) for n, p in model.attn_processors.items()}
+    with pytest.raises(ValueError, match=rf"Radial has no official .*attention_sink for the '{family}' model family"):
+        da.apply(model, da.Radial(dense_steps=0, decay_factor=0.5, block_size=16))
+    assert {n: type(p) for n, p in model.attn_processors.items()} == procs
+    assert getattr(model, "_attnplug_handle", None) is None
+    radial = da.Radial(dense_steps=0, dense_layers=0, decay_factor=0.5, attention_sink=False, block_size=16)
+    with torch.no_grad(), da.apply(model, radial) as handle:
+        model(**inputs)
+    assert handle.attention_calls > 0  # given explicitly, it runs
+
+
+def test_cli_refuses_radial_defaults_for_a_family_without_them(tiny_flux_dir, tmp_path, capsys, monkeypatch):
+    import attn_pipelines.commands.generate as gen
+
+    monkeypatch.setattr(gen, "load_pipeline", lambda *a, **k: pytest.fail("loaded a pipeline"))
+    argv = ["generate", "--model", str(tiny_flux_dir), "--height", "32", "--width", "32", "--attn", "radial"]
+    assert main([*argv, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "radial: Radial has no official dense_layers, dense_steps, decay_factor, attention_sink for the 'flux'" in err
+    )
+    with pytest.raises(ValueError, match=r"radial: Radial has no official attention_sink for the 'cogvideox'"):
+        check_fit([da.Radial(decay_factor=0.9, dense_steps=1, dense_layers=0)], "cogvideox", (4, 4, 4))
+    assert main(["show-mask", "--variant", "radial", "--grid", "4x4x4", "--family", "sd3", "--out", "x.png"]) == 2
+    assert (
+        "no official dense_layers, dense_steps, decay_factor, attention_sink for the 'sd3'" in capsys.readouterr().err
+    )
+
+
+_FAMILY = re.compile("[\"'](?:" + "|".join(FAMILIES) + ")[\"']")
+#: Files outside diffusion_attn/adapters/ that still name families, and why (the rest must not).
+_STILL_NAMING = {
+    "attn_pipelines/tiny.py": "builds the embedded tiny Wan and FLUX pipelines (its kinds are those models)",
+    "attn_pipelines/commands/generate.py": "the embedded tiny pipeline kinds",
+    "attn_pipelines/commands/headhunt.py": "the embedded tiny FLUX pipeline",
+    "attn_pipelines/world/evaluate.py": "the world's model is a Wan pipeline",
+    "diffusion_attn/variants/radial.py": "official table keyed by family",
+    "diffusion_attn/variants/ultravico.py": "official table keyed by family",
+    "diffusion_attn/variants/riflex.py": "official table keyed by family; rope_axis reads each family's RoPE",
+    "diffusion_attn/variants/regional.py": "families it supports; per-family entity encoding",
+    "diffusion_attn/variants/boundary.py": "families it supports; per-family phrase tokens",
+    "diffusion_attn/variants/agentsd.py": "families it supports; UNet / DiT token layouts",
+    "diffusion_attn/variants/_pipes.py": "per-family pipeline classes and prompt encoding",
+    "diffusion_attn/variants/base.py": "TokenLayout's docstring lists the adapter names",
+    "diffusion_attn/lora.py": "LoRA target modules per family (new; belongs on the adapters)",
+    "diffusion_attn/checkpoints.py": "official checkpoints per family (new; belongs on the adapters)",
+    "diffusion_attn/hooks.py": 'the pipeline component "unet" (an attribute name, not the family)',
+    "attn_pipelines/loading.py": 'the model_index.json component "unet" (not the family)',
+}
+
+
+def test_no_other_source_file_names_a_family():
+    named = set()
+    for pkg in ("attn_pipelines", "diffusion_attn", "vision_attn", "attn_spec", "attn_kernels"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel.startswith("diffusion_attn/adapters/"):
+                continue
+            if _FAMILY.search(path.read_text()):
+                named.add(rel)
+    assert named <= set(_STILL_NAMING), sorted(named - set(_STILL_NAMING))
+    for rel in ("attn_pipelines/latent.py", "attn_pipelines/commands/show_mask.py", "attn_pipelines/config.py"):
+        assert rel not in named
