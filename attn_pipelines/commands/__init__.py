@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from . import bench, eval, generate, headhunt, listing, show_mask
+from . import bench, eval, generate, headhunt, listing, show_mask, train_lora
 
 __all__ = ["COMMANDS"]
 
 #: command modules in the order `attnplug --help` lists them
-COMMANDS = (generate, listing, bench, show_mask, headhunt, eval)
+COMMANDS = (generate, listing, bench, show_mask, headhunt, eval, train_lora)
