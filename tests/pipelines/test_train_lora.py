@@ -192,3 +192,67 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def _family_pipe(family: str):
+    """(transformer, a stand-in for its pipeline with what `lora_loss` uses, one batch of cached inputs)."""
+    import types
+
+    from diffusers import (
+        CogVideoXDDIMScheduler,
+        CogVideoXPipeline,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+    )
+
+    from ..diffusion.tiny import tiny_cogvideox, tiny_hunyuan_video, tiny_ltx_video
+
+    if family == "hunyuan_video":
+        model, inp = tiny_hunyuan_video(frames=4, height=8, width=8)
+        batch = {k: inp[k] for k in ("encoder_hidden_states", "encoder_attention_mask", "pooled_projections")}
+        batch["latents"] = inp["hidden_states"]
+        return model, types.SimpleNamespace(scheduler=FlowMatchEulerDiscreteScheduler()), batch
+    if family == "ltx_video":
+        model, inp = tiny_ltx_video(frames=3, height=4, width=6)
+        pipe = types.SimpleNamespace(
+            transformer_spatial_patch_size=1, transformer_temporal_patch_size=1, vae_temporal_compression_ratio=8,
+            vae_spatial_compression_ratio=32, _pack_latents=LTXPipeline._pack_latents,
+            _unpack_latents=LTXPipeline._unpack_latents, scheduler=FlowMatchEulerDiscreteScheduler(),
+        )  # fmt: skip
+        latents = inp["hidden_states"].view(1, 3, 4, 6, 8).permute(0, 4, 1, 2, 3)  # packed -> [B, C, F, H, W]
+        batch = {"latents": latents, "encoder_hidden_states": inp["encoder_hidden_states"]}
+        batch["encoder_attention_mask"] = inp["encoder_attention_mask"]
+        return model, pipe, batch
+    model, inp = tiny_cogvideox(frames=3, height=8, width=8)
+    pipe = types.SimpleNamespace(
+        scheduler=CogVideoXDDIMScheduler(prediction_type="v_prediction"), vae_scale_factor_spatial=8, transformer=model
+    )
+    pipe._prepare_rotary_positional_embeddings = types.MethodType(
+        CogVideoXPipeline._prepare_rotary_positional_embeddings, pipe
+    )
+    batch = {"latents": inp["hidden_states"], "encoder_hidden_states": inp["encoder_hidden_states"]}
+    batch["pixel_size"] = torch.tensor([[64, 64]])
+    return model, pipe, batch
+
+
+@pytest.mark.parametrize("family", [pytest.param("hunyuan_video", marks=pytest.mark.slow), "ltx_video", "cogvideox"])
+def test_family_losses_train_the_lora_through_the_kernel(family):
+    """One training step of each other family's own loss with radial applied: finite, through attnplug's
+    kernel, and every LoRA B matrix of the attention gets a gradient (A's are zero while B = 0)."""
+    from peft import LoraConfig
+
+    from diffusion_attn.lora import TARGET_MODULES, lora_loss
+
+    model, pipe, batch = _family_pipe(family)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=list(TARGET_MODULES[family])))
+    model.train()
+    variant = da.Radial(decay_factor=1.0, dense_steps=0, dense_layers=0, attention_sink=True, block_size=16)
+    with da.apply(model, variant, step_source="callback") as handle:
+        handle.set_step(1)
+        loss = lora_loss(pipe, model, family, batch, torch.Generator().manual_seed(0), shift=3.0)
+        loss.backward()
+        assert handle.attention_calls > 0
+    assert torch.isfinite(loss) and loss > 0
+    b_grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+    assert b_grads and all(g is not None and g.abs().max() > 0 for n, g in b_grads.items() if ".attn" in n)
