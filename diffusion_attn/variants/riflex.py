@@ -39,6 +39,12 @@ def rope_axis(family: str, model: Any) -> tuple[int, float, torch.dtype]:
     if family == "hunyuan_video":
         return int(model.rope.rope_dim[0]), float(model.rope.theta), torch.float32
     if family == "cogvideox":
+        if not model.config.use_rotary_positional_embeddings:
+            raise ValueError(
+                "RIFLEx needs a temporal rotary position embedding; this CogVideoXTransformer3DModel has none "
+                "(use_rotary_positional_embeddings=False, e.g. CogVideoX-2b, which adds sincos position embeddings "
+                "instead); nothing was patched"
+            )
         return int(model.config.attention_head_dim) // 4, 10000.0, torch.float32
     raise ValueError(f"RIFLEx supports {', '.join(RIFLEX_DEFAULTS)}; got model family {family!r}")
 
