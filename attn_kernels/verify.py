@@ -28,7 +28,16 @@ import torch
 from .layout import BlockLayout
 from .modifiers import LogitDecay, check_modifiers
 
-__all__ = ["CheckResult", "TOLERANCES", "check_rows", "check_rows_of", "plant_peaks", "reference_rows", "rows_to_check"]
+__all__ = [
+    "CheckResult",
+    "TOLERANCES",
+    "check_grads",
+    "check_rows",
+    "check_rows_of",
+    "plant_peaks",
+    "reference_rows",
+    "rows_to_check",
+]
 
 #: (row-relative output error, absolute LSE error) allowed per input dtype. 16-bit: P is rounded
 #: to 16 bits before P.V and the output is stored in 16 bits (about 2**-8 relative each); fp32
@@ -214,3 +223,48 @@ def check_rows_of(
     return check_rows(
         out[:, :, rows], None if lse is None else lse[:, :, rows], ref_out, ref_lse, q.dtype, tol
     )  # fmt: skip
+
+
+def check_grads(
+    fn,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout | None,
+    rows: torch.Tensor,
+    *,
+    scale: float | None = None,
+    modifiers: tuple = (),
+    tol: float | None = None,
+    seed: int = 0,
+) -> dict:
+    """Gradients of ``fn(q, k, v) -> out`` against float64 autograd of `reference_rows`, with an
+    output gradient that is zero outside `rows` (so the exact reference needs those rows only):
+    relative L2 errors of dq (on `rows`), dk and dv; ok when all are within `tol` (16-bit: 3e-2)."""
+    g = torch.Generator(device=q.device).manual_seed(seed)
+    B, H, nq, _ = q.shape
+    go_rows = torch.randn(B, H, rows.numel(), v.shape[-1], generator=g, device=q.device, dtype=torch.float32)
+    qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = fn(qq, kk, vv)
+    go = torch.zeros_like(out)
+    go[:, :, rows.to(q.device)] = go_rows.to(out.dtype)
+    dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), go)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref, _ = reference_rows(q64, k64, v64, layout, rows, scale=scale, modifiers=modifiers)
+    rq, rk, rv = torch.autograd.grad(ref, (q64, k64, v64), go.double()[:, :, rows.to(q.device)])
+    r = rows.to(q.device)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        a = a.double()
+        if bool(torch.isnan(a).any()):
+            return float("inf")
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    errs = {"dq_rel_err": rel(dq[:, :, r], rq[:, :, r]), "dk_rel_err": rel(dk, rk), "dv_rel_err": rel(dv, rv)}
+    # rows outside `rows` received no gradient: their dq must be exactly 0
+    outside = torch.ones(nq, dtype=torch.bool, device=q.device)
+    outside[r] = False
+    errs["dq_outside_max"] = float(dq[:, :, outside].abs().max()) if bool(outside.any()) else 0.0
+    limit = tol if tol is not None else (1e-3 if q.dtype == torch.float32 else 3e-2)
+    ok = max(errs["dq_rel_err"], errs["dk_rel_err"], errs["dv_rel_err"]) <= limit and errs["dq_outside_max"] == 0
+    return {**errs, "tol": limit, "ok": ok}

@@ -51,7 +51,6 @@ TARGETS: dict[str, tuple[str, float, str]] = {
     "gna_vs_cudnn_dense": (">=", 9.7, "cuDNN SDPA dense time / our GNA time incl. token permutation"),
     "backward_vs_flex": (">=", 0.8, "FlexAttention fwd+bwd time / our fwd+bwd time, same mask"),
 }
-MAX_ABS_ERR = 2e-2  # bf16 operands, fp32 accumulation; spot-check tolerance
 SECTIONS = ("dense", "sparse", "modifiers", "flex", "gna", "backward", "gna_flex")
 
 
@@ -70,7 +69,7 @@ class Plan:
     gna_heads: int = 24
     gna_kernel: tuple[int, int, int] = (18, 24, 24)
     gna_stride: tuple[int, int, int] = (16, 8, 8)
-    ref_rows: int = 128  # query rows at each end of the sequence for the fp32 reference check
+    ref_rows: int = 128  # query rows at each end checked against float64 (attn_kernels.verify)
     dtype: str = "bfloat16"
     device: str = "cuda"
     backend: str = "triton"  # ours
@@ -184,11 +183,6 @@ def visited_pairs(bm: torch.Tensor, n: int, block: int, B: int, H: int) -> float
     return float(per.sum()) * (B // bm.shape[0]) * (H // bm.shape[1])
 
 
-def rows_of_block_mask(bm: torch.Tensor, rows: torch.Tensor, block: int, n: int) -> torch.Tensor:
-    """Token mask bool [Bl, Hl, len(rows), n] of a block mask, for some query rows."""
-    return bm[:, :, rows // block].repeat_interleave(block, dim=-1)[..., :n]
-
-
 def flex_block_mask(bm: torch.Tensor, partial: torch.Tensor | None, n: int, block: int, mask_mod=None):
     """FlexAttention BlockMask of our layout: visited blocks without an element mask go in the
     full lists (no mask_mod work), partial ones (GNA's borders) in the masked lists."""
@@ -203,24 +197,6 @@ def flex_block_mask(bm: torch.Tensor, partial: torch.Tensor | None, n: int, bloc
 
     (pc, pi), (fc, fi) = lists(part), lists(full)
     return BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(n, n))
-
-
-def ref_rows(plan: Plan, n: int) -> torch.Tensor:
-    """Query rows for the fp32 check: the first and the last `ref_rows` (the ragged tail included)."""
-    r = min(plan.ref_rows, n // 2)
-    return torch.cat([torch.arange(r), torch.arange(n - r, n)]).to(plan.device)
-
-
-def fp32_reference(q, k, v, rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q kᵀ/√d + mask) v in fp32 (math SDPA) for the given query rows."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        return F.scaled_dot_product_attention(q[:, :, rows].float(), k.float(), v.float(), attn_mask=mask)
-
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
 
 
 # ----------------------------------------------------------------------------------- the run
@@ -283,6 +259,7 @@ class Bench:
         n: int,
         h: int,
         fwd_bwd: bool = False,
+        check: dict | None = None,
         **extra: Any,
     ) -> dict:
         flops = 4.0 * pairs * d * (3.5 if fwd_bwd else 1.0)
@@ -298,17 +275,33 @@ class Bench:
             **t,
             "tflops": flops / (t["ms"] * 1e-3) / 1e12,
             **extra,
+            "check": check,
+            "check_ok": bool(check is not None and check.get("ok")),
         }
         self.records.append(rec)
-        print(f"  {case:>16} {impl:<22} {t['ms']:9.3f} ms {rec['tflops']:8.1f} TFLOP/s", flush=True)
+        verdict = "check ok" if rec["check_ok"] else "CHECK FAILED" if check is not None else "unchecked"
+        print(f"  {case:>16} {impl:<22} {t['ms']:9.3f} ms {rec['tflops']:8.1f} TFLOP/s  {verdict}", flush=True)
         return rec
 
     def find(self, case: str, impl: str) -> dict | None:
         return next((r for r in self.records if r["case"] == case and r["impl"] == impl), None)
 
     def ms(self, case: str, impl: str) -> float | None:
+        """The time of a record whose correctness check passed (None otherwise: no figure is
+        reported from a wrong output)."""
         r = self.find(case, impl)
-        return None if r is None else r["ms"]
+        return None if r is None or not r["check_ok"] else r["ms"]
+
+    def why_missing(self, *pairs: tuple[str, str]) -> str:
+        """Why a target has no value: which record is missing or failed its check."""
+        why = []
+        for case, impl in pairs:
+            r = self.find(case, impl)
+            if r is None:
+                why.append(f"{case}/{impl} not measured (skipped, failed or out of budget)")
+            elif not r["check_ok"]:
+                why.append(f"{case}/{impl} failed its correctness check: {r['check']}")
+        return "; ".join(why)
 
 
 def _sdpa_backends() -> dict[str, Any]:
@@ -377,8 +370,13 @@ def _block_lookup(bm: torch.Tensor, block: int):
 
 
 def run_wan(bench: Bench, sections: set[str]) -> None:
-    """Wan shape: dense peers, sparse densities, modifiers, Flex on the same masks, fwd+bwd."""
+    """Wan shape: dense peers, sparse densities, modifiers, Flex on the same masks, fwd+bwd.
+
+    Every record carries its correctness check (`attn_kernels.verify`): the first and last
+    `ref_rows` query rows, each with a planted peak key in the first / last block it visits,
+    against float64 (ours: output and LSE; peers: output); fwd+bwd records check gradients."""
     from attn_kernels import BlockLayout, LogitDecay, OutputMix, attention
+    from attn_kernels.verify import check_grads, check_rows, plant_peaks, reference_rows, rows_to_check
 
     if not {"dense", "sparse", "modifiers", "flex", "backward"} & sections:
         return
@@ -388,30 +386,34 @@ def run_wan(bench: Bench, sections: set[str]) -> None:
     bench.shapes["wan"] = {"B": B, "H": H, "N": N, "D": D, "block": blk, "dtype": p.dtype, "num_blocks": nb}
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, generator=g, device=dev, dtype=bench.dtype) for _ in range(3))
-    rows = ref_rows(p, N)
+    rows = rows_to_check(N, p.ref_rows, dev)
+    # every layout below keeps the diagonal: block 0 is the first rows' first block, the ragged tail
+    # block the last rows' last one, so peaks planted for the dense layout serve every case
+    k = plant_peaks(q, k, None, rows)
     dense_pairs = float(B * H * N * N)
     ours = lambda lay=None, mods=(): attention(q, k, v, lay, modifiers=mods, backend=p.backend)  # noqa: E731
     masks = {d: random_block_mask(H, nb, d, dev, seed=int(d * 1000)) for d in p.densities}
     layouts = {d: BlockLayout.from_block_mask(m, N, N, blk, blk) for d, m in masks.items()}
     bench.shapes["wan"]["block_density"] = {str(d): lay.block_density for d, lay in layouts.items()}
+    refs: dict[Any, tuple] = {}
+
+    def ref(key: Any, lay, mods: tuple = ()) -> tuple:
+        if key not in refs:
+            refs[key] = reference_rows(q, k, v, lay, rows, modifiers=mods)
+        return refs[key]
+
+    def check_ours(key: Any, lay, mods: tuple = ()) -> dict:
+        out, lse = attention(q, k, v, lay, modifiers=mods, return_lse=True, backend=p.backend)
+        return check_rows(out[:, :, rows], lse[:, :, rows], *ref(key, lay, mods), bench.dtype).as_dict()
+
+    def check_peer(key: Any, lay, out: torch.Tensor) -> dict:
+        return check_rows(out[:, :, rows], None, *ref(key, lay), bench.dtype).as_dict()
 
     if "dense" in sections:
         print("wan dense", flush=True)
-        ref = fp32_reference(q, k, v, rows, None)
-        o_ours = None
         try:
             t = measure({"ours": ours}, p)["ours"]
-            o_ours = ours()
-            bench.record(
-                "wan_dense",
-                "ours",
-                t,
-                pairs=dense_pairs,
-                d=D,
-                n=N,
-                h=H,
-                max_abs_err_vs_fp32_rows=max_err(o_ours[:, :, rows], ref),
-            )
+            bench.record("wan_dense", "ours", t, pairs=dense_pairs, d=D, n=N, h=H, check=check_ours("dense", None))
         except _Abort:
             raise
         except Exception as e:
@@ -423,11 +425,8 @@ def run_wan(bench: Bench, sections: set[str]) -> None:
             try:
                 fn = _sdpa_fn(be, q, k, v)
                 t = measure({name: fn}, p)[name]
-                o = fn()
-                extra = {"max_abs_err_vs_fp32_rows": max_err(o[:, :, rows], ref)}
-                if o_ours is not None:
-                    extra["max_abs_err_vs_ours"] = max_err(o, o_ours)
-                bench.record("wan_dense", f"sdpa_{name}", t, pairs=dense_pairs, d=D, n=N, h=H, **extra)
+                chk = check_peer("dense", None, fn())
+                bench.record("wan_dense", f"sdpa_{name}", t, pairs=dense_pairs, d=D, n=N, h=H, check=chk)
             except _Abort:
                 raise
             except Exception as e:
@@ -440,18 +439,14 @@ def run_wan(bench: Bench, sections: set[str]) -> None:
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
             xf = lambda: xops.memory_efficient_attention(qt, kt, vt).transpose(1, 2)  # noqa: E731
             t = measure({"xformers": xf}, p)["xformers"]
-            o = xf()
-            extra = {"max_abs_err_vs_fp32_rows": max_err(o[:, :, rows], ref)}
-            if o_ours is not None:
-                extra["max_abs_err_vs_ours"] = max_err(o, o_ours)
-            bench.record("wan_dense", "xformers", t, pairs=dense_pairs, d=D, n=N, h=H, **extra)
+            chk = check_peer("dense", None, xf())
+            bench.record("wan_dense", "xformers", t, pairs=dense_pairs, d=D, n=N, h=H, check=chk)
         except ImportError as e:
             bench.skip("wan_dense", "xformers", f"not importable ({e}); pip install 'attnplug[xformers]'")
         except _Abort:
             raise
         except Exception as e:
             bench.fail("wan_dense", "xformers", e)
-        del ref, o_ours
         bench.save()
 
     if "sparse" in sections and bench.due("wan_sparse"):
@@ -461,19 +456,10 @@ def run_wan(bench: Bench, sections: set[str]) -> None:
             try:
                 fn = lambda lay=lay: ours(lay)  # noqa: E731
                 t = measure({"ours": fn}, p)["ours"]
-                ref = fp32_reference(q, k, v, rows, rows_of_block_mask(masks[d], rows, blk, N))
                 bench.record(
-                    case,
-                    "ours",
-                    t,
-                    pairs=visited_pairs(masks[d], N, blk, B, H),
-                    d=D,
-                    n=N,
-                    h=H,
-                    density_nominal=d,
-                    block_density=lay.block_density,
-                    max_abs_err_vs_fp32_rows=max_err(fn()[:, :, rows], ref),
-                )
+                    case, "ours", t, pairs=visited_pairs(masks[d], N, blk, B, H), d=D, n=N, h=H, density_nominal=d,
+                    block_density=lay.block_density, check=check_ours(d, lay),
+                )  # fmt: skip
             except _Abort:
                 raise
             except Exception as e:
@@ -489,26 +475,9 @@ def run_wan(bench: Bench, sections: set[str]) -> None:
         try:
             fns = {name: (lambda m=m: ours(None, m)) for name, m in mods.items()}
             ts = measure(fns, p, rounds=1 if bench.smoke else 3)
-            rq = rows.cpu()
-            decay_rows = (LogitDecay(0.9, N // 4, q_pos=rq),)
-            att = attention(
-                q[:, :, rows].float(), k.float(), v.float(), None, modifiers=decay_rows, backend="reference"
-            )
-            plain = fp32_reference(q, k, v, rows, None)
-            uu = u.to(dev).view(1, H, 1, 1)
-            mix = lambda o: (1 - uu) * o + uu * v[:, :, rows].float()  # noqa: E731
-            refs = {"plain": plain, "logitdecay": att, "outputmix": mix(plain), "logitdecay+outputmix": mix(att)}
             for name, t in ts.items():
-                bench.record(
-                    case,
-                    f"ours_{name}",
-                    t,
-                    pairs=dense_pairs,
-                    d=D,
-                    n=N,
-                    h=H,
-                    max_abs_err_vs_fp32_rows=max_err(fns[name]()[:, :, rows], refs[name]),
-                )
+                chk = check_ours(("mods", name), None, mods[name])
+                bench.record(case, f"ours_{name}", t, pairs=dense_pairs, d=D, n=N, h=H, check=chk)
         except _Abort:
             raise
         except Exception as e:
@@ -526,12 +495,11 @@ def run_wan(bench: Bench, sections: set[str]) -> None:
                 mm = None if p.compile_flex else _block_lookup(bm, blk)
                 fn = _flex_call(bench, q, k, v, flex_block_mask(bm, None, N, blk, mm))
                 t = measure({"flex": fn}, p)["flex"]
-                o = fn()
-                extra: dict[str, Any] = {"compiled": p.compile_flex}
-                if bench.find(case, "ours") is not None:
-                    lay = layouts.get(d)
-                    extra["max_abs_err_vs_ours"] = max_err(o, ours(lay))
-                bench.record(case, "flex", t, pairs=visited_pairs(bm, N, blk, B, H), d=D, n=N, h=H, **extra)
+                chk = check_peer("dense" if d == 1.0 else d, layouts.get(d), fn())
+                bench.record(
+                    case, "flex", t, pairs=visited_pairs(bm, N, blk, B, H), d=D, n=N, h=H, compiled=p.compile_flex,
+                    check=chk,
+                )  # fmt: skip
             except _Abort:
                 raise
             except Exception as e:
@@ -554,37 +522,32 @@ def run_wan(bench: Bench, sections: set[str]) -> None:
                 bm = masks[d] if d in masks else random_block_mask(H, nb, d, dev, seed=int(d * 1000))
                 lay = layouts[d] if d in layouts else BlockLayout.from_block_mask(bm, N, N, blk, blk)
             pairs = visited_pairs(bm, N, blk, B, H)
-            makers: dict[str, Callable[[], Callable[[], torch.Tensor]]] = {
-                "ours": lambda lay=lay: lambda: attention(qg, kg, vg, lay, backend=p.backend)
+            # impl -> fn(q, k, v) -> out, timed on (qg, kg, vg) and checked on fresh leaves
+            impls: dict[str, Callable[..., torch.Tensor]] = {
+                "ours": lambda a, b, c, lay=lay: attention(a, b, c, lay, backend=p.backend)
             }
             if "flex" in bench.extra:
                 mm = None if p.compile_flex else _block_lookup(bm, blk)
-                makers["flex"] = lambda bm=bm, mm=mm: _flex_call(
-                    bench, qg, kg, vg, flex_block_mask(bm, None, N, blk, mm)
-                )
+                bmask = flex_block_mask(bm, None, N, blk, mm)
+                impls["flex"] = lambda a, b, c, bmask=bmask: _flex_call(bench, a, b, c, bmask)()
             else:
                 bench.skip(case, "flex", "FlexAttention unavailable (see errors)")
             if d == 1.0:
                 for name, be in _sdpa_backends().items():
                     if be is not None:
-                        makers[f"sdpa_{name}"] = lambda be=be: _sdpa_fn(be, qg, kg, vg)
-            grads: dict[str, tuple] = {}
-            for impl, make in makers.items():
+                        impls[f"sdpa_{name}"] = lambda a, b, c, be=be: _sdpa_fn(be, a, b, c)()
+            for impl, f in impls.items():
                 if not bench.due(case, impl):
                     continue
                 try:
-                    fn = fwd_bwd(make())
+                    fn = fwd_bwd(lambda f=f: f(qg, kg, vg))
                     t = measure({impl: fn}, p)[impl]
-                    grads[impl] = fn()
-                    extra = {}
-                    if impl != "ours" and "ours" in grads:
-                        extra["max_abs_err_grads_vs_ours"] = max(map(max_err, grads[impl], grads["ours"]))
-                    bench.record(case, impl, t, pairs=pairs, d=D, n=N, h=H, fwd_bwd=True, **extra)
+                    chk = check_grads(f, q, k, v, lay, rows)
+                    bench.record(case, impl, t, pairs=pairs, d=D, n=N, h=H, fwd_bwd=True, check=chk)
                 except _Abort:
                     raise
                 except Exception as e:
                     bench.fail(case, impl, e)
-            del grads
         bench.save()
 
 
@@ -625,10 +588,16 @@ def run_gna(bench: Bench, sections: set[str]) -> None:
         "layout_build_s": build_s,
     }
     print("gna", bench.shapes["gna"], flush=True)
+    from attn_kernels.verify import check_rows, plant_peaks, reference_rows, rows_to_check
+
     g = torch.Generator(device=dev).manual_seed(1)
     q, k, v = (torch.randn(p.B, H, N, D, generator=g, device=dev, dtype=bench.dtype) for _ in range(3))
     inv = None if perm is None else torch.argsort(perm)
     qp, kp, vp = (x if perm is None else x[:, :, perm] for x in (q, k, v))
+    rows = rows_to_check(N, p.ref_rows, dev)  # rows of the permuted sequence
+    kp = plant_peaks(qp, kp, lay, rows)  # peaks in the first / last block each checked row visits
+    if perm is not None:
+        k = kp[:, :, inv]
     kernel = lambda: attention(qp, kp, vp, lay, backend=p.backend)  # noqa: E731
 
     def with_perm() -> torch.Tensor:
@@ -637,24 +606,30 @@ def run_gna(bench: Bench, sections: set[str]) -> None:
         o = attention(q[:, :, perm], k[:, :, perm], v[:, :, perm], lay, backend=p.backend)
         return o[:, :, inv]
 
-    rows = ref_rows(p, N)  # rows of the permuted sequence
     ref = None
     try:
-        mm = var.mask_mod(tl, perm, dev)
-        mask = mm(0, 0, rows[:, None], torch.arange(N, device=dev)[None, :])[None, None]
-        ref = fp32_reference(qp, kp, vp, rows, mask)
-        del mask
+        ref = reference_rows(qp, kp, vp, lay, rows)
     except _Abort:
         raise
     except Exception as e:
-        bench.fail(case, "fp32_reference", e)
+        bench.fail(case, "reference", e)
+
+    def check(out: torch.Tensor, lse: torch.Tensor | None = None) -> dict | None:
+        if ref is None:
+            return None
+        return check_rows(out[:, :, rows], None if lse is None else lse[:, :, rows], *ref, bench.dtype).as_dict()
+
     if "gna" in sections:
         for impl, fn in (("ours_kernel", kernel), ("ours_with_perm", with_perm)):
             try:
                 t = measure({impl: fn}, p)[impl]
-                o = fn() if impl == "ours_kernel" else fn()[:, :, perm] if perm is not None else fn()
-                extra = {} if ref is None else {"max_abs_err_vs_fp32_rows": max_err(o[:, :, rows], ref)}
-                bench.record(case, impl, t, pairs=pairs, d=D, n=N, h=H, **extra)
+                if impl == "ours_kernel":
+                    o, lse = attention(qp, kp, vp, lay, return_lse=True, backend=p.backend)
+                    chk = check(o, lse)
+                else:
+                    o = fn()
+                    chk = check(o if perm is None else o[:, :, perm])
+                bench.record(case, impl, t, pairs=pairs, d=D, n=N, h=H, check=chk)
             except _Abort:
                 raise
             except Exception as e:
@@ -668,7 +643,12 @@ def run_gna(bench: Bench, sections: set[str]) -> None:
                     raise RuntimeError("this torch has no such SDPA backend")
                 fn = _sdpa_fn(be, q, k, v)
                 t = measure({name: fn}, p)[name]
-                bench.record(case, f"sdpa_{name}_dense", t, pairs=float(p.B * H * N * N), d=D, n=N, h=H)
+                # dense attention is not GNA: checked against the dense float64 reference instead
+                o = fn() if perm is None else fn()[:, :, perm]
+                chk = check_rows(o[:, :, rows], None, *reference_rows(qp, kp, vp, None, rows), bench.dtype).as_dict()
+                bench.record(
+                    case, f"sdpa_{name}_dense", t, pairs=float(p.B * H * N * N), d=D, n=N, h=H, check=chk
+                )  # fmt: skip
             except _Abort:
                 raise
             except Exception as e:
@@ -688,11 +668,8 @@ def run_gna(bench: Bench, sections: set[str]) -> None:
             bmask = flex_block_mask(bm, lay.partial_index(), N, p.block, gna_mask)
             fn = _flex_call(bench, qp, kp, vp, bmask)
             t = measure({"flex": fn}, p)["flex"]
-            o = fn()
-            extra = {"compiled": p.compile_flex, "max_abs_err_vs_ours": max_err(o, kernel())}
-            if ref is not None:
-                extra["max_abs_err_vs_fp32_rows"] = max_err(o[:, :, rows], ref)
-            bench.record(case, "flex", t, pairs=pairs, d=D, n=N, h=H, **extra)
+            chk = check(fn())
+            bench.record(case, "flex", t, pairs=pairs, d=D, n=N, h=H, compiled=p.compile_flex, check=chk)
         except _Abort:
             raise
         except Exception as e:
@@ -711,32 +688,46 @@ def _target(name: str, value: float | None, label: str, why_missing: str = "") -
 
 
 def targets(bench: Bench) -> list[dict]:
-    """Every target of the brief from this run's records (None where a measurement is missing)."""
-    ms, find, p = bench.ms, bench.find, bench.plan
+    """Every target of the brief from this run's records whose correctness checks passed (None,
+    with the reason, where a measurement is missing or its check failed). A missed target says by
+    how much (`margin`: value / threshold for >=, threshold / value for <=; < 1 is a miss)."""
+    ms, find, why, p = bench.ms, bench.find, bench.why_missing, bench.plan
     out: list[dict] = []
     ours_dense = ms("wan_dense", "ours")
-    sdpa = {r["impl"]: r["ms"] for r in bench.records if r["case"] == "wan_dense" and r["impl"].startswith("sdpa_")}
+    sdpa = {
+        r["impl"]: r["ms"]
+        for r in bench.records
+        if r["case"] == "wan_dense" and r["impl"].startswith("sdpa_") and r["check_ok"]
+    }
     best = min(sdpa, key=sdpa.get) if sdpa else None
-    out.append(
-        _target("dense_vs_best_sdpa", sdpa[best] / ours_dense if best and ours_dense else None, f"wan_dense vs {best}")
-    )
+    val = sdpa[best] / ours_dense if best and ours_dense else None
+    out.append(_target("dense_vs_best_sdpa", val, f"wan_dense vs {best}", why(("wan_dense", "ours"))))
     for d in p.densities:
         r = find(f"wan_sparse_{d}", "ours")
-        val = r["ms"] / (r["density"] * ours_dense) if r and ours_dense else None
-        out.append(_target("sparse_scaling", val, f"wan_sparse_{d}"))
+        t = ms(f"wan_sparse_{d}", "ours")
+        val = t / (r["density"] * ours_dense) if t and ours_dense else None
+        out.append(
+            _target("sparse_scaling", val, f"wan_sparse_{d}", why((f"wan_sparse_{d}", "ours"), ("wan_dense", "ours")))
+        )
     for d in p.densities:
         a, f = ms(f"wan_sparse_{d}", "ours"), ms(f"wan_sparse_{d}", "flex")
-        out.append(_target("vs_flex_same_mask", f / a if a and f else None, f"wan_sparse_{d}"))
+        pairs = ((f"wan_sparse_{d}", "ours"), (f"wan_sparse_{d}", "flex"))
+        out.append(_target("vs_flex_same_mask", f / a if a and f else None, f"wan_sparse_{d}", why(*pairs)))
     plain = ms("wan_modifiers", "ours_plain")
     for m in ("logitdecay", "outputmix"):
         t = ms("wan_modifiers", f"ours_{m}")
-        out.append(_target("modifier_overhead", t / plain if t and plain else None, m))
+        pairs = (("wan_modifiers", f"ours_{m}"), ("wan_modifiers", "ours_plain"))
+        out.append(_target("modifier_overhead", t / plain if t and plain else None, m, why(*pairs)))
     cud, gna = ms("gna_hunyuan", "sdpa_cudnn_dense"), ms("gna_hunyuan", "ours_with_perm")
-    out.append(_target("gna_vs_cudnn_dense", cud / gna if cud and gna else None, "gna_hunyuan"))
+    pairs = (("gna_hunyuan", "sdpa_cudnn_dense"), ("gna_hunyuan", "ours_with_perm"))
+    out.append(_target("gna_vs_cudnn_dense", cud / gna if cud and gna else None, "gna_hunyuan", why(*pairs)))
     for d in p.bwd_densities:
         case = "wan_bwd_dense" if d == 1.0 else f"wan_bwd_{d}"
         a, f = ms(case, "ours"), ms(case, "flex")
-        out.append(_target("backward_vs_flex", f / a if a and f else None, case))
+        out.append(_target("backward_vs_flex", f / a if a and f else None, case, why((case, "ours"), (case, "flex"))))
+    for t in out:
+        if t["value"] is not None:
+            t["margin"] = t["value"] / t["threshold"] if t["cmp"] == ">=" else t["threshold"] / t["value"]
     return out
 
 
@@ -761,14 +752,11 @@ def info_ratios(bench: Bench) -> dict[str, float]:
 
 
 def correctness(bench: Bench) -> list[dict]:
-    """Every max-abs-error field of the records against the spot-check tolerance."""
-    out = []
-    for r in bench.records:
-        for key, val in r.items():
-            if key.startswith("max_abs_err"):
-                ok = val == val and val <= MAX_ABS_ERR  # NaN fails
-                out.append({"case": r["case"], "impl": r["impl"], "check": key, "value": val, "pass": ok})
-    return out
+    """Every record's correctness check (attn_kernels.verify), pass or fail, with its errors."""
+    return [
+        {"case": r["case"], "impl": r["impl"], "pass": r["check_ok"], **(r["check"] or {"missing": True})}
+        for r in bench.records
+    ]
 
 
 # ----------------------------------------------------------------------------------- output
@@ -903,6 +891,8 @@ def build_report(bench: Bench, args: argparse.Namespace, device: dict, versions:
         "all_targets_pass": all(t["pass"] for t in tg) if tg else None,
         "ratios": info_ratios(bench),
         "correctness": correctness(bench),
+        "all_checks_pass": all(r["check_ok"] for r in bench.records) if bench.records else None,
+        "interrupted": bench.extra.get("interrupted"),
         "results": bench.records,
         "skipped": bench.skipped,
         "errors": bench.errors,
@@ -986,9 +976,10 @@ def main(argv: list[str] | None = None) -> dict:
                 bench.fail(runner.__name__, "setup", e)
             if bench.cuda:
                 torch.cuda.empty_cache()
-    except _Abort as e:
+    except (_Abort, KeyboardInterrupt) as e:  # SIGTERM, or SIGINT from run_gpu.sh's section limit
         bench.cut_short = True
-        bench.skip("all", "rest", f"aborted ({e}): the numbers above are complete measurements")
+        bench.extra["interrupted"] = f"{type(e).__name__} {e}".strip()
+        bench.skip("all", "rest", f"interrupted ({type(e).__name__}): the numbers above are complete measurements")
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)

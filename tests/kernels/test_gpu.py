@@ -144,3 +144,30 @@ def test_autotuned_and_table_tiles_agree(monkeypatch):
     monkeypatch.setenv("ATTNPLUG_AUTOTUNE", "0")
     table = attention(q, k, v, lay)
     assert (tuned.float() - table.float()).abs().max() < 1e-2
+
+
+def test_autotuned_launch_matches_and_uses_table_tiles(monkeypatch):
+    """With autotuning on (the suite runs with ATTNPLUG_AUTOTUNE=0), the tuner times several table
+    entries, keys on the length bucket (a second length in the same power-of-two bucket does not
+    re-tune) and its choice passes the peaked-logit check."""
+    from attn_kernels import triton_attention as ta
+    from attn_kernels.verify import check_rows_of, plant_peaks, rows_to_check
+
+    monkeypatch.setenv("ATTNPLUG_AUTOTUNE", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    B, H, d = 1, 4, 128
+    for n in (9000 + 37, 9000 + 101):  # one bucket (16384)
+        q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        lay = _radial_like(n, H, 128)
+        rows = rows_to_check(n, 128, "cuda")
+        k = plant_peaks(q, k, lay, rows)
+        out, lse = attention(q, k, v, lay, return_lse=True, backend="triton")
+        res = check_rows_of(q, k, v, lay, out, lse, rows)
+        assert res.ok, res
+    tuner = ta._TUNERS[("fwd", "16", 128)]
+    pos = ta._TUNE_KEY.index("TUNE_NQ")
+    mine = [cfg for key, cfg in tuner.cache.items() if key[pos] == 16384]
+    assert len(mine) == 1  # the second length reused the first one's tuning
+    best = mine[0]
+    entry = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages)
+    assert entry in ta.CANDIDATES[("fwd", "16", 128)]

@@ -12,10 +12,14 @@ from hypothesis import strategies as st
 
 from attn_kernels import BlockLayout, LogitDecay, OutputMix, TileStats, attention
 
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs CUDA or TRITON_INTERPRET=1",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+        reason="needs CUDA or TRITON_INTERPRET=1",
+    ),
+    # on a GPU these cases are part of `pytest -m gpu` (the interpreter's cases, compiled for real)
+    *([pytest.mark.gpu] if torch.cuda.is_available() else []),
+]
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 

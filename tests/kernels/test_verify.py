@@ -18,6 +18,7 @@ from attn_kernels.verify import check_rows_of, plant_peaks, reference_rows, rows
 
 CUDA = torch.cuda.is_available()
 TRITON = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [pytest.mark.gpu] if CUDA else []  # on a GPU every case here is part of `pytest -m gpu`
 
 
 def _band_layout(n: int, heads: int, block: int, device: str) -> BlockLayout:
