@@ -26,7 +26,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["SpecError", "Spec", "parse_spec", "parse_value", "format_value", "option_fields", "option_types"]
-__all__ += ["type_name", "coerce", "build", "describe"]
+__all__ += [
+    "type_name",
+    "coerce",
+    "build",
+    "describe",
+    "Range",
+    "OneOf",
+    "check_range",
+    "option_rules",
+    "check_options",
+]
 
 _WORDS = {"true": True, "false": False, "none": None, "null": None, "nan": math.nan, "inf": math.inf}
 _WORDS |= {"+inf": math.inf, "-inf": -math.inf}
@@ -127,6 +137,108 @@ def option_fields(cls: type) -> dict[str, dataclasses.Field]:
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"variant class {cls!r} is not a dataclass")
     return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric option, declared on its annotation: `x: Annotated[float, Range(0, 1)] = 0.5`.
+
+    lo / hi are inclusive unless `lo_open` / `hi_open` (None: unbounded); NaN is never in range.
+    `check_options` enforces it when the object is built, so the Python constructor and the spec parser give
+    the same message."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def check(self, name: str, value: Any, kind: type | tuple) -> None:
+        if not (self.lo_open or self.hi_open):
+            return check_range(name, value, self.lo, self.hi, kind=kind)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            check_range(name, value, kind=kind)  # raises the TypeError
+        lo_bad = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        hi_bad = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        if value != value or lo_bad or hi_bad:
+            raise ValueError(f"{name} must be in {self}, got {value!r}")
+
+    def __str__(self) -> str:
+        lo = f"{'(' if self.lo_open else '['}{'-inf' if self.lo is None else self.lo}"
+        return f"{lo}, {'inf' if self.hi is None else self.hi}{')' if self.hi_open else ']'}"
+
+
+class OneOf:
+    """The values an option may take, declared on its annotation: `block: Annotated[int, OneOf(16, 32)] = 16`."""
+
+    def __init__(self, *values: Any) -> None:
+        self.values = tuple(values)
+
+    def check(self, name: str, value: Any, kind: type | tuple) -> None:
+        if not any(value == v and type(value) is type(v) for v in self.values):
+            raise ValueError(f"{name} must be one of {self.values}, got {value!r}")
+
+    def __str__(self) -> str:
+        return f"one of {self.values}"
+
+    def __repr__(self) -> str:
+        return f"OneOf{self.values}"
+
+
+def check_range(
+    name: str, value: Any, lo: float | None = None, hi: float | None = None, *, kind: type | tuple = (int, float)
+) -> None:
+    """Raise a TypeError naming `name` when `value` is not of `kind` (bools are not numbers), a ValueError naming
+    `name` and the allowed range when it is outside [lo, hi] (None: unbounded; NaN is never in range)."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        raise TypeError(f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+    if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):  # NaN: never in range
+        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+
+
+def option_rules(cls: type) -> dict[str, tuple[Any, tuple]]:
+    """{option: (annotation without its metadata, (Range / OneOf, ...))} for the options of `cls` whose
+    annotation is `Annotated[..., Range(...)]` or `Annotated[..., OneOf(...)]`."""
+    try:
+        hints = typing.get_type_hints(cls, include_extras=True)
+    except Exception:
+        return {}
+    out = {}
+    for name in option_fields(cls):
+        tp = hints.get(name)
+        if typing.get_origin(tp) is typing.Annotated:
+            rules = tuple(m for m in tp.__metadata__ if isinstance(m, (Range, OneOf)))
+            if rules:
+                out[name] = (tp.__origin__, rules)
+    return out
+
+
+def _kind(tp: Any) -> tuple[tuple, bool]:
+    """(accepted Python types, None allowed) of a numeric annotation: float accepts int (widened)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    optional = type(None) in args
+    members = [a for a in args if a is not type(None)]
+    kinds: list[type] = []
+    for m in members:
+        kinds += [int, float] if m is float else [m] if isinstance(m, type) else []
+    return tuple(dict.fromkeys(kinds)) or (object,), optional
+
+
+def check_options(obj: Any) -> None:
+    """Enforce the declared ranges and choices of a dataclass instance's options (the one place they live):
+    the error names `Class.option` and the range; a float option given an int is stored as a float.
+    Variants call it first in `__post_init__`; the spec parser reaches it through the constructor."""
+    cls = type(obj)
+    for name, (tp, rules) in option_rules(cls).items():
+        value = getattr(obj, name)
+        kind, optional = _kind(tp)
+        if value is None and optional:
+            continue
+        for rule in rules:
+            rule.check(f"{cls.__name__}.{name}", value, kind)
+        if float in kind and int in kind and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(obj, name, float(value))
 
 
 def option_types(cls: type) -> dict[str, Any]:
@@ -244,3 +356,11 @@ def describe(cls: type) -> list[tuple[str, str, Any]]:
             default = "<required>"
         out.append((name, type_name(tp), default))
     return out
+
+
+def describe_rules(cls: type) -> dict[str, str]:
+    """{option: its declared range or choices as text} (`in [0, 1]`, `one of (16, 32)`) for `attnplug list`."""
+    return {
+        name: ", ".join(f"in {r}" if isinstance(r, Range) else str(r) for r in rules)
+        for name, (_, rules) in option_rules(cls).items()
+    }

@@ -6,7 +6,7 @@ import argparse
 import inspect
 from typing import Any
 
-from attn_spec import describe
+from attn_spec import describe, describe_rules
 
 from ..config import LAYOUT_FLAGS, PLANNED_VARIANTS, ConfigError, Preset, load_preset, preset_names, variant_registry
 
@@ -38,8 +38,9 @@ def _print_variants(registry: dict[str, type]) -> None:
         doc = " ".join((inspect.getdoc(cls) or "").split("\n\n")[0].split())  # the whole first paragraph
         role = getattr(cls, "role", "")
         print(f"  {name:<12} {cls.__name__}{f' [{role}]' if role else ''} {doc}")
+        rules = describe_rules(cls)  # declared ranges and choices
         for opt, tp, default in describe(cls):
-            print(f"      {opt}: {tp} = {default!r}")
+            print(f"      {opt}: {tp} = {default!r}" + (f"  ({rules[opt]})" if opt in rules else ""))
         for flag, (target, what, owned) in LAYOUT_FLAGS.items():
             if target == name:
                 usage = f"{flag} '{what}@x0,y0,x1,y1'"

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 
+from attn_spec import OneOf, check_options, check_range
+
 __all__ = ["TokenLayout", "AttnContext", "AttnPlan", "Variant", "VARIANTS", "check_range", "register_variant"]
+__all__ += ["BLOCK_SIZES", "BlockSize", "check_options"]
 
 
 @dataclass(frozen=True)
@@ -135,21 +138,9 @@ class AttnPlan:
         )  # fmt: skip
 
 
-def check_range(
-    name: str,
-    value: Any,
-    lo: float | None = None,
-    hi: float | None = None,
-    *,
-    kind: type | tuple = (int, float),
-) -> None:
-    """Raise a ValueError/TypeError naming `name` and the allowed range when `value` is outside it."""
-    if isinstance(value, bool) or not isinstance(value, kind):
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        raise TypeError(f"{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
-    if value != value or (lo is not None and value < lo) or (hi is not None and value > hi):  # NaN: never in range
-        rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+#: Block sizes of the block-sparse kernel's layouts; `BlockSize` declares a variant's `block_size` option.
+BLOCK_SIZES = (16, 32, 64, 128)
+BlockSize = Annotated[int, OneOf(*BLOCK_SIZES)]
 
 
 class Variant:

@@ -51,12 +51,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 
+from attn_spec import Range
+
 from ._pipes import check_pipeline, encode_prompt, model_hook_base, phrase_token_indices
-from .base import AttnContext, AttnPlan, Variant, check_range, register_variant
+from .base import AttnContext, AttnPlan, Variant, check_options, check_range, register_variant
 
 __all__ = ["Boundary", "box_cells", "boundary_losses"]
 
@@ -117,28 +119,20 @@ class Boundary(Variant):
     prompt: str = ""
     phrases: tuple = ()
     boxes: tuple = ()
-    loss_scale: float = 30.0
-    guidance_steps: int = 10
-    max_iterations: int = 5
-    loss_threshold: float = 0.2
-    inside_weight: float = 1.0
-    outside_weight: float = 0.5
-    boundary_weight: float = 0.5
-    topk_ratio: float = 0.2
-    downsample: int = 4
+    loss_scale: Annotated[float, Range(0.0, 1e6)] = 30.0
+    guidance_steps: Annotated[int, Range(0, None)] = 10
+    max_iterations: Annotated[int, Range(1, None)] = 5
+    loss_threshold: Annotated[float, Range(0.0, 1e6)] = 0.2
+    inside_weight: Annotated[float, Range(0.0, 1e6)] = 1.0
+    outside_weight: Annotated[float, Range(0.0, 1e6)] = 0.5
+    boundary_weight: Annotated[float, Range(0.0, 1e6)] = 0.5
+    topk_ratio: Annotated[float, Range(0.0, 1.0, lo_open=True)] = 0.2
+    downsample: Annotated[int, Range(1, None)] = 4
     self_alignment: bool = True
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        for f in ("loss_scale", "loss_threshold", "inside_weight", "outside_weight", "boundary_weight"):
-            check_range(f"Boundary.{f}", getattr(self, f), 0.0, 1e6)
-            setattr(self, f, float(getattr(self, f)))
-        check_range("Boundary.topk_ratio", self.topk_ratio, 0.0, 1.0)
-        if not self.topk_ratio > 0:
-            raise ValueError(f"Boundary.topk_ratio must be in (0, 1], got {self.topk_ratio!r}")
-        check_range("Boundary.guidance_steps", self.guidance_steps, 0, None, kind=int)
-        check_range("Boundary.max_iterations", self.max_iterations, 1, None, kind=int)
-        check_range("Boundary.downsample", self.downsample, 1, None, kind=int)
+        check_options(self)  # the ranges declared on the fields above
         if self.downsample & (self.downsample - 1):
             raise ValueError(f"Boundary.downsample must be a power of two (a UNet level), got {self.downsample}")
         if not isinstance(self.self_alignment, bool):

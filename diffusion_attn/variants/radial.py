@@ -44,11 +44,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 
-from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range, register_variant
+from attn_spec import Range
+
+from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
 
 __all__ = ["Radial", "radial_block_mask", "RADIAL_DEFAULTS"]
 
@@ -57,7 +59,6 @@ RADIAL_DEFAULTS: dict[str, tuple[int, int, float, bool]] = {
     "wan": (1, 12, 0.2, True),  # Wan2.1-14B 768x1280x69f, scripts/wan_t2v_inference.sh
     "hunyuan_video": (0, 12, 0.95, False),  # HunyuanVideo 117f, scripts/hunyuan_t2v_inference.sh
 }
-_BLOCK_SIZES = (16, 32, 64, 128)
 
 
 def _pair_rule(i: int, j: int, s: int, decay: float, block: int, sink: bool) -> float | None:
@@ -196,28 +197,19 @@ class Radial(Variant):
         for family, values in RADIAL_DEFAULTS.items()
     }  # other families: give the four options (refused when one is None)
 
-    decay_factor: float | None = None
-    dense_steps: int | None = None
-    dense_layers: int | None = None
-    dense_last_steps: int = 0
-    num_steps: int | None = None
+    decay_factor: Annotated[float | None, Range(1e-6, None)] = None
+    dense_steps: Annotated[int | None, Range(0, None)] = None
+    dense_layers: Annotated[int | None, Range(0, None)] = None
+    dense_last_steps: Annotated[int, Range(0, None)] = 0
+    num_steps: Annotated[int | None, Range(1, None)] = None
     attention_sink: bool | None = None
-    block_size: int = 128
+    block_size: BlockSize = 128
 
     def __post_init__(self) -> None:
+        check_options(self)  # the ranges declared on the fields above
         self._cache: dict = {}  # static plans per (layout, device); not a dataclass field
-        if self.decay_factor is not None:
-            check_range("Radial.decay_factor", self.decay_factor, 1e-6, None)
-            self.decay_factor = float(self.decay_factor)
-        for name in ("dense_steps", "dense_layers", "num_steps"):
-            val = getattr(self, name)
-            if val is not None:
-                check_range(f"Radial.{name}", val, 0 if name != "num_steps" else 1, None, kind=int)
-        check_range("Radial.dense_last_steps", self.dense_last_steps, 0, None, kind=int)
         if self.attention_sink is not None and not isinstance(self.attention_sink, bool):
             raise TypeError(f"Radial.attention_sink must be bool or None, got {self.attention_sink!r}")
-        if self.block_size not in _BLOCK_SIZES:
-            raise ValueError(f"Radial.block_size must be one of {_BLOCK_SIZES}, got {self.block_size!r}")
 
     # -- resolved settings ------------------------------------------------------------------
     def resolved(self, family: str) -> dict[str, Any]:

@@ -49,11 +49,10 @@ import numpy as np
 import torch
 
 from ._pipes import check_pipeline, encode_prompt, model_hook_base, pixels_per_token
-from .base import AttnContext, AttnPlan, TokenLayout, Variant, register_variant
+from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
 
 __all__ = ["Entity", "Regional", "mask_to_pixels", "token_membership"]
 
-_BLOCKS = (16, 32, 64, 128)
 _MAX_ENTITIES = 62  # membership is a bit mask in an int64
 
 
@@ -151,9 +150,10 @@ class Regional(Variant):
     entity_global: bool = True
     on_negative: bool = False
     max_sequence_length: int | None = None
-    block_size: int = 128
+    block_size: BlockSize = 128
 
     def __post_init__(self) -> None:
+        check_options(self)  # block_size's declared choices
         for f in ("height", "width", "max_sequence_length"):
             v = getattr(self, f)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -161,8 +161,6 @@ class Regional(Variant):
         for f in ("entity_global", "on_negative"):
             if not isinstance(getattr(self, f), bool):
                 raise TypeError(f"Regional.{f} must be bool, got {getattr(self, f)!r}")
-        if self.block_size not in _BLOCKS:
-            raise ValueError(f"Regional.block_size must be one of {_BLOCKS}, got {self.block_size!r}")
         if not isinstance(self.entities, (tuple, list)):
             raise TypeError(
                 f"Regional.entities must be a list of Entity or (prompt, mask) pairs, got {self.entities!r}"
