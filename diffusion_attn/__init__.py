@@ -6,7 +6,7 @@ from __future__ import annotations
 from .adapters.base import ADAPTERS, Adapter, AttnRuntime, find_adapter
 from .guidance import SoftPAGGuidance
 from .headhunter import HeadHunter, HeadHuntResult
-from .hooks import AttnHandle, apply
+from .hooks import AttnHandle, apply, apply_pretrained, load_config
 from .variants import *  # noqa: F403
 from .variants import __all__ as _variant_names
 from .variants.base import AttnContext, AttnPlan, TokenLayout, Variant
@@ -24,6 +24,8 @@ __all__ = [
     "TokenLayout",
     "Variant",
     "apply",
+    "apply_pretrained",
     "find_adapter",
+    "load_config",
     *[n for n in _variant_names if n not in ("AttnContext", "AttnPlan", "TokenLayout", "Variant")],
 ]

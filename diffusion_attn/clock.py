@@ -20,6 +20,11 @@ Where the step comes from, in order (`step_source="hook"`, the default):
    large `flow_shift`, Karras sigmas). Without either signal a repeated timestep is taken for a
    CFG call (custom loops: use `cache_context` names or `step_source="callback"`).
 
+Under `torch.compile` (the step hook traced into the graph) nothing is read on the host either:
+the step comes from the cache context's `step_index`, else from the pipeline's scheduler
+(`scheduler.step_index - begin_index`, a Python int; None before its first `step()` = step 0),
+see `StepClock.observe_compiled`; a bare transformer without either needs `step_source="callback"`.
+
 `step_source="callback"`: the step is set from outside (`handle.set_step`) and forwards read
 nothing. Diffusers pipelines reset stateful hooks at the end of a call; that starts a new
 generation here too.
@@ -105,6 +110,28 @@ class StepClock:
         pipe = self.pipe
         sched = getattr(pipe, "scheduler", None) if pipe is not None else None
         return getattr(sched, "step_index", None) if sched is not None else None
+
+    def observe_compiled(self, branch: str | None, context: Any) -> bool:
+        """Advance the clock while torch.compile traces the forward: no tensor is read (a host read would be a
+        graph break). The step is the cache context's `step_index`, else the pipeline scheduler's step index
+        (Python ints). Returns False when neither exists (a bare transformer: use step_source="callback")."""
+        if self.source != "hook":
+            return True
+        index = getattr(context, "step_index", None)
+        if isinstance(index, int) and not isinstance(index, bool):
+            self.begin_generation(context)  # idempotent: no branch on `fresh` (a guard, another graph)
+            self.step = index
+            return True
+        pipe = self.pipe
+        sched = getattr(pipe, "scheduler", None) if pipe is not None else None
+        if sched is None or not hasattr(sched, "step_index"):
+            return False
+        index = sched.step_index
+        begin = getattr(sched, "begin_index", None) or 0
+        self.begin_generation(context)
+        self.step = 0 if index is None else max(0, int(index) - int(begin))
+        self._sched_index = index
+        return True
 
     def observe(self, branch: str | None, context: Any, read_timestep: Callable[[], float | None]) -> None:
         """Advance the clock for one denoiser forward (step_source "hook"; see the module docstring).

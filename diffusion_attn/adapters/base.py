@@ -125,16 +125,16 @@ class AttnRuntime:
 
     def branch_states(self) -> dict:
         """Variant state per branch name of this generation (None = calls without a cache context)."""
-        out = {None: self._default_states} if self._default_states else {}
-        out.update(self._branch_states)
-        return out
+        live = {None: self._default_states, **self._branch_states}
+        # state dicts are emptied, not dropped, at a new generation (stable for compiled forwards): skip empty ones
+        return {b: {k: v for k, v in st.items() if v} for b, st in live.items() if any(st.values())}
 
     def clear_states(self) -> None:
         """New generation: every branch's variant state cleared (static layout caches are kept)."""
-        self._default_states.clear()
-        for st in self._branch_states.values():
-            st.clear()
-        self._branch_states.clear()
+        # keys stay, values are emptied: compiled forwards then find the same dicts (no new guard, no new graph)
+        for st in (self._default_states, *self._branch_states.values()):
+            for inner in st.values():
+                inner.clear()
         self._last_kinds = None
 
     def reset(self) -> None:
@@ -148,7 +148,8 @@ class AttnRuntime:
             self._states = self._default_states
         else:
             self._states = states
-            self._branch_states[branch] = states
+            if self._branch_states.get(branch) is not states:
+                self._branch_states[branch] = states
         if self._fwd_masks or self._fwd_sources:
             self._fwd_masks.clear()
             self._fwd_sources.clear()

@@ -228,6 +228,18 @@ class LiteAttention(Variant):
         plan.after.append(after)
         return plan
 
+    def cache_conflict(self, caches: dict[str, bool]) -> str | None:
+        """A cache that skips attention calls or blocks leaves the skip set as the calls that ran made it (the
+        set evolves from fewer steps: cooperation), but it may skip the steps `recalibrate_every` rebuilds the
+        set at, which would then silently never happen."""
+        if self.recalibrate_every is None:
+            return None
+        return (
+            f"recalibrate_every={self.recalibrate_every} rebuilds the skip set at fixed steps, and the cache may skip "
+            "the attention calls of those steps (the recalibration would silently not happen); use "
+            "recalibrate_every=None with a cache"
+        )
+
     def skip_set(self, ctx_state: dict) -> list[torch.Tensor]:
         """The current skip sets (bool [B, H, nqb, nkb]) stored in a layer's state dict."""
         return [v["skip"] for k, v in ctx_state.items() if isinstance(k, tuple) and k and k[0] == "lite"]

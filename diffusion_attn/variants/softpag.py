@@ -41,6 +41,7 @@ explicit `steps` tuple. `scale = 0` or `u = 0` runs nothing extra: bit-identical
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -290,6 +291,19 @@ class SoftPAG(Variant):
     def model_hook(self, runtime: Any) -> Any:
         return _hook_cls()(self, runtime) if self.mode == "hook" else None
 
+    def cache_conflict(self, caches: dict[str, bool]) -> str | None:
+        """diffusers caches that would serve the perturbed pass the conditional pass's attention: those with one
+        state per module (PyramidAttentionBroadcast, FasterCache). Caches with per-context state (FirstBlockCache,
+        MagCache, TaylorSeer, ...) cooperate: the perturbed pass runs in its own cache context."""
+        shared = sorted(c for c, per_context in caches.items() if not per_context)
+        if not shared or self.scale == 0 or self.u == 0:
+            return None
+        return (
+            f"its perturbed pass would be served the cached attention of the conditional pass ({', '.join(shared)} "
+            "keeps one cache per attention module, not per branch), so the guidance would silently do nothing or "
+            "mix batches; caches with per-context state (FirstBlockCache, MagCache, TaylorSeerCache) work"
+        )
+
 
 # -- the transformer hook -----------------------------------------------------------------------------------
 def _sample(out: Any) -> torch.Tensor:
@@ -335,6 +349,27 @@ def _cond_inputs(model: Any, args: tuple, kwargs: dict, total: int) -> tuple[tup
     a = tuple(v if (i < len(names) and names[i] in _NO_BATCH) else _second_half(v, total) for i, v in enumerate(args))
     kw = {k: v if k in _NO_BATCH else _second_half(v, total) for k, v in kwargs.items()}
     return a, kw
+
+
+def _cache_context(module: Any, branch: str | None) -> Any:
+    """The pipeline's current diffusers CacheContext when a cache with per-context state is enabled (the
+    perturbed pass then runs in a copy named "<branch>:perturbed"), else None."""
+    if branch is None or torch.compiler.is_compiling():
+        return None
+    from ..hooks import HOOK_NAME, find_caches
+
+    if not find_caches(module):
+        return None
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.hooks.get(HOOK_NAME) if registry is not None else None
+    context = getattr(getattr(hook, "branches", None), "_context", None)
+    return context if dataclasses.is_dataclass(context) else None
+
+
+def _set_cache_context(module: Any, context: Any) -> None:
+    from diffusers.hooks.hooks import _set_cache_context as set_context
+
+    set_context(module, context)
 
 
 _COND = ("cond", "pred_cond")
@@ -408,10 +443,15 @@ def _hook_cls() -> type:
                 )
             c_args, c_kwargs = _cond_inputs(module, args, kwargs, total) if batched else (args, kwargs)
             rt.perturbed = True
+            context = _cache_context(module, branch)
             try:
+                if context is not None:  # per-context caches (FirstBlockCache, ...): the pass keeps its own state
+                    _set_cache_context(module, dataclasses.replace(context, name=f"{branch}:perturbed"))
                 pert = _sample(inner(*c_args, **c_kwargs))
             finally:
                 rt.perturbed = False
+                if context is not None:
+                    _set_cache_context(module, context)
             eps_c = sample[total // 2 :] if batched else sample
             d = v.scale * (eps_c - pert)
             self._delta = (key, d)
