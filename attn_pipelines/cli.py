@@ -1,4 +1,5 @@
-"""`attnplug` command line: generate | list | bench | show-mask (one module per command in `commands/`).
+"""`attnplug` command line: generate | list | bench | show-mask | headhunt | eval (one module per command in
+`commands/`).
 
     attnplug generate                                   # embedded tiny default, no download
     attnplug generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt "a fox" --attn radial --out fox.mp4
@@ -37,9 +38,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of `attnplug` (exposed for docs and tests)."""
-    p = _Parser(
-        prog="attnplug", description="Attention variants for diffusers pipelines: generate, list, bench, show-mask."
-    )
+    names = ", ".join(c.__name__.rsplit(".", 1)[-1].replace("listing", "list").replace("_", "-") for c in COMMANDS)
+    p = _Parser(prog="attnplug", description=f"Attention variants for diffusers pipelines and timm models: {names}.")
     p.add_argument("--version", action="version", version=f"attnplug {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
