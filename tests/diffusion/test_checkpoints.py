@@ -336,3 +336,46 @@ def test_separable_layout_equals_from_mask_mod():
         assert (new.partial is None) == (ref.partial is None)
         if ref.partial is not None:
             assert torch.equal(new.partial, ref.partial) and torch.equal(new.elem_mask, ref.elem_mask)
+
+
+# -- 3. layouts at real sizes (benchmarks/real_layouts.py) ---------------------------------------------
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "real_layouts.py"
+    spec = importlib.util.spec_from_file_location("real_layouts", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_real_layouts_bench_ltx_densities_are_the_windows():
+    """LTX-Video 2B at 512 x 704 x 161 (7,392 tokens): the benchmark's rows; NA without text sees exactly its
+    window, so the token density read from the layout lists equals prod(window) / prod(grid)."""
+    out = _bench().main(["--only", "ltx-video-0.9.x-2b", "--variants", "gna", "lite", "ultravico"])
+    rows = {r["variant"] + r["size"]: r for r in out["rows"]}
+    gna = rows["gnadefault"]
+    assert gna["grid"] == [21, 16, 22] and gna["tokens"] == 7392
+    assert gna["token_density"] == pytest.approx(gna["window_density"], abs=1e-6) and gna["token_density"] < 0.2
+    assert gna["block_density"] >= gna["token_density"]
+    lite = rows["litedefault"]
+    nb = -(-7392 // 128)
+    assert lite["skip_state_bytes_per_layer"] == 32 * nb * nb  # bool [1, 32 heads, nb, nb]
+    assert lite["skip_state_bytes_total"] == lite["skip_state_bytes_per_layer"] * 28 * 2  # 28 layers, CFG
+    assert rows["ultravicodefaultx4"]["tokens"] == ((161 - 1) * 4 // 8 + 1) * 16 * 22
+
+
+@pytest.mark.slow
+def test_hunyuan_gna_published_setting_is_fully_block_sparse():
+    """The GNA paper's HunyuanVideo setting (30 x 48 x 80, window 18 x 24 x 24, stride 16 x 8 x 8, tiles of
+    2 x 8 x 8 = 128 tokens): every visited block is full (block density = token density) and the visual
+    pairs are exactly the windows' 9.0% (NATTEN docs: ~91% sparsity); the 256 text tokens are global."""
+    out = _bench().main(["--only", "hunyuanvideo", "--variants", "gna"])
+    row = next(r for r in out["rows"] if r["size"] == "gna-paper")
+    nv, t = 30 * 48 * 80, 256
+    n = nv + t
+    expect = (nv * 18 * 24 * 24 + 2 * t * n - t * t) / n**2
+    assert row["tile"] == [2, 8, 8]
+    assert row["token_density"] == pytest.approx(expect, rel=1e-9)
+    assert row["block_density"] == pytest.approx(row["token_density"], rel=1e-9)  # 115,200 = 900 blocks, text 2
