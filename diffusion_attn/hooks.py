@@ -831,13 +831,15 @@ def variant_spec(variant: Variant) -> str:
             same = False
         if not same:
             opts[f.name] = value
+    def literal(spec: Spec) -> bool:
+        try:
+            return parse_spec(str(spec), where="attnplug config") == spec
+        except (SpecError, ValueError, SyntaxError):
+            return False
+
     spec = Spec(variant.name, opts)
-    try:
-        ok = parse_spec(str(spec), where="attnplug config") == spec
-    except (SpecError, ValueError, SyntaxError):
-        ok = False
-    if not ok:
-        bad = [k for k, v in opts.items() if not isinstance(v, (int, float, str, bool, tuple, list, type(None)))]
+    if not literal(spec):
+        bad = [k for k, v in opts.items() if not literal(Spec(variant.name, {k: v}))]
         raise ValueError(
             f"save_pretrained(): {variant.name} option(s) {bad or sorted(opts)} have no literal form to write to "
             f"{CONFIG_NAME}; save the settings in your own code and apply() them after loading"

@@ -133,9 +133,9 @@ class AttnPlan:
     @property
     def is_dense(self) -> bool:
         return (
-            self.layout is None and self.perm is None and not self.modifiers and self.tile_stats is None
-            and not self.extra and self.compute is None
-        )  # fmt: skip
+            self.layout is None and self.perm is None and len(self.modifiers) == 0 and self.tile_stats is None
+            and len(self.extra) == 0 and self.compute is None
+        )  # fmt: skip  (len(): Dynamo cannot trace `not` on a tuple of modifier objects, a graph break)
 
 
 #: Block sizes of the block-sparse kernel's layouts; `BlockSize` declares a variant's `block_size` option.

@@ -187,7 +187,7 @@ SPARSE = {
     "gna": lambda: da.Neighborhood(kernel_size=(1, 3, 3), block_size=16),
     "lite": lambda: da.LiteAttention(threshold=-0.05, block_size=16),
     "ultravico": lambda: da.UltraViCo(train_frames=1),
-    "riflex": lambda: da.RIFLEx(always=True),
+    "riflex": lambda: da.RIFLEx(k=2, always=True),
 }
 
 
@@ -239,12 +239,13 @@ def test_compile_repeated_blocks_fullgraph_on_a_pipeline_without_prepare(name, f
     with da.apply(pipe, SPARSE[name]()) as handle:
         ref = pipe(**wan_pipeline_inputs(pipe, steps=3)).frames
         eager_calls = handle.attention_calls
+        graphs = du.counters["stats"]["unique_graphs"]
         pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
         for _ in range(2):
             out = pipe(**wan_pipeline_inputs(pipe, steps=3)).frames
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         assert handle.attention_calls == 3 * eager_calls
-        assert du.counters["stats"]["unique_graphs"] <= 8
+        assert du.counters["stats"]["unique_graphs"] - graphs <= 8  # (cond, uncond) x phases, within Dynamo's limit
     assert "_compiled_call_impl" not in pipe.transformer.__dict__ or not getattr(
         pipe.transformer._compiled_call_impl, "_attnplug_entry", False
     )
