@@ -18,6 +18,14 @@ rounds (HeadHunter's SD3 general-quality setting: M=20, R=1, k=24; style: R=5, k
 
 Heads are (layer, head) with layers indexed among the adapter's hooked attention layers (FLUX: dual-stream blocks
 then single-stream). `attnplug headhunt` runs this from the command line.
+
+What a custom `generate(pipe, prompt, seed)` must do: SoftPAG runs its perturbed pass after the conditional
+denoiser call of each step and shifts every prediction of that step, so it must be able to tell the calls of
+one step apart. A diffusers pipeline does (one batched [uncond, cond] call, or `transformer.cache_context("cond")`
+/ `("uncond")` around sequential calls). A hand-written loop must do the same: one call per timestep, or each
+classifier-free-guidance branch inside `cache_context("cond")` / `cache_context("uncond")`, or one batched call
+with `SoftPAG(batched_cfg=True)` semantics. Two calls with the same batch at one timestep outside any cache
+context are refused (ValueError) instead of being scored as one step.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from typing import Any
 
 import torch
 
+from .clock import timestep_value
 from .variants.softpag import HEADS_FORMAT, SoftPAG
 
 __all__ = [
@@ -181,6 +190,51 @@ def clip_score(model: str = "openai/clip-vit-base-patch16") -> Objective:
 
     objective.__name__ = f"clip_score({model})"
     return objective
+
+
+class _StepGuard:
+    """A forward pre-hook on one hooked denoiser: refuses a second call with the same batch at one timestep outside
+    any cache context (SoftPAG would take it for another prediction of the step already guided; see the module
+    docstring). Reads the timestep on the host: the search's generations only, never a user's pipeline call."""
+
+    def __init__(self, model: torch.nn.Module, handle: Any) -> None:
+        from .adapters import find_adapter
+        from .hooks import HOOK_NAME
+
+        self.model, self.adapter, self.hook_name = model, find_adapter(model), HOOK_NAME
+        self.seen: set[tuple[float | None, int]] = set()
+        self._handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        registry = getattr(module, "_diffusers_hook", None)
+        step_hook = registry.get_hook(self.hook_name) if registry is not None else None
+        if step_hook is None or step_hook.branches._context is not None:
+            return  # a cache context names the branch: SoftPAG tells the calls apart
+        hs = self.adapter.forward_arg(module, args, kwargs, "hidden_states")
+        key = (timestep_value(self.adapter.timestep(module, args, kwargs)), int(hs.shape[0]) if hs is not None else -1)
+        if key in self.seen:
+            raise ValueError(
+                f"HeadHunter: generate called {type(module).__name__} twice at timestep {key[0]} with batch {key[1]} "
+                "outside a cache context, so SoftPAG would score both calls as one denoising step (the second gets "
+                "the first one's shift). Wrap each guidance branch in transformer.cache_context('cond') / "
+                "cache_context('uncond') as diffusers pipelines do, or make one batched [uncond, cond] call per step"
+            )
+        self.seen.add(key)
+
+    def clear(self) -> None:
+        self.seen.clear()
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _one_call_per_step(handle: Any) -> list[_StepGuard]:
+    """A `_StepGuard` on every denoiser `handle` patched."""
+    target = handle.target
+    models = [target] if isinstance(target, torch.nn.Module) else []
+    models += [getattr(target, n, None) for n in ("transformer", "transformer_2", "unet")]
+    models = [m for m in dict.fromkeys(models) if isinstance(m, torch.nn.Module)]
+    return [_StepGuard(m, handle) for m in models if getattr(m, "_attnplug_handle", None) is handle]
 
 
 def default_generate(call_kwargs: dict[str, Any] | None = None) -> Callable[[Any, str, int], Any]:
@@ -367,9 +421,16 @@ class HeadHunter:
         from .hooks import apply
 
         handle = apply(self.pipe, SoftPAG(scale=self.scale, u=self.u, heads=tuple(heads)), **self.apply_kwargs)
+        guards = _one_call_per_step(handle)
         try:
-            outputs = [self.generate(self.pipe, prompt, seed) for prompt, seed in self.pairs]
+            outputs = []
+            for prompt, seed in self.pairs:
+                for g in guards:
+                    g.clear()
+                outputs.append(self.generate(self.pipe, prompt, seed))
         finally:
+            for g in guards:
+                g.remove()
             handle.remove()
         value = float(self.objective(outputs, list(self.pairs)))
         if not math.isfinite(value):

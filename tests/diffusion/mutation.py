@@ -10,16 +10,13 @@ not found (the list is stale).
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.mutation_runner import main  # noqa: E402
+
 T = "tests/diffusion/"
 
 # (file, old snippet, new snippet, tests)
@@ -184,43 +181,5 @@ MUTATIONS += [
     ),
 ]
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="", help="run the mutations whose file or snippet contains this")
-    ap.add_argument("--keep", action="store_true", help="keep the temp copy")
-    args = ap.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="attnplug-mut-"))
-    shutil.copytree(ROOT, tmp / "repo", ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "out"))
-    repo = tmp / "repo"
-    env = {**os.environ, "PYTHONPATH": str(repo), "PYTHONDONTWRITEBYTECODE": "1"}
-    rows, bad = [], 0
-    for path, old, new, tests in MUTATIONS:
-        if args.only and args.only not in path and args.only not in old:
-            continue
-        f = repo / path
-        text = f.read_text()
-        if text.count(old) != 1:
-            rows.append(("STALE", path, old))
-            bad += 1
-            continue
-        f.write_text(text.replace(old, new))
-        t0 = time.time()
-        res = subprocess.run(
-            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests.split()],
-            cwd=repo, env=env, capture_output=True, text=True,
-        )  # fmt: skip
-        f.write_text(text)
-        status = "killed" if res.returncode != 0 else "SURVIVED"
-        bad += status == "SURVIVED"
-        rows.append((status, path, f"{old[:60]!r} ({time.time() - t0:.0f}s)"))
-        print(*rows[-1], flush=True)
-    killed = sum(r[0] == "killed" for r in rows)
-    print(f"\n{killed}/{len(rows)} mutations killed")
-    if not args.keep:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return 1 if bad else 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(MUTATIONS, __doc__))

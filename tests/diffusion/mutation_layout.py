@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.diffusion import mutation  # noqa: E402
+from tests.mutation_runner import main  # noqa: E402
 
 T = "tests/diffusion/"
 V = "diffusion_attn/variants/"
@@ -117,5 +117,4 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
 
 
 if __name__ == "__main__":
-    mutation.MUTATIONS = MUTATIONS
-    raise SystemExit(mutation.main())
+    raise SystemExit(main(MUTATIONS, __doc__))

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (a table of code snippets)
 """Small mutation run for the CLI side (not collected by pytest; run by hand when these tests change).
 
     python tests/pipelines/mutation.py [--only SUBSTRING]
@@ -9,15 +10,13 @@ failed) or "SURVIVED". Exit status 1 when a mutation survives or a snippet is no
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.mutation_runner import main  # noqa: E402
+
 P = "tests/pipelines/"
 GEN, CMD, CFG, SPEC = P + "test_cli_generate.py", P + "test_cli_commands.py", P + "test_config.py", P + "test_spec.py"
 MASK = CMD + " -k 'show_mask or pair_mask or render'"
@@ -36,8 +35,58 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     ("attn_spec/__init__.py", "    if unknown:\n", "    if False:\n", SPEC),
     ("attn_spec/__init__.py", "raise seq_errors[0] if len(seq_errors) == 1 else fail", "raise fail", SPEC),
     ("attn_spec/__init__.py", "return list(out) if (origin or tp) is list else tuple(out)", "return list(out)", SPEC),
-    # diffusion_attn check_range (the one shared edit)
-    ("diffusion_attn/variants/base.py", "if value != value or (lo", "if (lo", SPEC + " -k nan"),
+    # check_range (attn_spec: the one range check of every option) and the declared ranges
+    ("attn_spec/__init__.py", "if value != value or (lo", "if (lo", SPEC + " -k nan"),
+    (
+        "attn_spec/__init__.py",
+        "        lo_bad = self.lo is not None and (value <= self.lo if",
+        "        lo_bad = self.lo is not None and (value < self.lo if",
+        P + "test_options.py",
+    ),
+    (
+        "attn_spec/__init__.py",
+        "            object.__setattr__(obj, name, float(value))",
+        "            pass",
+        P + "test_options.py",
+    ),
+    (
+        "attn_spec/__init__.py",
+        "        if value is None and optional:\n            continue",
+        "        if optional:\n            continue",
+        P + "test_options.py",
+    ),
+    # layout flags, families on the adapters
+    (
+        "attn_pipelines/config.py",
+        "all(math.isfinite(c) and 0.0 <= c <= 1.0 for c in box)",
+        "all(0.0 <= c for c in box)",
+        P + "test_layout_flags.py -k 'not slow'",
+    ),
+    (
+        "attn_pipelines/config.py",
+        "(x0 * width, y0 * height, x1 * width, y1 * height)",
+        "(x0 * height, y0 * width, x1 * height, y1 * width)",
+        P + "test_layout_flags.py -k pixels",
+    ),
+    ("attn_pipelines/config.py", "        if clash:\n", "        if False:\n", P + "test_layout_flags.py -k override"),
+    (
+        "attn_pipelines/commands/generate.py",
+        "    return fps if fps is not None else 16",
+        "    return 16",
+        P + "test_families.py",
+    ),
+    (
+        "attn_pipelines/commands/show_mask.py",
+        "        text_first = diffusion_attn.ADAPTERS[args.family].text_first",
+        "        text_first = False",
+        P + "test_families.py -k one_adapter_file",
+    ),
+    (
+        "diffusion_attn/variants/base.py",
+        "            missing = [k for k in missing if k not in self.family_optional]",
+        "            missing = []",
+        P + "test_families.py",
+    ),
     # config
     ("attn_pipelines/config.py", '"seed": (0, MAX_SEED),', '"seed": (0, math.inf),', CFG + " -k schema"),
     (
@@ -80,17 +129,22 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         P + "test_callbacks.py -k compile",
     ),
     # latent, loading
-    ("attn_pipelines/latent.py", "(frames - 1) // rule.vae_t + 1", "frames // rule.vae_t", GEN + " -k before_loading"),
+    (
+        "diffusion_attn/adapters/latent.py",
+        "(frames - 1) // rule.vae_t + 1",
+        "frames // rule.vae_t",
+        GEN + " -k before_loading",
+    ),
     (
         "attn_pipelines/latent.py",
-        "            elif isinstance(v, diffusion_attn.Neighborhood):",
+        "            elif isinstance(v, Neighborhood):",
         "            elif False:",
         CFG + " -k check_fit",
     ),
     (
-        "attn_pipelines/latent.py",
-        '"ltx_video": LatentRule(True, 8, 32, 1, 1)',
-        '"ltx_video": LatentRule(True, 8, 16, 1, 1)',
+        "diffusion_attn/adapters/ltx_video.py",
+        "LatentRule(video=True, vae_t=8, vae_s=32, patch_t=1, patch=1)",
+        "LatentRule(video=True, vae_t=8, vae_s=16, patch_t=1, patch=1)",
         CFG + " -k 'runnable or token_grids'",
     ),
     (
@@ -208,40 +262,5 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     ("attn_pipelines/cli.py", "    p = _Parser(", "    p = argparse.ArgumentParser(", GEN + " -k one_line"),
 ]
 
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default=None, help="run the mutations whose file or snippet contains this")
-    args = ap.parse_args()
-    todo = [m for m in MUTATIONS if args.only is None or any(args.only in x for x in m[:3])]
-    work = Path(tempfile.mkdtemp(prefix="attnplug-mut-"))
-    src = work / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "out", "results"))
-    shutil.copytree(ROOT / "benchmarks" / "results", src / "benchmarks" / "results")
-    survived, stale = [], []
-    for i, (rel, old, new, tests) in enumerate(todo, 1):
-        path = src / rel
-        text = path.read_text()
-        if text.count(old) != 1:
-            stale.append(f"{rel}: {old!r}")
-            print(f"[{i}/{len(todo)}] STALE  {rel}: {old[:60]!r}", flush=True)
-            continue
-        path.write_text(text.replace(old, new))
-        t0 = time.time()
-        cmd = f"{sys.executable} -m pytest -x -q -p no:cacheprovider {tests}"
-        r = subprocess.run(cmd, shell=True, cwd=src, capture_output=True, text=True)
-        path.write_text(text)
-        verdict = "killed" if r.returncode == 1 else ("SURVIVED" if r.returncode == 0 else f"rc={r.returncode}")
-        if r.returncode != 1:
-            survived.append(f"{rel}: {old[:60]!r} -> {new[:40]!r} ({verdict})")
-        print(f"[{i}/{len(todo)}] {verdict:8} {time.time() - t0:5.0f}s  {rel}: {old[:60]!r}", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
-    done = len(todo) - len(stale)
-    print(f"\n{done - len(survived)} of {done} mutations killed; {len(stale)} stale")
-    for line in survived + stale:
-        print("  " + line)
-    return 1 if survived or stale else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main(MUTATIONS, __doc__))

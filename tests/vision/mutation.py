@@ -10,15 +10,13 @@ failed) or "SURVIVED". Exit status 1 when a mutation survives or a snippet is no
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.mutation_runner import main  # noqa: E402
+
 V = "tests/vision/"
 AGENT, AA, CE, FT, TC = V + "test_agent.py", V + "test_agent_attention.py", V + "test_coord_eca.py", V + "test_finetune.py", V + "test_timm_conventions.py"  # fmt: skip
 ORACLE = AGENT + " -k independent_reference"
@@ -115,40 +113,5 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     ("vision_attn/spec.py", "if f.init and getattr(variant, f.name) != f.default", "if f.init", FT + " -k parse_variant"),
 ]  # fmt: skip
 
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default=None, help="run the mutations whose file or snippet contains this")
-    args = ap.parse_args()
-    todo = [m for m in MUTATIONS if args.only is None or any(args.only in x for x in m[:3])]
-    work = Path(tempfile.mkdtemp(prefix="attnplug-vision-mut-"))
-    src = work / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "out", "results"))
-    shutil.copytree(ROOT / "benchmarks" / "results", src / "benchmarks" / "results")
-    survived, stale = [], []
-    for i, (rel, old, new, tests) in enumerate(todo, 1):
-        path = src / rel
-        text = path.read_text()
-        if text.count(old) != 1:
-            stale.append(f"{rel}: {old!r}")
-            print(f"[{i}/{len(todo)}] STALE  {rel}: {old[:60]!r}", flush=True)
-            continue
-        path.write_text(text.replace(old, new))
-        t0 = time.time()
-        cmd = f"{sys.executable} -m pytest -x -q -p no:cacheprovider {tests}"
-        r = subprocess.run(cmd, shell=True, cwd=src, capture_output=True, text=True)
-        path.write_text(text)
-        verdict = "killed" if r.returncode == 1 else ("SURVIVED" if r.returncode == 0 else f"rc={r.returncode}")
-        if r.returncode != 1:
-            survived.append(f"{rel}: {old[:60]!r} -> {new[:40]!r} ({verdict})")
-        print(f"[{i}/{len(todo)}] {verdict:8} {time.time() - t0:5.0f}s  {rel}: {old[:60]!r}", flush=True)
-    shutil.rmtree(work, ignore_errors=True)
-    done = len(todo) - len(stale)
-    print(f"\n{done - len(survived)} of {done} mutations killed; {len(stale)} stale")
-    for line in survived + stale:
-        print("  " + line)
-    return 1 if survived or stale else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main(MUTATIONS, __doc__))
