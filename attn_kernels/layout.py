@@ -437,6 +437,11 @@ class BlockLayout:
         self._row_ptr, self._col_idx = rp, bm.nonzero()[:, 1].to(torch.int32)
 
     @property
+    def ldims(self) -> tuple[int, int, int, int, int, int]:
+        """(q_len, k_len, block_q, block_k, batch, heads): the kernels' layout dimensions."""
+        return (self.q_len, self.k_len, self.block_q, self.block_k, self.batch, self.heads)
+
+    @property
     def num_q_blocks(self) -> int:
         return _cdiv(self.q_len, self.block_q)
 
@@ -447,6 +452,13 @@ class BlockLayout:
     @property
     def nnz(self) -> int:
         return self.col_idx.numel()
+
+    def known_block_density(self) -> float | None:
+        """`block_density` when it is known on the host without a sync (CSR-built layouts), else None
+        (layouts built on the device from a mask, e.g. LiteAttention's, whose count lives there)."""
+        if self._col_idx is None:
+            return None
+        return self._col_idx.numel() / (self.batch * self.heads * self.num_q_blocks * self.num_k_blocks)
 
     @property
     def device(self) -> torch.device:

@@ -158,6 +158,12 @@ class TileStats:
             )
 
 
+def _check_heads(name: str, t: torch.Tensor, heads: int) -> None:
+    """`_per_head`'s shape rule without building the [heads] tensor (per-call checks allocate nothing)."""
+    if t.dim() != 0 and t.shape != (heads,):
+        raise ValueError(f"{name} must be a float or a tensor of shape [H]=[{heads}], got shape {tuple(t.shape)}")
+
+
 def check_modifiers(modifiers: tuple, nq: int, nk: int, heads: int) -> tuple[LogitDecay | None, OutputMix | None]:
     """Check a modifier tuple against a call's shapes (no host sync); returns (decay, mix)."""
     decay = mix = None
@@ -165,7 +171,7 @@ def check_modifiers(modifiers: tuple, nq: int, nk: int, heads: int) -> tuple[Log
         if isinstance(m, LogitDecay):
             if decay is not None:
                 raise ValueError("modifiers: LogitDecay given twice")
-            m.factors(heads)
+            _check_heads("LogitDecay.factor", m._factor, heads)
             for name, p, n in (("q_pos", m.q_pos, nq), ("k_pos", m.k_pos, nk)):
                 if p is not None and p.numel() != n:
                     raise ValueError(f"LogitDecay.{name} must have {n} entries for this call, got {p.numel()}")
@@ -175,7 +181,7 @@ def check_modifiers(modifiers: tuple, nq: int, nk: int, heads: int) -> tuple[Log
                 raise ValueError("modifiers: OutputMix given twice")
             if nq != nk:
                 raise ValueError(f"OutputMix needs self-attention (Nq == Nk), got Nq={nq}, Nk={nk}")
-            m.weights(heads)
+            _check_heads("OutputMix.u", m._u, heads)
             mix = m
         else:
             raise TypeError(f"modifiers: unknown modifier {type(m).__name__}; expected LogitDecay or OutputMix")
@@ -186,7 +192,7 @@ def prepare_modifiers(
     modifiers: tuple, heads: int, nq: int, nk: int, device: torch.device
 ) -> tuple[tuple | None, torch.Tensor | None]:
     """(decay kernel arguments or None, OutputMix u [H] or None) on `device`, cached per modifier."""
-    decay, mix = check_modifiers(modifiers, nq, nk, heads)
+    decay, mix = check_modifiers(modifiers, nq, nk, heads) if modifiers else (None, None)
     return (
         None if decay is None else decay.prepare(heads, nq, nk, device),
         None if mix is None else mix.prepare(heads, device),

@@ -11,6 +11,7 @@ reference backend finds the layout / modifier objects behind those tensors in a 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -28,6 +29,7 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def triton_available() -> bool:
     """True when the Triton kernels can be imported."""
     try:
@@ -39,16 +41,22 @@ def triton_available() -> bool:
 
 def _triton_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the Triton kernel cannot run these tensors (None when it can)."""
-    if not (q.is_cuda or _interpret()):
-        return f"tensors are on {q.device.type} (Triton needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter)"
+    return _unsupported(q.is_cuda, q.device.type, q.dtype, q.shape[-1], v.shape[-1], _interpret())
+
+
+@functools.cache
+def _unsupported(cuda: bool, dev: str, dtype: torch.dtype, d: int, dv: int, interpret: bool) -> str | None:
+    """`_triton_unsupported` on hashable facts, cached: the answer never changes for them."""
+    if not (cuda or interpret):
+        return f"tensors are on {dev} (Triton needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter)"
     if not triton_available():
         return "the Triton kernels could not be imported (is triton installed?)"
     from .triton_attention import MAX_HEAD_DIM, SUPPORTED_DTYPES
 
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        return f"head dim {q.shape[-1]}/{v.shape[-1]} is above the supported maximum {MAX_HEAD_DIM}"
-    if q.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {q.dtype} is not one of the supported {SUPPORTED_DTYPES}"
+    if max(d, dv) > MAX_HEAD_DIM:
+        return f"head dim {d}/{dv} is above the supported maximum {MAX_HEAD_DIM}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} is not one of the supported {SUPPORTED_DTYPES}"
     return None
 
 
@@ -117,7 +125,7 @@ def attention(
     modifiers = tuple(modifiers)
     B, H, nq, d = q.shape
     nk = k.shape[2]
-    check_modifiers(modifiers, nq, nk, H)
+    checked = check_modifiers(modifiers, nq, nk, H) if modifiers else (None, None)
     if tile_stats is not None and not isinstance(tile_stats, TileStats):
         raise TypeError(f"attention: tile_stats must be a TileStats or None, got {type(tile_stats).__name__}")
     chosen = _choose(backend, q, v)
@@ -133,16 +141,64 @@ def attention(
             )  # fmt: skip
         tile_stats.needed = needed
         return (out, lse) if return_lse else out
-    if layout is None:  # dense: the kernels walk every key block without reading lists
+    if layout is not None:
+        layout = layout.to(q.device)
+    need_bwd = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    decay_m, mix_m = checked
+    decay = None if decay_m is None else decay_m.prepare(H, nq, nk, q.device)
+    mix_u = None if mix_m is None else mix_m.prepare(H, q.device)
+    if chosen == "triton" and not torch.compiler.is_compiling():
+        # eager fast path: the same kernels without the custom op's dispatch (torch.compile traces
+        # the op below); an autograd.Function only when a gradient is wanted
+        if layout is None:  # dense: the kernels walk every key block without reading lists
+            kl, ldims = None, (nq, nk, 128, 128, 1, 1)
+        else:
+            kl, ldims = layout.kernel_view(backward=need_bwd), layout.ldims
+        if need_bwd:
+            out, lse = _TritonAttention.apply(q, k, v, kl, ldims, scale_f, decay, mix_u)
+        else:
+            out, lse = _ta().forward(q, k, v, kl, ldims, scale_f, decay, mix_u)
+        return (out, lse) if return_lse else out
+    if layout is None:
         lay, ldims = [], [nq, nk, 128, 128, 1, 1]
     else:
-        layout = layout.to(q.device)
-        need_bwd = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        lay, ldims = list(layout.kernel_view(backward=need_bwd and chosen == "triton")), _ldims(layout)
-    decay, mix_u = prepare_modifiers(modifiers, H, nq, nk, q.device)
+        lay, ldims = list(layout.kernel_view(backward=need_bwd and chosen == "triton")), list(layout.ldims)
     dec = [None, -1, None, None] if decay is None else list(decay)
     out, lse = torch.ops.attnplug.block_sparse_attention(q, k, v, lay, ldims, *dec, mix_u, scale_f, chosen)
     return (out, lse) if return_lse else out
+
+
+@functools.cache
+def _ta():
+    """The Triton module (imported on first use: importing triton is optional on CPU)."""
+    from . import triton_attention
+
+    return triton_attention
+
+
+class _TritonAttention(torch.autograd.Function):
+    """Eager autograd of the Triton path (the custom op's formula, without its dispatch)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kl, ldims, scale, decay, mix_u):  # type: ignore[override]
+        from .triton_attention import forward
+
+        out, lse = forward(q, k, v, kl, ldims, scale, decay, mix_u)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (kl, ldims, scale, decay, mix_u)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):  # type: ignore[override]
+        from .triton_attention import backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        kl, ldims, scale, decay, mix_u = ctx.args
+        if kl is not None and not kl.has_backward:  # forward ran with grad mode off in sight: build now
+            kl = _layout_of(kl, list(ldims)).kernel_view(backward=True)
+        dq, dk, dv = backward(grad_out, q, k, v, out, lse, kl, ldims, scale, decay, mix_u)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _choose(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
@@ -163,7 +219,7 @@ def _choose(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
 
 
 def _ldims(layout: BlockLayout) -> list[int]:
-    return [layout.q_len, layout.k_len, layout.block_q, layout.block_k, layout.batch, layout.heads]
+    return list(layout.ldims)
 
 
 # ---------------------------------------------------------------------- objects behind op tensors

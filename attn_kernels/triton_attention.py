@@ -759,12 +759,16 @@ def check_inputs(q: torch.Tensor, v: torch.Tensor) -> None:
         raise TypeError(f"Triton attention: dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()  # plain Python: triton's helper is slow in the interpreter
+
+
 def _pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, _pow2(d))
 
 
 def _bucket(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, _pow2(n))
 
 
 def _dot_prec(dtype: torch.dtype, d: int, dv: int) -> str:
@@ -776,6 +780,8 @@ def _dot_prec(dtype: torch.dtype, d: int, dv: int) -> str:
 
 
 _DUMMIES: dict[tuple, tuple] = {}
+#: forward launch plans (integer arguments, constexprs, grid) per shapes / strides / flags
+_FWD_PLANS: dict[tuple, tuple] = {}
 
 
 def _dummies(device: torch.device) -> tuple:
@@ -789,9 +795,9 @@ def _dummies(device: torch.device) -> tuple:
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:
-    """True when some element offset of a launch may not fit in int32 (64-bit index math then)."""
-    return any(t.numel() >= 2**31 or max((s * (n - 1) for s, n in zip(t.stride(), t.shape)), default=0) >= 2**31
-               for t in tensors)  # fmt: skip
+    """True when some element offset of a launch may not fit in int32 (64-bit index math then):
+    an offset never exceeds the elements of the tensor's storage."""
+    return any(t.untyped_storage().nbytes() >= 2**31 * t.element_size() for t in tensors)
 
 
 def forward(
@@ -813,12 +819,26 @@ def forward(
     stats: a zeroed uint8 [B, H, nqb, nkb] buffer to fill with LiteAttention's tile statistics."""
     B, H, nq, d = q.shape
     nk, dv = k.shape[2], v.shape[-1]
-    _, _, bq, bk, lb, lh = ldims
-    nqb, nkb = -(-nq // bq), -(-nk // bk)
     dev = q.device
     out = torch.empty(B, H, nq, dv, dtype=q.dtype, device=dev)
     lse = torch.empty(B, H, nq, dtype=torch.float32, device=dev)
     i32, f32, u8 = _dummies(dev)
+    # everything but the tensors depends on shapes, strides and flags only: built once per key
+    key = (q.shape, nk, dv, q.stride(), k.stride(), v.stride(), q.dtype, ldims, scale, decay is None,
+           mix_u is None, stats is None, kl is None, _needs_int64(q, k, v, out))  # fmt: skip
+    hit = _FWD_PLANS.get(key)
+    if hit is None:
+        _, _, bq, bk, lb, lh = ldims
+        nqb, nkb = -(-nq // bq), -(-nk // bk)
+        ints = (*q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                H, nq, nk, nqb, nkb, lb, lh, scale * _LOG2E, _bucket(nq), _bucket(nk))  # fmt: skip
+        meta = dict(
+            BLOCK_Q=bq, BLOCK_K=bk, D=d, DV=dv, HEAD_D=_pad(d), HEAD_DV=_pad(dv), HAS_DECAY=decay is not None,
+            HAS_MIX=mix_u is not None, HAS_STATS=stats is not None, DOT_PREC=_dot_prec(q.dtype, d, dv),
+            DENSE=kl is None, IDX64=key[-1],
+        )  # fmt: skip
+        hit = _FWD_PLANS[key] = (ints, meta, lambda m, g=nqb * bq, bh=B * H: (g // m["BLOCK_M"], bh))
+    ints, meta, grid = hit
     dargs = decay if decay is not None else (f32, 0, i32, i32)
     if kl is None:
         lists = (i32,) * 7
@@ -827,19 +847,9 @@ def forward(
     else:
         lists = (kl.full_begin, kl.full_end, kl.full_idx, kl.part_begin, kl.part_end, kl.part_idx, kl.part_mask)
     elem = kl.elem_mask if kl is not None and kl.elem_mask is not None else i32
-    args = (
-        q, k, v, out, lse, *lists, elem,
-        *dargs, mix_u if mix_u is not None else f32,
-        stats if stats is not None else u8, float(stats_thr),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, nq, nk, nqb, nkb, lb, lh, scale * _LOG2E, _bucket(nq), _bucket(nk),
-    )  # fmt: skip
-    meta = dict(
-        BLOCK_Q=bq, BLOCK_K=bk, D=d, DV=dv, HEAD_D=_pad(d), HEAD_DV=_pad(dv), HAS_DECAY=decay is not None,
-        HAS_MIX=mix_u is not None, HAS_STATS=stats is not None, DOT_PREC=_dot_prec(q.dtype, d, dv),
-        DENSE=kl is None, IDX64=_needs_int64(q, k, v, out),
-    )  # fmt: skip
-    _launch("fwd", _fwd_kernel, lambda m: (nqb * (bq // m["BLOCK_M"]), B * H), args, meta, q.dtype, dev)
+    args = (q, k, v, out, lse, *lists, elem, *dargs, mix_u if mix_u is not None else f32,
+            stats if stats is not None else u8, float(stats_thr), *ints)  # fmt: skip
+    _launch("fwd", _fwd_kernel, grid, args, meta, q.dtype, dev)
     return out, lse
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -59,6 +60,29 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+#: A plan whose only work is a layout of `approximates_dense` variants, keeping at least this fraction of
+#: the blocks, runs dense (the model's own processor: SDPA / FlashAttention / cuDNN) instead. From the
+#: kernel's targets: sparse time <= 1.15 x density x our dense time and our dense time <= SDPA's / 0.9, so
+#: a layout only pays off below 0.9 / 1.15 = 0.78 of the blocks; `benchmarks/kernel_bench.py` reports the
+#: measured crossover (`dense_engine_block_density`). Override: ATTNPLUG_DENSE_ENGINE_DENSITY (1.01 = never).
+DENSE_ENGINE_BLOCK_DENSITY = float(os.environ.get("ATTNPLUG_DENSE_ENGINE_DENSITY", "0.78"))
+
+
+def _dense_engine_if_nearly_dense(plan: AttnPlan, variants) -> AttnPlan:
+    """`plan`, or a dense plan where its layout is nearly dense (see `DENSE_ENGINE_BLOCK_DENSITY`); reads
+    only host-known counts (no sync)."""
+    if (
+        plan.layout is None or plan.perm is not None or plan.modifiers or plan.tile_stats is not None
+        or plan.extra or plan.compute is not None or plan.after
+        or not all(v.approximates_dense for v in variants if v.role == "sparsity")
+    ):  # fmt: skip
+        return plan
+    density = plan.layout.known_block_density()
+    if density is None or density < DENSE_ENGINE_BLOCK_DENSITY:
+        return plan
+    return AttnPlan()
 
 
 @dataclass
@@ -232,6 +256,7 @@ class AttnRuntime:
                 perturbed=self.perturbed,
             )
             plan = var.plan(ctx, plan)
+        plan = _dense_engine_if_nearly_dense(plan, self.variants)
         if self._kinds is not None and 0 <= layer < len(self._kinds):
             self._kinds[layer] = (
                 "dense (model's processor)"

@@ -164,6 +164,10 @@ class Variant:
     #: also planned for cross-attention calls (`TokenLayout.cross_len` > 0; Wan's and UNets' `attn2` are hooked
     #: only when a variant of `apply` sets it); other variants never see them
     cross_attention: ClassVar[bool] = False
+    #: the variant's layout only approximates dense attention to save time (Radial, GNA): where its layout
+    #: keeps nearly every block, the call runs dense instead (`DENSE_ENGINE_BLOCK_DENSITY`), never slower
+    #: than not applying it. Layouts that mean something (Regional's masks) keep False.
+    approximates_dense: ClassVar[bool] = False
 
     def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
         """Contribute to the plan of one attention call; return the (possibly new) plan."""

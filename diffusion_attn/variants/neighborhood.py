@@ -241,6 +241,7 @@ class Neighborhood(Variant):
 
     name: ClassVar[str] = "gna"
     aliases: ClassVar[tuple[str, ...]] = ("neighborhood",)
+    approximates_dense: ClassVar[bool] = True
     role: ClassVar[str] = "sparsity"
     families: ClassVar[tuple[str, ...] | None] = None
 

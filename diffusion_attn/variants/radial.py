@@ -190,6 +190,7 @@ class Radial(Variant):
     """
 
     name: ClassVar[str] = "radial"
+    approximates_dense: ClassVar[bool] = True
     role: ClassVar[str] = "sparsity"
     families: ClassVar[tuple[str, ...] | None] = None
     family_defaults: ClassVar[dict[str, dict[str, Any]]] = {
