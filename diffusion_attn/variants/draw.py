@@ -1,8 +1,10 @@
 """Pictures of attention masks: which (query, key) token pairs a layout visits.
 
 `draw_layout` draws a BlockLayout or a token mask; `render_variant_mask` runs a variant's `plan`
-for a TokenLayout (any step / layer / state) and draws the mask in the original token order
-(`attnplug show-mask` calls it). Rows are queries, columns keys; dark = computed.
+for a TokenLayout (any step / layer / state) and draws the mask in the original token order. Rows are
+queries, columns keys; dark = computed. These build the N x N token mask (`variant_token_mask`, the
+tests' reference), so they suit small layouts (`benchmarks/draw_masks.py`); `attnplug show-mask` draws
+from the block layout pair by pair in bounded memory instead (`attn_pipelines/maskdraw.py`).
 """
 
 from __future__ import annotations
