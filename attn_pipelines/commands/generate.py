@@ -45,7 +45,11 @@ _FP16_CPU = "Pipelines loaded with `dtype=torch.float16` cannot run with `cpu` d
 def add_parser(sub: Any) -> None:
     g = sub.add_parser("generate", help="run a diffusers pipeline with attention variants and write PNG/GIF/MP4")
     g.add_argument("--model", help="Hub id or local diffusers pipeline directory (default: embedded tiny pipeline)")
-    g.add_argument("--config", help="preset name (see `attnplug list`) or path to a preset YAML")
+    g.add_argument(
+        "--config",
+        help="preset name (see `attnplug list`), path to a preset YAML, or an attnplug config saved with the weights "
+        "(attnplug_config.json or its directory: handle.save_pretrained)",
+    )
     g.add_argument("--prompt", default=None, help=f"(default: {DEFAULT_PROMPT!r}; world model: {WORLD_PROMPT!r})")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--seed", type=argtypes.seed, default=None, help="random seed in [0, 2**64 - 1] (default 0)")
@@ -330,6 +334,104 @@ def _compile_at_first_call(transformer: Any, handle: Any) -> None:
     hook = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
+def _load_config(text: str) -> Preset:
+    """`--config`: a shipped preset name, a preset YAML, or an attnplug config saved with the weights
+    (`attnplug_config.json`, or the directory holding it: `handle.save_pretrained` / `save_pretrained` of a
+    pipeline while applied). A saved config names the variants; the directory is the default `--model`
+    when it is a pipeline directory."""
+    from diffusion_attn.hooks import CONFIG_NAME, load_config
+
+    path = Path(text).expanduser()
+    saved = path / CONFIG_NAME if path.is_dir() else path
+    if not (saved.name == CONFIG_NAME or saved.suffix.lower() == ".json") or not saved.is_file():
+        return load_preset(text)
+    try:
+        cfg = load_config(saved)
+    except ValueError as e:
+        raise CLIError(f"--config: {e}") from None
+    families = set(cfg.get("families", {}).values()) if isinstance(cfg.get("families"), dict) else set()
+    model_dir = saved.parent
+    return Preset(
+        name=str(path),
+        description="attnplug config saved with the weights",
+        model=str(model_dir) if (model_dir / "model_index.json").is_file() else "",
+        pipeline={},
+        attn=tuple(parse_spec(a, where=f"--config {saved}") for a in cfg["attn"]),
+        family=families.pop() if len(families) == 1 else None,
+        source=str(saved),
+    )
+
+
+_SIZE_FLAGS = (("height", "--height"), ("width", "--width"), ("frames", "--frames"), ("steps", "--steps"))
+
+
+def _transformer_parameters(model_dir: Path | None) -> int | None:
+    """Parameters of a local pipeline's denoiser(s), from the safetensors headers (no weight is read)."""
+    if model_dir is None:
+        return None
+    total = 0
+    for sub in ("transformer", "transformer_2", "unet"):
+        for f in sorted((Path(model_dir) / sub).glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            for key, meta in header.items():
+                if key != "__metadata__":
+                    n = 1
+                    for d in meta["shape"]:
+                        n *= int(d)
+                    total += n
+    return total or None
+
+
+def _cpu_flops() -> float:
+    """This CPU's fp32 matmul rate (FLOP/s), measured on a 512 x 512 product (about 0.1 s)."""
+    import torch
+
+    a = torch.randn(512, 512)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(8):
+        a @ a
+    return 8 * 2 * 512**3 / max(time.perf_counter() - t, 1e-9)
+
+
+def _cost_notice(args: argparse.Namespace, pcfg: dict[str, Any], s: _Settings, info: ModelInfo, device: Any) -> None:
+    """On CPU, a --model run without any size flag runs the pipeline's own (large) defaults: say what will
+    run and a lower-bound time estimate before loading anything."""
+    if device.type != "cpu" or getattr(args, "_cost_noticed", False):
+        return
+    if any(getattr(args, key) is not None or key in pcfg for key, _ in _SIZE_FLAGS):
+        return
+    args._cost_noticed = True
+    rule = rule_for(s.family, info.local_dir)
+    tokens = None
+    if rule is not None and s.height is not None and s.width is not None:
+        f, h, w = token_grid(rule, s.height, s.width, s.frames)
+        tokens = f * h * w
+    size = f"{s.width}x{s.height} px, {s.frames} frame(s), {s.steps} steps"
+    estimate = "no estimate (the model's size is unknown before loading)"
+    params = _transformer_parameters(info.local_dir)
+    if params and tokens:
+        forwards = 2 if (s.guidance or 0) > 1 else 1  # classifier-free guidance: two transformer calls a step
+        rate = _cpu_flops()
+        seconds = s.steps * forwards * 2 * params * tokens / rate
+        count = f"{params / 1e9:.2f} B" if params >= 1e8 else f"{params / 1e6:.2f} M"
+        when = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+        estimate = (
+            f"estimate >= {when} ({count} transformer parameters x {tokens} tokens x "
+            f"{s.steps} steps x {forwards} call(s) at this CPU's measured {rate / 1e9:.0f} GFLOP/s; attention "
+            "and the VAE add more)"
+        )
+    elif tokens:
+        estimate = f"{tokens} visual tokens per transformer call"
+    print(
+        f"attnplug: notice: no {'/'.join(flag for _, flag in _SIZE_FLAGS)} given: {s.pipeline}'s own defaults will "
+        f"run on CPU: {size}; {estimate}. Pass smaller --height/--width/--frames/--steps to run less.",
+        file=sys.stderr,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------
@@ -338,9 +440,9 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     import diffusion_attn
 
-    preset = load_preset(args.config) if args.config else None
+    preset = _load_config(args.config) if args.config else None
     pcfg: dict[str, Any] = dict(preset.pipeline) if preset else {}
-    model = args.model or (preset.model if preset else None)
+    model = args.model or (preset.model if preset else None) or None
     where = "--attn" if preset is None else f"--attn/--config {preset.name}"
     specs = merge_attn(preset.attn if preset else (), [parse_spec(s, where="--attn") for s in args.attn])
     specs = layout_specs(specs, args.region, args.boundary)
@@ -402,6 +504,8 @@ def run(args: argparse.Namespace) -> int:
     settings = None
     if isinstance(pipe_cls, type):
         settings = _resolve(args, pcfg, pipe_cls, info.family or "", info, preset, variants, where, warned)
+        if embedded is None:
+            _cost_notice(args, pcfg, settings, info, device)
 
     with _quiet(quiet + warned):
         # --- pipeline ----------------------------------------------------------------------------
@@ -421,6 +525,8 @@ def run(args: argparse.Namespace) -> int:
         family = family_of(pipe)
         if settings is None or settings.pipeline != type(pipe).__name__:
             settings = _resolve(args, pcfg, type(pipe), family, info, preset, variants, where, warned)
+            if embedded is None:
+                _cost_notice(args, pcfg, settings, info, device)
         return _generate(args, pipe, settings, variants, apply, specs, warned, device, dtype_name, model_label,
                          preset, t_start)  # fmt: skip
 
