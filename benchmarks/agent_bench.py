@@ -40,14 +40,15 @@ def _time(fn, cuda: bool) -> float:
     return time.perf_counter() - t
 
 
-def layer_sweep(grids, agents, dim, heads, batch, repeats, device, dtype) -> list[dict]:
-    """Seconds per forward of one attention layer, softmax (SDPA) vs agent, at each grid and agent count."""
+def layer_sweep(grids, agents, dim, heads, batch, repeats, device, dtype, rows: list | None = None) -> list[dict]:
+    """Seconds per forward of one attention layer, softmax (SDPA) vs agent, at each grid and agent
+    count, appended to `rows` as each grid finishes (a run cut short keeps the finished grids)."""
     from timm.layers import Attention
 
     from vision_attn.variants.agent import AgentAttention
 
     cuda = device.type == "cuda"
-    rows = []
+    rows = [] if rows is None else rows
     for g in grids:
         n_tok = g * g + 1
         torch.manual_seed(0)
@@ -58,7 +59,16 @@ def layer_sweep(grids, agents, dim, heads, batch, repeats, device, dtype) -> lis
             if n <= g * g and math.isqrt(n) ** 2 == n:
                 mods[f"agent{n}"] = AgentAttention(base, (g, g), 1, n).to(device, dtype).eval()
         times = {k: [] for k in mods}
+        checks = {}
         with torch.inference_mode():
+            for k, m in mods.items():  # a figure counts only if the timed path equals the eager formula
+                if k != "softmax":
+                    got = m(x).float()
+                    m.set_backend("eager")
+                    ref = m(x).float()
+                    m.set_backend("auto")
+                    err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+                    checks[k] = {"rel_err_vs_eager": err, "ok": err <= (2e-2 if dtype != torch.float32 else 1e-4)}
             for m in mods.values():  # warm-up
                 m(x)
                 m(x)
@@ -69,7 +79,9 @@ def layer_sweep(grids, agents, dim, heads, batch, repeats, device, dtype) -> lis
         for k in mods:
             if k != "softmax":
                 row[f"{k}_ms"] = 1e3 * statistics.median(times[k])
-                row[f"{k}_speedup"] = row["softmax_ms"] / row[f"{k}_ms"]
+                row[f"{k}_check"] = checks[k]
+                if checks[k]["ok"]:
+                    row[f"{k}_speedup"] = row["softmax_ms"] / row[f"{k}_ms"]
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     return rows
@@ -133,7 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.grids, args.agents, args.repeats, dim, heads = [4, 8], [4], 2, 64, 2
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    rows = layer_sweep(args.grids, args.agents, dim, heads, args.batch, args.repeats, device, dtype)
+    rows: list[dict] = []
+    interrupted = None
+    try:
+        layer_sweep(args.grids, args.agents, dim, heads, args.batch, args.repeats, device, dtype, rows)
+    except KeyboardInterrupt:  # run_gpu.sh's section limit: keep the finished grids
+        interrupted = "KeyboardInterrupt: the rows above are complete"
     report = {
         "benchmark": "agent_bench",
         "command": "python benchmarks/agent_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -148,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
         "sweep": rows,
         "crossover_tokens": {f"agent{n}": crossover(rows, f"agent{n}_speedup") for n in args.agents},
     }  # fmt: skip
-    if args.gpu and not args.smoke:
+    report["interrupted"] = interrupted
+    if args.gpu and not args.smoke and interrupted is None:
         report["vit_small_images_per_s"] = model_images_per_s(
             [224, 448, 1024], lambda s: {224: 64, 448: 16, 1024: 4}[s], dtype, device, 20, 49
         )

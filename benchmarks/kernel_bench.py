@@ -748,6 +748,20 @@ def info_ratios(bench: Bench) -> dict[str, float]:
         a, b = ms(c1, i1), ms(c2, i2)
         if a and b:
             out[name] = a / b
+    # where a sparse layout stops paying: sparse time ~ s * d * our dense time (s: the measured scaling,
+    # averaged), the dense engine is the best checked SDPA backend -> d* = t_sdpa / (s * t_ours_dense)
+    ours = ms("wan_dense", "ours")
+    sdpa = [
+        ms("wan_dense", r["impl"]) for r in bench.records if r["case"] == "wan_dense" and r["impl"].startswith("sdpa_")
+    ]
+    sdpa = [t for t in sdpa if t]
+    scal = []
+    for r in bench.records:
+        t = ms(r["case"], r["impl"]) if r["case"].startswith("wan_sparse_") and r["impl"] == "ours" else None
+        if t and ours:
+            scal.append(t / (r["density"] * ours))
+    if ours and sdpa and scal:
+        out["dense_engine_block_density"] = min(sdpa) / (statistics.mean(scal) * ours)
     return out
 
 
