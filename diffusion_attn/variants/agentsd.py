@@ -51,11 +51,13 @@ scale). Host work: none per call (shapes only; merging is gathers and scatters o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 
-from .base import AttnContext, AttnPlan, Variant, check_range, register_variant
+from attn_spec import Range
+
+from .base import AttnContext, AttnPlan, Variant, check_options, check_range, register_variant
 
 __all__ = ["AgentSD", "ToMeMerge", "agent_formula"]
 
@@ -250,22 +252,23 @@ class AgentSD(Variant):
 
     merge_ratio: float = 0.4
     agent_ratio: float = 0.95
-    stride: int = 4
-    switch_step: int = 20
+    stride: Annotated[int, Range(1, None)] = 4
+    switch_step: Annotated[int, Range(0, None)] = 20
     late_merge_ratio: float = 0.4
     late_agent_ratio: float = 0.5
-    late_stride: int = 2
+    late_stride: Annotated[int, Range(1, None)] = 2
     agent_scale_exponent: float = 0.3
-    shortcut: float = 0.075
-    max_downsample: int | None = None
+    shortcut: Annotated[float, Range(0.0, 1.0)] = 0.075
+    max_downsample: Annotated[int | None, Range(1, None)] = None
     fallback: Literal["tome", "softmax"] = "tome"
     use_rand: bool = True
-    seed: int = 0
+    seed: Annotated[int, Range(0, 2**63 - 1)] = 0
     upcast: bool = False
     dit: bool = False
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        check_options(self)  # the ranges declared on the fields above
         for f in ("merge_ratio", "late_merge_ratio"):
             check_range(f"AgentSD.{f}", getattr(self, f), 0.0, 1.0)
             if not getattr(self, f) < 1.0:
@@ -274,21 +277,14 @@ class AgentSD(Variant):
             check_range(f"AgentSD.{f}", getattr(self, f), 0.0, 1.0)
             if not getattr(self, f) > 0.0:
                 raise ValueError(f"AgentSD.{f} must be in (0, 1], got {getattr(self, f)!r}")
-        for f in ("stride", "late_stride"):
-            check_range(f"AgentSD.{f}", getattr(self, f), 1, None, kind=int)
-        check_range("AgentSD.switch_step", self.switch_step, 0, None, kind=int)
         check_range("AgentSD.agent_scale_exponent", self.agent_scale_exponent, 0.0, 4.0)
         if not self.agent_scale_exponent > 0:
             raise ValueError(f"AgentSD.agent_scale_exponent must be in (0, 4], got {self.agent_scale_exponent!r}")
-        check_range("AgentSD.shortcut", self.shortcut, 0.0, 1.0)
-        if self.max_downsample is not None:
-            check_range("AgentSD.max_downsample", self.max_downsample, 1, None, kind=int)
         if self.fallback not in _FALLBACKS:
             raise ValueError(f"AgentSD.fallback must be one of {_FALLBACKS}, got {self.fallback!r}")
         for f in ("use_rand", "upcast", "dit"):
             if not isinstance(getattr(self, f), bool):
                 raise TypeError(f"AgentSD.{f} must be bool, got {getattr(self, f)!r}")
-        check_range("AgentSD.seed", self.seed, 0, 2**63 - 1, kind=int)
         if self.layers is not None:
             if not isinstance(self.layers, (tuple, list)) or not self.layers:
                 raise ValueError(

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import AttnContext, AttnPlan, TokenLayout, Variant, register_variant
+from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
 
 __all__ = ["UltraViCo", "ULTRAVICO_DEFAULTS", "ultravico_positions", "harmonic_bands"]
 
@@ -49,7 +49,6 @@ ULTRAVICO_DEFAULTS: dict[str, tuple[int, float | None, int | None]] = {
     "cogvideox": (13, None, None),  # CogVideoX-2b/5b: 49 frames -> 13 latent frames
     "ltx_video": (21, None, None),  # LTX-Video pipeline default 161 frames -> 21 latent frames
 }
-_BLOCK_SIZES = (16, 32, 64, 128)
 
 
 def _check_factor(name: str, value: Any) -> float:
@@ -175,9 +174,10 @@ class UltraViCo(Variant):
     harmonic_period: int | None = None
     harmonic_width: int = 4
     only_beyond_training: bool = True
-    block_size: int = 128
+    block_size: BlockSize = 128
 
     def __post_init__(self) -> None:
+        check_options(self)  # block_size's declared choices
         self.alpha = _check_factor("UltraViCo.alpha", self.alpha)
         if self.beta is not None:
             self.beta = _check_factor("UltraViCo.beta", self.beta)
@@ -195,8 +195,6 @@ class UltraViCo(Variant):
             )
         if not isinstance(self.only_beyond_training, bool):
             raise TypeError(f"UltraViCo.only_beyond_training must be True or False, got {self.only_beyond_training!r}")
-        if self.block_size not in _BLOCK_SIZES:
-            raise ValueError(f"UltraViCo.block_size must be one of {_BLOCK_SIZES}, got {self.block_size!r}")
         self._cache: dict = {}
 
     def resolved(self, family: str) -> dict[str, Any]:
