@@ -47,6 +47,18 @@ def _print_variants(registry: dict[str, type]) -> None:
                 print(f"      attnplug generate {usage} (repeatable, box in frame fractions; sets {', '.join(owned)})")
 
 
+def family_facts(adapter: type) -> str:
+    """One line of an adapter's facts: its latent rule (pixels per token, frames per latent), fps, text order."""
+    rule = adapter.latent
+    if rule is None:
+        size = "token grid known after loading"
+    else:
+        size = f"{rule.multiple} px per token side"
+        size += f", {rule.vae_t * rule.patch_t} frames per token frame" if rule.video else ", images"
+    fps = f", {adapter.default_fps} fps" if adapter.default_fps else ""
+    return f"{size}{fps}, joint text {'first' if adapter.text_first else 'last'}"
+
+
 def preset_status(p: Preset) -> str:
     """'' for a usable preset, else why it cannot run."""
     if p.usable:
@@ -64,8 +76,9 @@ def run(args: argparse.Namespace) -> int:
     planned = [n for n in PLANNED_VARIANTS if n not in registry]
     if planned:
         print(f"  planned, not implemented yet: {', '.join(planned)}")
-    print("\nModel families (diffusion_attn adapters):")
-    print("  " + ", ".join(diffusion_attn.ADAPTERS))
+    print("\nModel families (diffusion_attn adapters; what attnplug knows about each lives on its adapter):")
+    for name, adapter in diffusion_attn.ADAPTERS.items():
+        print(f"  {name:<14} {', '.join(adapter.model_classes)}: {family_facts(adapter)}")
 
     import vision_attn
     from vision_attn.models import registered_names

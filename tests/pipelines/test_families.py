@@ -34,6 +34,12 @@ def test_the_cli_tables_are_the_adapters_facts():
         "ltx_video": 24,
     }
     assert [n for n, c in ADAPTERS.items() if c.text_first] == ["cogvideox", "flux"]
+    from attn_pipelines.commands.listing import family_facts  # what `attnplug list` prints per family
+
+    ltx = "32 px per token side, 8 frames per token frame, 24 fps, joint text last"
+    assert family_facts(ADAPTERS["ltx_video"]) == ltx
+    assert family_facts(ADAPTERS["flux"]) == "16 px per token side, images, joint text first"
+    assert family_facts(ADAPTERS["unet"]).startswith("token grid known after loading")
 
 
 def test_a_family_added_by_one_adapter_file_is_known_to_the_cli(tmp_path, capsys):
