@@ -200,9 +200,10 @@ def _default_text_len(pipe: Any) -> int:
 
 
 @torch.no_grad()
-def encode_clip(pipe: Any, family: str, video: torch.Tensor, caption: str, text_len: int) -> dict:
-    """Cached inputs of one clip: normalised latents and the prompt's conditioning, as the pipeline builds them."""
-    dev = pipe.transformer.device
+def encode_clip(pipe: Any, family: str, video: torch.Tensor, caption: str, text_len: int, device: Any = None) -> dict:
+    """Cached inputs of one clip: normalised latents and the prompt's conditioning, as the pipeline builds them
+    (on `device`, default the VAE's)."""
+    dev = pipe.vae.device if device is None else torch.device(device)
     vae = pipe.vae
     x = video[None].to(dev, vae.dtype)
     out: dict[str, Any] = {}
@@ -342,7 +343,7 @@ def _prepare_cache(pipe: Any, family: str, cfg: TrainLoRAConfig, accelerator: An
                 m.to(dev)
         for path, caption, f in todo:
             video = read_video(path, cfg.height, cfg.width, cfg.num_frames)
-            data = encode_clip(pipe, family, video, caption, text_len)
+            data = encode_clip(pipe, family, video, caption, text_len, dev)
             data["caption"] = caption
             torch.save(data, f.with_suffix(".tmp"))
             f.with_suffix(".tmp").replace(f)

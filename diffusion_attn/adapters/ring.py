@@ -212,3 +212,30 @@ def ring_attention(
     if acc is None:  # no pair visible at all: rows that see no key give 0
         acc = torch.zeros(*qh.shape[:3], v.shape[-1], dtype=torch.float32, device=q.device)
     return acc.to(q.dtype)[:, :, ring_plan.q_inv].transpose(1, 2)
+
+
+def shard_rows_attention(
+    rt: Any, plan: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int
+) -> torch.Tensor:
+    """Cross-attention under context parallelism (Wan's text `attn2`: diffusers runs it without communication):
+    this rank's queries are rows [start, start + Nq) of the plan's layout, the keys are all there. The layout is
+    restricted to those rows once (cached in the runtime's layout cache). q [B, Nq, H, D], k, v [B, Nk, H, D]."""
+    from attn_kernels import attention
+
+    if plan.perm is not None or plan.extra or plan.tile_stats is not None or plan.after or plan.compute is not None:
+        raise RuntimeError(f"attnplug[{rt.family}]: this cross-attention plan cannot run on a sequence shard")
+    nq, nk = q.shape[1], k.shape[1]
+    key = ("rows", plan.layout, tuple(plan.modifiers), start, nq, nk)  # layouts / modifiers hash by identity
+    hit = rt._layouts.get(key)
+    if hit is None:
+        rows = torch.arange(start, start + nq, device=q.device)
+        cols = torch.arange(nk, device=q.device)
+        full_q = plan.layout.q_len if plan.layout is not None else start + nq
+        hit = rt._layouts[key] = (
+            restrict_layout(plan.layout, rows, cols),
+            restrict_modifiers(tuple(plan.modifiers), full_q, nk, rows, cols),
+        )
+    sub, sub_mods = hit
+    rt.calls += 1
+    out = attention(*(t.transpose(1, 2) for t in (q, k, v)), sub, modifiers=sub_mods, backend=rt.kernel_backend)
+    return out.transpose(1, 2)

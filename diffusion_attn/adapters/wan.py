@@ -77,8 +77,14 @@ class WanCrossProcessor(SparseProcessor):
         layout = self._layouts.get(key)
         if layout is None:
             layout = self._layouts[key] = TokenLayout(grid=rt.grid, family="wan", cross_len=key[1])
+        start = None  # context parallelism: this rank's first visual query (diffusers shards the queries only)
         if layout.num_visual != hidden_states.shape[1]:
-            return None
+            pc = self._context_parallel()
+            cp = None if pc is None else pc.context_parallel_config
+            if cp is None or hidden_states.shape[1] * cp.ring_degree * cp.ulysses_degree != layout.num_visual:
+                return None
+            shard = cp._ring_local_rank * cp.ulysses_degree + cp._ulysses_local_rank  # rank in the flattened mesh
+            start = shard * hidden_states.shape[1]
         head_dim = attn.inner_dim // attn.heads
         plan = rt.plan(
             self.layer, layout, hidden_states.shape[0], attn.heads, head_dim, hidden_states.device, hidden_states.dtype
@@ -90,7 +96,12 @@ class WanCrossProcessor(SparseProcessor):
         query, key_, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query, key_ = attn.norm_q(query), attn.norm_k(key_)
         query, key_, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key_, value))
-        out = rt.run(plan, query, key_, value, layout=layout)
+        if start is None:
+            out = rt.run(plan, query, key_, value, layout=layout)
+        else:
+            from .ring import shard_rows_attention
+
+            out = shard_rows_attention(rt, plan, query, key_, value, start)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 

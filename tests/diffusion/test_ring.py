@@ -1,10 +1,13 @@
 """diffusers ring context parallelism (issue 22): `ContextParallelConfig(ring_degree=N)` and Ulysses x ring over
 CPU processes (gloo) give the same outputs as one process for radial, GNA, LiteAttention and UltraViCo (with its
-beta band: extra passes merged like the chunks) on Wan (self-attention) and radial / GNA on FLUX (joint
-[text, image] attention, both sharded per rank); a ring step whose sub-layout is empty makes no kernel call.
+beta band: extra passes merged like the chunks) on Wan (self-attention), radial / GNA on FLUX (joint
+[text, image] attention, both sharded per rank) and regional attention through tiny FLUX (joint attention:
+entity masks with element-level blocks) and Wan (text cross-attention on the rank's query rows) pipelines; a
+ring step whose sub-layout is empty makes no kernel call.
 
 Every case plans every self-attention call sparse: dense calls run diffusers' own ring attention, which needs
-an attention backend that returns the LSE, and diffusers has none on the CPU. As in test_parallel.py, the workers make `torch.accelerator.device_count` report 1 (test code only) so diffusers
+an attention backend that returns the LSE, and diffusers has none on the CPU. As in test_parallel.py, the
+workers make `torch.accelerator.device_count` report 1 (test code only) so diffusers
 places every rank on the CPU; nothing needs NCCL. One spawn per world size (module fixtures).
 """
 
@@ -68,6 +71,33 @@ def _generate(model, inputs, variant) -> tuple[list[torch.Tensor], int]:
         handle.remove()
 
 
+def _regional(pipe) -> tuple[torch.Tensor, int]:
+    """Regional attention (two entity boxes) through a tiny FLUX pipeline: joint [entity 0, entity 1, global,
+    image] attention with element masks; 6 + 6 + 8 = 20 text and 16 image tokens (5 and 4 per rank of 4)."""
+    from tests.diffusion.tiny_layout import PROMPT
+
+    reg = da.Regional(entities=[("a red fox", (0, 0, 32, 64)), ("a blue car", (32, 16, 64, 64))], height=64,
+                      width=64, max_sequence_length=6, block_size=16)  # fmt: skip
+    with da.apply(pipe, reg) as handle:
+        out = pipe(PROMPT, generator=torch.Generator().manual_seed(0), height=64, width=64, num_inference_steps=2,
+                   output_type="latent", max_sequence_length=8).images  # fmt: skip
+        return out, handle.attention_calls
+
+
+def _wan_regional(pipe) -> tuple[torch.Tensor, int]:
+    """Regional attention on Wan's text cross-attention (queries sharded, every text key local) with UltraViCo on
+    the self-attention, through a tiny WanPipeline with classifier-free guidance: 3 x 4 x 4 = 48 visual tokens."""
+    from tests.diffusion.tiny_layout import PROMPT
+
+    reg = da.Regional(entities=[("a red fox", (0, 0, 32, 64))], height=64, width=64, max_sequence_length=6,
+                      block_size=16)  # fmt: skip
+    uvc = da.UltraViCo(alpha=0.8, train_frames=1)  # self-attention never dense (diffusers' dense ring needs an LSE)
+    with da.apply(pipe, uvc, reg) as handle:
+        out = pipe(PROMPT, generator=torch.Generator().manual_seed(0), height=64, width=64, num_frames=9,
+                   num_inference_steps=2, output_type="latent", max_sequence_length=8).frames  # fmt: skip
+        return out, handle.attention_calls
+
+
 def _worker(rank: int, world: int, port: int, meshes: list, out: str) -> None:
     try:
         import torch.distributed as dist
@@ -104,6 +134,20 @@ def _worker(rank: int, world: int, port: int, meshes: list, out: str) -> None:
                 rt = handle.runtimes[0]
                 results[(ring, uly, family, name)] = (outs, rt.calls, kernel_calls[0], rt.ring_skipped)
                 handle.remove()
+            from attn_pipelines.tiny import build_tiny_pipeline
+
+            pipe = build_tiny_pipeline("flux")
+            mesh = init_device_mesh("cpu", (ring, uly), mesh_dim_names=("ring", "ulysses"))
+            pipe.transformer.enable_parallelism(
+                config=ContextParallelConfig(ring_degree=ring, ulysses_degree=uly, mesh=mesh)
+            )
+            results[(ring, uly, "flux", "regional")] = _regional(pipe)
+            pipe = build_tiny_pipeline("wan")
+            mesh = init_device_mesh("cpu", (ring, uly), mesh_dim_names=("ring", "ulysses"))
+            pipe.transformer.enable_parallelism(
+                config=ContextParallelConfig(ring_degree=ring, ulysses_degree=uly, mesh=mesh)
+            )
+            results[(ring, uly, "wan", "regional")] = _wan_regional(pipe)
         # gradients through ring attention are refused with a clear error (inference only)
         model, inputs = _wan()
         mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("ring", "ulysses"))
@@ -157,6 +201,33 @@ def two_ranks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     return _spawn(tmp_path_factory, 4, [(4, 1), (2, 2)])
+
+
+@pytest.fixture(scope="module")
+def regional_reference():
+    from attn_pipelines.tiny import build_tiny_pipeline
+
+    return {"flux": _regional(build_tiny_pipeline("flux")), "wan": _wan_regional(build_tiny_pipeline("wan"))}
+
+
+def _check_regional(results: list[dict], reference: dict, ring: int, uly: int, family: str) -> None:
+    ref, ref_calls = reference[family]
+    for rank, res in enumerate(results):
+        out, calls = res[(ring, uly, family, "regional")]
+        assert calls == ref_calls > 0  # every call that is sparse in one process is sparse on every rank
+        torch.testing.assert_close(out, ref, atol=3e-5, rtol=1e-4, msg=f"rank {rank}")
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+def test_regional_ring_two_ranks_equal_one_process(two_ranks, regional_reference, family):
+    _check_regional(two_ranks, regional_reference, 2, 1, family)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize("ring,uly", [(4, 1), (2, 2)])
+def test_regional_ring_four_ranks_equal_one_process(four_ranks, regional_reference, ring, uly, family):
+    _check_regional(four_ranks, regional_reference, ring, uly, family)
 
 
 @pytest.fixture(scope="module")
