@@ -124,6 +124,11 @@ _TOKEN = re.compile(rf"(?<![\w/.~@:-])((?:[\w.{{}},<>*-]+/)+[\w.{{}},<>*-]*|[\w-
 #: outputs the docs show being written and the user's own data: not files of the repository
 GENERATED = {"mask.png", "out/attnplug.mp4", "fox.mp4", "clip.mp4", "small.gif", "x.png", "build/", "dist/"}
 GENERATED |= {"./imagefolder"}
+#: docs/long-video.md: a user's clips and the files `attnplug train-lora` writes
+GENERATED |= {"beach_0001.mp4", "beach_0001.txt", "city_0002.txt", "beach.mp4", "generate_long.py"}
+GENERATED |= {"pytorch_lora_weights.safetensors", "train_config.json"}
+#: written beside a model's weights by handle.save_pretrained / save_pretrained while applied
+GENERATED |= {"attnplug_config.json"}
 #: references to files that should exist but do not yet: each entry must still be missing (remove it when added)
 KNOWN_MISSING = {
     "benchmarks/results/digits_agent.json": "README.md: 'digits figures in' (vision owner; results not committed yet)",
