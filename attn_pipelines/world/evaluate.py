@@ -197,7 +197,7 @@ def _rates(rows: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
 
 
 def _summary(rows: list[dict]) -> dict[str, Any]:
-    s: dict[str, Any] = _rates(rows, ("color_ok", "shape_ok", "attr_ok", "direction_ok"))
+    s: dict[str, Any] = _rates(rows, ("color_ok", "shape_ok", "attr_ok", "direction_ok", "present", "moves"))
     for k in ("psnr", "ssim", "density", "seconds", "crispness", "color_error"):
         vals = [r[k] for r in rows if k in r and np.isfinite(r[k])]
         if vals:
@@ -253,6 +253,7 @@ def load_world_pipeline(folder: str | Path | None = None) -> Any:
 
 def run_diffusion(s: EvalSettings, cases: tuple[Case, ...] = SUITE, log: Any = print) -> dict[str, Any]:
     """Every case of `cases` against the plain model on the same prompts and seeds; returns the results dict."""
+    from .accuracy import colour_check
     from .score import AttributeScorer, color_error, crispness
 
     pipe = load_world_pipeline()
@@ -266,7 +267,8 @@ def run_diffusion(s: EvalSettings, cases: tuple[Case, ...] = SUITE, log: Any = p
         video, sec, _ = generate(pipe, p, seed, s)
         dense[(p, seed)] = video
         rows.append({"prompt": p, "seed": seed, "seconds": sec, "density": 1.0, "crispness": crispness(video),
-                     "color_error": color_error(video, p.split()[1]), **scorer.score(video, p)})  # fmt: skip
+                     "color_error": color_error(video, p.split()[1]), **scorer.score(video, p),
+                     **colour_check(video, p.split()[1], p.split()[-1])})  # fmt: skip
     results: dict[str, Any] = {"dense": {"status": "ok", "kind": "baseline", "summary": _summary(rows), "rows": rows}}
     log(f"dense: {json.dumps(results['dense']['summary'])} ({timer.elapsed:.0f} s)")
     for case in cases:

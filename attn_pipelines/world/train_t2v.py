@@ -13,6 +13,12 @@ default negative prompt), so classifier-free guidance works. The saved weights a
 trained ones. `--out` receives a diffusers pipeline directory (`pipeline/`, loadable with
 `DiffusionPipeline.from_pretrained`), `train_config.json`, `metrics.json` and a resumable
 `state.pt` (rerun the same command to continue).
+
+Every `--eval-every` steps the EMA pipeline generates `accuracy.TRAIN_EVAL_PROMPTS` (24 one-object
+prompts, seed 0, the CLI's defaults) and the attribute classifier reads them: the curve of colour,
+shape, colour+shape and direction accuracy goes to `metrics.json` (`evals`) beside the loss, and the
+EMA weights with the best `accuracy.selection_score` so far are saved as `best/` (a pipeline
+directory like `pipeline/`): that is what `publish` ships by default.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .accuracy import TRAIN_EVAL_PROMPTS, accuracy, selection_score
 from .common import Timer, cosine_lr, environment, setup_threads, write_json
 from .data import video_sample
 from .models import (
@@ -35,6 +42,7 @@ from .models import (
     build_pipeline,
     build_text_encoder,
     build_transformer,
+    world_dir,
     world_tokenizer,
 )
 
@@ -152,7 +160,20 @@ def latent_dataset(vae: Any, seed: int, n: int, two_object_prob: float, batch: i
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m attn_pipelines.world.train_t2v", description=__doc__.split("\n\n")[0])
     p.add_argument("--vae", required=True, help="trained VAE folder (train_vae's out/vae)")
+    p.add_argument(
+        "--decoder-vae",
+        type=Path,
+        default=None,
+        help="a VAE with the same encoder and latent statistics as --vae but a retrained decoder (train_vae "
+        "--decoder-steps = --steps): the evaluated and saved pipelines use it as soon as it exists",
+    )
     p.add_argument("--out", required=True)
+    p.add_argument(
+        "--init-pipeline",
+        type=Path,
+        default=None,
+        help="start the transformer and text encoder from this trained pipeline folder (fine-tune)",
+    )
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -167,7 +188,49 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-minutes", type=float, default=None, help="stop early (the schedule is kept)")
     p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=250, help="accuracy of the EMA model every N steps (0: never)")
+    p.add_argument(
+        "--eval-prompts",
+        type=int,
+        default=len(TRAIN_EVAL_PROMPTS),
+        help=f"first N of the {len(TRAIN_EVAL_PROMPTS)} fixed evaluation prompts",
+    )
+    p.add_argument("--classifier", type=Path, default=None, help="attribute classifier (default: the shipped one)")
+    p.add_argument("--eval-steps", type=int, default=20, help="denoising steps of the accuracy samples (CLI: 20)")
     return p
+
+
+def same_encoder(a: Any, b: Any) -> bool:
+    """Whether two `AutoencoderKLWan` encode alike: equal encoder weights, latent statistics equal to float rounding
+    (they are re-measured after each training run)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = [k for k in sa if k.startswith(("encoder.", "quant_conv."))]
+    return (
+        bool(keys)
+        and all(torch.equal(sa[k], sb[k]) for k in keys)
+        and all(
+            torch.allclose(torch.tensor(getattr(a.config, k)), torch.tensor(getattr(b.config, k)), rtol=1e-4, atol=1e-6)
+            for k in ("latents_mean", "latents_std")
+        )
+    )
+
+
+class _DecoderVae:
+    """The VAE the evaluated and saved pipelines use: `--decoder-vae` once it has been written, else `--vae`."""
+
+    def __init__(self, vae: Any, path: Path | None) -> None:
+        self.base, self.path, self.vae, self.name, self.stamp = vae, path, vae, "vae", None
+
+    def get(self) -> tuple[Any, str]:
+        from diffusers import AutoencoderKLWan
+
+        weights = self.path / "diffusion_pytorch_model.safetensors" if self.path else None
+        if weights is not None and weights.is_file() and weights.stat().st_mtime != self.stamp:
+            new = AutoencoderKLWan.from_pretrained(self.path).eval()
+            if not same_encoder(self.base, new):
+                raise SystemExit(f"--decoder-vae {self.path} encodes differently from --vae: train only its decoder")
+            self.vae, self.name, self.stamp = new, "decoder-vae", weights.stat().st_mtime
+        return self.vae, self.name
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -182,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import AutoencoderKLWan
 
     a = parser().parse_args(argv)
+    if not 0 <= a.eval_prompts <= len(TRAIN_EVAL_PROMPTS):
+        raise SystemExit(f"--eval-prompts must be in 0..{len(TRAIN_EVAL_PROMPTS)}, got {a.eval_prompts}")
     threads = setup_threads(a.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(a.seed)
@@ -204,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = world_tokenizer()
     transformer = build_transformer()
     text_encoder = build_text_encoder(len(tokenizer))
+    if a.init_pipeline and not (out / "state.pt").is_file():  # fine-tune a trained pipeline (a resume wins)
+        from diffusers import WanTransformer3DModel
+        from transformers import UMT5EncoderModel
+
+        transformer.load_state_dict(
+            WanTransformer3DModel.from_pretrained(a.init_pipeline, subfolder="transformer").state_dict()
+        )
+        text_encoder.load_state_dict(
+            UMT5EncoderModel.from_pretrained(a.init_pipeline, subfolder="text_encoder").state_dict()
+        )
+        say(f"initialised the transformer and text encoder from {a.init_pipeline}")
     transformer.train()
     text_encoder.train()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
@@ -217,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"PadWeightedCrossAttn differs from WanAttnProcessor by {diff}")
     procs = use_pad_weighting(transformer)
     start, history, before = 0, [], 0.0  # before: training seconds of earlier runs (resume)
+    evals: list[dict] = []  # the accuracy curve
+    best: dict[str, Any] = {}
     state_file = out / "state.pt"
     if state_file.is_file():
         st = torch.load(state_file)
@@ -227,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         start, history, before = st["step"], st["history"], st.get("seconds", 0.0)
+        evals, best = st.get("evals", []), st.get("best", {})
         torch.set_rng_state(st["rng"])
         say(f"resumed at step {start}")
     transformer, text_encoder, opt = accelerator.prepare(transformer, text_encoder, opt)
@@ -238,9 +317,37 @@ def main(argv: list[str] | None = None) -> int:
               "text_encoder": accelerator.unwrap_model(text_encoder).state_dict(),
               "ema_transformer": ema_t.state_dict(), "ema_text_encoder": ema_e.state_dict(),
               "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "history": history,
-              "rng": torch.get_rng_state(), "seconds": before + timer.elapsed}  # fmt: skip
+              "rng": torch.get_rng_state(), "seconds": before + timer.elapsed, "evals": evals,
+              "best": best}  # fmt: skip
         torch.save(st, state_file.with_suffix(".tmp"))
         state_file.with_suffix(".tmp").replace(state_file)
+
+    decoder = _DecoderVae(vae, a.decoder_vae)
+    decoder.get()  # refuse a mismatched decoder VAE before training
+    scorer = None
+    if a.eval_every and a.eval_prompts:
+        from .score import AttributeScorer
+
+        scorer = AttributeScorer(a.classifier or world_dir() / "classifier")
+
+    def evaluate(step: int) -> None:
+        """Accuracy of the EMA pipeline on the fixed prompts; saves it as best/ when it beats the best so far."""
+        if scorer is None or any(e["step"] == step for e in evals):
+            return
+        t0 = timer.elapsed
+        eval_vae, vae_name = decoder.get()
+        pipe = build_pipeline(eval_vae, ema_t, ema_e, tokenizer)
+        pipe.set_progress_bar_config(disable=True)
+        res = accuracy(pipe, scorer, TRAIN_EVAL_PROMPTS[: a.eval_prompts], steps=a.eval_steps)
+        row = {"step": step, **{k: round(v, 4) for k, v in res["one_object"].items() if k != "videos"},
+               "score": round(selection_score(res["one_object"]), 4), "loss_avg": run_loss and round(run_loss, 4),
+               "s": round(before + t0, 1), "eval_s": round(timer.elapsed - t0, 1), "vae": vae_name}  # fmt: skip
+        evals.append(row)
+        if not best or row["score"] > best["score"] or best.get("vae") != vae_name:  # scores of one decoder only
+            pipe.save_pretrained(out / "best", safe_serialization=True)
+            best.clear()
+            best.update(row)
+        say({"eval": row, "best_step": best["step"]}, flush=True)
 
     done = start  # steps completed
     run_loss = None
@@ -273,19 +380,24 @@ def main(argv: list[str] | None = None) -> int:
             history.append(row)
             say(row, flush=True)
         done = step + 1
-        if done % a.save_every == 0:
+        if a.eval_every and done % a.eval_every == 0:
+            evaluate(done)
+        if done % a.save_every == 0 or (a.eval_every and done % a.eval_every == 0):
             save_state(done)
         if timer.over(a.max_minutes):
             say(f"--max-minutes {a.max_minutes} reached at step {step}")
             break
+    evaluate(done)
     save_state(done)
-    pipe = build_pipeline(vae, ema_t, ema_e, tokenizer)
+    pipe = build_pipeline(decoder.get()[0], ema_t, ema_e, tokenizer)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
     cfg = {"args": vars(a), "transformer_config": TRANSFORMER_CONFIG, "text_encoder_config": TEXT_ENCODER_CONFIG,
            "scheduler_config": SCHEDULER_CONFIG, "video": VIDEO, "threads": threads, **environment()}  # fmt: skip
     write_json(out / "train_config.json", cfg)
     write_json(out / "metrics.json", {"steps": done, "seconds": round(before + timer.elapsed, 1),
-                                      "loss_avg_last": run_loss, "history": history})  # fmt: skip
+                                      "loss_avg_last": run_loss, "evals": evals, "best": best,
+                                      "eval_prompts": list(TRAIN_EVAL_PROMPTS[: a.eval_prompts]),
+                                      "history": history})  # fmt: skip
     say(f"t2v: step {done} of {a.steps}, {timer.elapsed:.0f} s this run -> {out / 'pipeline'}")
     return 0
 

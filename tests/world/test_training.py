@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
+import pytest
 import torch
 
 from attn_pipelines.world import models
@@ -60,3 +62,48 @@ def test_train_scripts_smoke_to_a_loadable_pipeline(tmp_path):
     assert json.loads((tmp_path / "t2v" / "metrics.json").read_text())["steps"] == 2
     assert train_t2v.main(argv) == 0  # resumes from state.pt: nothing left to do
     assert json.loads((tmp_path / "t2v" / "metrics.json").read_text())["steps"] == 2
+
+
+def test_train_t2v_logs_accuracy_and_keeps_the_best(tmp_path):
+    """The accuracy curve is logged during training, survives a resume, and best/ is a loadable pipeline."""
+    from diffusers import DiffusionPipeline
+
+    from attn_pipelines.world import train_t2v, train_vae
+
+    assert train_vae.main(["--out", str(tmp_path / "vae"), "--steps", "1", "--batch-size", "1", "--smoke"]) == 0
+    argv = ["--vae", str(tmp_path / "vae" / "vae"), "--out", str(tmp_path / "t2v"), "--steps", "2", "--clips", "4",
+            "--batch-size", "2", "--eval-every", "1", "--eval-prompts", "1", "--eval-steps", "2"]  # fmt: skip
+    assert train_t2v.main(argv) == 0
+    m = json.loads((tmp_path / "t2v" / "metrics.json").read_text())
+    assert [e["step"] for e in m["evals"]] == [1, 2]
+    assert {"color_acc", "shape_acc", "attr_acc", "direction_acc", "score"} <= set(m["evals"][0])
+    assert m["best"]["score"] == max(e["score"] for e in m["evals"]) and m["best"]["step"] in (1, 2)
+    assert type(DiffusionPipeline.from_pretrained(str(tmp_path / "t2v" / "best"))).__name__ == "WanPipeline"
+    assert train_t2v.main([*argv[:5], "3", *argv[6:]]) == 0  # resume to step 3: the curve goes on
+    assert [e["step"] for e in json.loads((tmp_path / "t2v" / "metrics.json").read_text())["evals"]] == [1, 2, 3]
+
+
+def test_train_t2v_refuses_bad_eval_prompts(tmp_path):
+    from attn_pipelines.world import train_t2v
+
+    with pytest.raises(SystemExit, match="--eval-prompts must be in 0..24"):
+        train_t2v.main(["--vae", str(tmp_path), "--out", str(tmp_path / "t"), "--eval-prompts", "25"])
+    assert not (tmp_path / "t").exists()  # refused before anything is written
+
+
+def test_a_decoder_vae_must_encode_like_the_training_vae():
+    """`--decoder-vae` swaps in a retrained decoder only: a changed encoder (or latent statistics) is refused."""
+    from attn_pipelines.world.train_t2v import same_encoder
+
+    torch.manual_seed(0)
+    a = models.build_vae(latents_mean=[0.1, 0.2, 0.3, 0.4], latents_std=[1.0, 2.0, 3.0, 4.0])
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        next(b.decoder.parameters()).add_(1.0)
+    assert same_encoder(a, b)
+    with torch.no_grad():
+        next(b.encoder.parameters()).add_(1e-3)
+    assert not same_encoder(a, b)
+    c = copy.deepcopy(a)
+    c.register_to_config(latents_std=[1.0, 2.0, 3.0, 4.5])
+    assert not same_encoder(a, c)
