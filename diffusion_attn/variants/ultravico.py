@@ -92,6 +92,9 @@ def _pack(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
+_CHUNK = 2048  # partial blocks per element-mask chunk (~200 MB of temporaries at block 128)
+
+
 def band_layouts(layout: TokenLayout, bands: list[tuple[int, int]], block: int) -> tuple[Any, Any]:
     """(main, band) BlockLayouts on the canonical sequence: `band` holds the visual pairs whose token distance
     lies in `bands`, `main` every other pair. Blocks are classified from their distance ranges; element masks
@@ -123,14 +126,20 @@ def band_layouts(layout: TokenLayout, bands: list[tuple[int, int]], block: int) 
     pad = torch.full((nb * block - n,), -1, dtype=torch.long)
     pos = torch.cat([pos, pad]).view(nb, block)
     qi, ki = partial.nonzero(as_tuple=True)  # row-major = CSR order
-    pq, pk = pos[qi][:, :, None], pos[ki][:, None, :]
-    d = (pq - pk).abs()
-    in_band = torch.zeros(d.shape, dtype=torch.bool)
-    for a, b in bands:
-        in_band |= (d >= a) & (d <= b)
-    in_band &= (pq >= 0) & (pk >= 0)
+    pos = pos.to(torch.int32)
+    band_bits, main_bits = [], []
+    for c0 in range(0, qi.numel(), _CHUNK):  # element masks in chunks: bounded memory at 4x HunyuanVideo's length
+        pq, pk = pos[qi[c0 : c0 + _CHUNK]][:, :, None], pos[ki[c0 : c0 + _CHUNK]][:, None, :]
+        d = (pq - pk).abs()
+        in_band = torch.zeros(d.shape, dtype=torch.bool)
+        for a, b in bands:
+            in_band |= (d >= a) & (d <= b)
+        in_band &= (pq >= 0) & (pk >= 0)
+        band_bits.append(_pack(in_band))
+        main_bits.append(_pack(~in_band))
+        del d, in_band
 
-    def build(block_mask: torch.Tensor, part: torch.Tensor, elem: torch.Tensor) -> Any:
+    def build(block_mask: torch.Tensor, part: torch.Tensor, bits: list) -> Any:
         base = BlockLayout.from_block_mask(block_mask[None, None], n, n, block, block)
         if not bool(part.any()):
             return base
@@ -138,11 +147,11 @@ def band_layouts(layout: TokenLayout, bands: list[tuple[int, int]], block: int) 
         pidx[part] = torch.arange(int(part.sum()), dtype=torch.int32)
         return BlockLayout(
             base.row_ptr, base.col_idx, q_len=n, k_len=n, block_q=block, block_k=block,
-            partial=pidx[block_mask].to(torch.int32), elem_mask=_pack(elem),
+            partial=pidx[block_mask].to(torch.int32), elem_mask=torch.cat(bits, 0),
         )  # fmt: skip
 
-    band = build(band_full | partial, partial, in_band)
-    main = build(~band_full, partial, ~in_band)
+    band = build(band_full | partial, partial, band_bits)
+    main = build(~band_full, partial, main_bits)
     return main, band
 
 
