@@ -73,6 +73,7 @@ class InjectionHandle:
     added: list[tuple[nn.Module, str, Any]] = field(default_factory=list)  # (parent, name, previous attr)
     hooks: list[Any] = field(default_factory=list)  # torch RemovableHandles
     attrs: list[tuple[Any, str, Any]] = field(default_factory=list)  # (object, attribute, previous value)
+    methods: list[tuple[Any, str, Any]] = field(default_factory=list)  # (object, name, previous __dict__ entry)
     new_parameter_names: list[str] = field(default_factory=list)  # parameters the injection created
     new_state_keys: list[str] = field(default_factory=list)  # state_dict keys it added (parameters + buffers)
     removed: bool = False
@@ -114,6 +115,12 @@ class InjectionHandle:
         self.attrs.append((obj, name, getattr(obj, name)))
         setattr(obj, name, value)
 
+    def set_method(self, obj: Any, name: str, fn: Any) -> None:
+        """Shadow `obj.<name>` with `fn` in its instance dict (e.g. `set_input_size` that also re-targets the
+        new modules); `remove()` deletes it, so the class's method is back."""
+        self.methods.append((obj, name, obj.__dict__.get(name, _MISSING)))
+        obj.__dict__[name] = fn
+
     def add_forward_hook(self, module: nn.Module, hook: Any) -> None:
         """Register `hook(module, args, output)` on `module`; removed by `remove()`."""
         self.hooks.append(module.register_forward_hook(hook))
@@ -148,6 +155,12 @@ class InjectionHandle:
         for obj, name, previous in reversed(self.attrs):
             setattr(obj, name, previous)
         self.attrs.clear()
+        for obj, name, previous in reversed(self.methods):
+            if previous is _MISSING:
+                obj.__dict__.pop(name, None)
+            else:
+                obj.__dict__[name] = previous
+        self.methods.clear()
         for parent, name, previous in reversed(self.added):
             parent._modules.pop(name, None)
             if previous is not _MISSING:
@@ -207,7 +220,7 @@ def inject(model: nn.Module, variant: VisionVariant) -> InjectionHandle:
         raise
     handle.new_parameter_names = [n for n, p in model.named_parameters() if id(p) not in before]
     handle.new_state_keys = [k for k in model.state_dict() if k not in before_keys]
-    if not (handle.replacements or handle.added or handle.attrs):
+    if not (handle.replacements or handle.added or handle.attrs or handle.methods):
         handle.removed = True
         raise ValueError(
             f"inject(): variant {getattr(variant, 'name', type(variant).__name__)!r} found no place to go "

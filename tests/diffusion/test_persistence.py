@@ -41,6 +41,7 @@ def test_model_round_trip_reapplies_the_same_variants(tmp_path):
         assert again.attention_calls > 0
 
 
+@pytest.mark.slow
 def test_pipeline_saved_while_applied_writes_the_config_beside_the_weights(tmp_path):
     from diffusers import WanPipeline
 

@@ -74,8 +74,8 @@ def _core(m: AgentAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
     for y in range(gh):
         for xx in range(gw):
             t = patch(y, xx)
-            b1[:, :, t] = an[:, :, y, xx] + m.ah_bias[0, :, :, y, 0] + m.aw_bias[0, :, :, 0, xx]
-            b2[:, t, :] = na[:, :, y, xx] + m.ha_bias[0, :, y, 0, :] + m.wa_bias[0, :, 0, xx, :]
+            b1[:, :, t] = an[:, :, y, xx] + m.ah_bias[:, :, y, 0] + m.aw_bias[:, :, 0, xx]
+            b2[:, t, :] = na[:, :, y, xx] + m.ha_bias[:, y, 0, :] + m.wa_bias[:, 0, xx, :]
     for t in range(p):
         b1[:, :, t] = m.ac_bias[0, :, :, t]
         b2[:, t, :] = m.ca_bias[0, :, t, :]
@@ -366,7 +366,7 @@ def test_swin_agent_values_set_input_size_and_exact_restore():
     _perturb(blk.attn)
     with torch.no_grad():
         model.set_input_size(img_size=128)  # timm's own resize: the agent blocks stay one global window
-        assert blk.window_size == (16, 16) and blk.attn.grid == (16, 16) and blk.attn.ah_bias.shape[3] == 16
+        assert blk.window_size == (16, 16) and blk.attn.grid == (16, 16) and blk.attn.ah_bias.shape[2] == 16
         xb = torch.randn(1, 16, 16, 64)
         torch.testing.assert_close(blk(xb), _swin_block_reference(blk, xb), atol=3e-5, rtol=1e-5)
         assert model(torch.randn(1, 3, 128, 128)).shape == (1, 5)

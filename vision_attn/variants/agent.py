@@ -82,13 +82,15 @@ class AgentAttention(nn.Module):
         self.dwc = nn.Conv2d(dim, dim, dwc_kernel, padding=dwc_kernel // 2, groups=dim)
         nn.init.zeros_(self.dwc.weight)
         nn.init.zeros_(self.dwc.bias)
-        # position biases, zero-initialised (agent -> tokens: B1; tokens -> agent: B2)
+        # position biases, zero-initialised (agent -> tokens: B1; tokens -> agent: B2). The row / column biases
+        # are the paper's (1, h, ...) tensors without the leading 1: 4-D, so `model.to(memory_format=
+        # torch.channels_last)` (timm's train.py --channels-last) converts them; 5-D checkpoints still load.
         self.an_bias = nn.Parameter(torch.zeros(h, n, 7, 7))
-        self.ah_bias = nn.Parameter(torch.zeros(1, h, n, gh, 1))
-        self.aw_bias = nn.Parameter(torch.zeros(1, h, n, 1, gw))
+        self.ah_bias = nn.Parameter(torch.zeros(h, n, gh, 1))
+        self.aw_bias = nn.Parameter(torch.zeros(h, n, 1, gw))
         self.na_bias = nn.Parameter(torch.zeros(h, n, 7, 7))
-        self.ha_bias = nn.Parameter(torch.zeros(1, h, gh, 1, n))
-        self.wa_bias = nn.Parameter(torch.zeros(1, h, 1, gw, n))
+        self.ha_bias = nn.Parameter(torch.zeros(h, gh, 1, n))
+        self.wa_bias = nn.Parameter(torch.zeros(h, 1, gw, n))
         self.ac_bias = nn.Parameter(torch.zeros(1, h, n, p)) if p else None
         self.ca_bias = nn.Parameter(torch.zeros(1, h, p, n)) if p else None
 
@@ -102,7 +104,7 @@ class AgentAttention(nn.Module):
         gh, gw = int(grid[0]), int(grid[1])
         agent_grid(self.num_agents, (gh, gw))  # validate first
         with torch.no_grad():
-            for name, dim, size in (("ah_bias", 3, gh), ("aw_bias", 4, gw), ("ha_bias", 2, gh), ("wa_bias", 3, gw)):
+            for name, dim, size in (("ah_bias", 2, gh), ("aw_bias", 3, gw), ("ha_bias", 1, gh), ("wa_bias", 2, gw)):
                 prm = getattr(self, name)
                 if prm.shape[dim] != size:
                     t = prm.data.movedim(dim, -1)
@@ -112,6 +114,15 @@ class AgentAttention(nn.Module):
         self.grid = (gh, gw)
         self.agent_hw = agent_grid(self.num_agents, self.grid)
         self.pool = nn.AdaptiveAvgPool2d(self.agent_hw)
+
+    @torch.jit.unused
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Checkpoints with the paper's 5-D row / column biases (1, h, ...) load into the 4-D parameters."""
+        for name in ("ah_bias", "aw_bias", "ha_bias", "wa_bias"):
+            t = state_dict.get(prefix + name)
+            if t is not None and t.dim() == 5 and t.shape[0] == 1:
+                state_dict[prefix + name] = t[0]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _biases(self) -> tuple[torch.Tensor, torch.Tensor]:
         h, n, (gh, gw) = self.num_heads, self.num_agents, self.grid
@@ -218,7 +229,13 @@ class EvaAgentAttention(AgentAttention):
         self.qkv_bias_separate = getattr(attn, "qkv_bias_separate", False)
         self.rotate_half = getattr(attn, "rotate_half", False)
 
-    def forward(self, x, rope=None, attn_mask=None, is_causal: bool = False) -> torch.Tensor:  # EVA's signature
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Optional[torch.Tensor] = None,  # noqa: UP045 (TorchScript needs Optional)
+        attn_mask: Optional[torch.Tensor] = None,  # noqa: UP045
+        is_causal: bool = False,
+    ) -> torch.Tensor:  # EVA's signature
         if not self._tracing():
             if attn_mask is not None or is_causal:
                 raise ValueError("AgentAttention does not support attn_mask / is_causal")
@@ -262,6 +279,30 @@ class AgentSwinBlock(SwinTransformerBlock):
         self.window_area = self.window_size[0] * self.window_size[1]
         self.dynamic_mask = False
         self.attn_mask = None
+
+
+def _resizing_set_input_size(model: nn.Module, agents: list, num_agents: int):
+    """timm's `set_input_size(img_size, patch_size)` of a ViT-family model, then each agent module re-targeted
+    to the new patch grid (its row / column biases resized as timm resizes the position embedding). The new
+    grid is checked against `num_agents` before anything changes."""
+    original = model.set_input_size  # the class's bound method
+    from timm.layers import to_2tuple
+
+    def set_input_size(img_size=None, patch_size=None, **kwargs):
+        embed = model.patch_embed
+        img = to_2tuple(img_size) if img_size is not None else tuple(embed.img_size)
+        patch = to_2tuple(patch_size) if patch_size is not None else tuple(embed.patch_size)
+        grid = (int(img[0]) // int(patch[0]), int(img[1]) // int(patch[1]))
+        try:
+            agent_grid(num_agents, grid)
+        except ValueError as e:
+            raise ValueError(f"set_input_size({img_size!r}): {e}; nothing was changed") from None
+        original(img_size=img_size, patch_size=patch_size, **kwargs)
+        grid = tuple(int(g) for g in model.patch_embed.grid_size)
+        for agent in agents:
+            agent.set_grid(grid)
+
+    return set_input_size
 
 
 def _qualname(obj: object) -> str:
@@ -350,10 +391,14 @@ class Agent:
                     f"Agent: block {i} of {type(model).__name__} uses {_qualname(attn)}, which is not supported; "
                     f"supported: {_SUPPORTED_MODELS}"
                 )
+        agents = []
         for i in idx:
             cls = EvaAgentAttention if type(blocks[i].attn) is EvaAttention else AgentAttention
             new = cls(blocks[i].attn, grid, model.num_prefix_tokens, self.num_agents, self.dwc_kernel)
             handle.replace(blocks[i], "attn", new.to(next(blocks[i].parameters()).device))
+            agents.append(new)
+        if callable(getattr(model, "set_input_size", None)):
+            handle.set_method(model, "set_input_size", _resizing_set_input_size(model, agents, self.num_agents))
 
     def _inject_swin(self, model: nn.Module, handle) -> None:
         """Each block of the chosen stages: one global window (no shift) and agent attention over it."""
