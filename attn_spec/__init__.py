@@ -202,8 +202,10 @@ def option_rules(cls: type) -> dict[str, tuple[Any, tuple]]:
     annotation is `Annotated[..., Range(...)]` or `Annotated[..., OneOf(...)]`."""
     try:
         hints = typing.get_type_hints(cls, include_extras=True)
-    except Exception:
-        return {}
+    except Exception as e:  # never skip declared ranges silently
+        raise TypeError(
+            f"the option annotations of {cls.__name__} cannot be resolved ({e}); import their names at module level"
+        ) from e
     out = {}
     for name in option_fields(cls):
         tp = hints.get(name)

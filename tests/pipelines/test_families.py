@@ -6,7 +6,9 @@ with the options to give, never handed another family's values."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, ClassVar
 
 import pytest
 import torch
@@ -15,8 +17,10 @@ import diffusion_attn as da
 from attn_pipelines.cli import main
 from attn_pipelines.commands.generate import default_fps
 from attn_pipelines.latent import FAMILY_OF_TRANSFORMER, FAMILY_RULES, check_fit, rule_for
+from attn_spec import Range, check_options, parse_spec
 from diffusion_attn.adapters import ADAPTERS, LatentRule, family_of_class, register_adapter
 from diffusion_attn.adapters.base import Adapter
+from diffusion_attn.variants.base import VARIANTS, Variant, register_variant
 from tests.diffusion.tiny import tiny_cogvideox, tiny_flux
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,3 +163,47 @@ def test_no_other_source_file_names_a_family():
     assert named <= set(_STILL_NAMING), sorted(named - set(_STILL_NAMING))
     for rel in ("attn_pipelines/latent.py", "attn_pipelines/commands/show_mask.py", "attn_pipelines/config.py"):
         assert rel not in named
+
+
+def test_a_variant_registered_by_its_own_file_is_in_attn_presets_and_list(capsys):
+    """A variant is one file: @register_variant puts it in VARIANTS, which --attn, presets and `list` read."""
+    from attn_pipelines.config import build_variant, validate_preset
+
+    try:
+
+        @register_variant
+        @dataclass
+        class Echo(Variant):
+            """Echo: a variant defined in one place."""
+
+            name: ClassVar[str] = "echo_test"
+            aliases: ClassVar[tuple[str, ...]] = ("echo_alias",)
+            strength: Annotated[float, Range(0, 2)] = 1.0
+
+            def __post_init__(self) -> None:
+                check_options(self)
+
+        assert build_variant(parse_spec("echo_alias:strength=2")) == Echo(strength=2.0)
+        preset = {"name": "p", "description": "d", "model": "o/m", "pipeline": {}, "attn": ["echo_test"]}
+        preset["pipeline"] = {
+            "height": 8,
+            "width": 8,
+            "frames": 1,
+            "steps": 1,
+            "guidance_scale": 1.0,
+            "dtype": "float32",
+        }
+        assert validate_preset(preset).usable
+        assert main(["list"]) == 0
+        out = capsys.readouterr().out
+        assert "  echo_test    Echo [modifier] Echo: a variant defined in one place." in out
+        assert "      strength: float = 1.0  (in [0, 2])" in out and "  echo_alias   alias of echo_test" in out
+        with pytest.raises(ValueError, match=r"'echo_test' is already Echo's name"):
+
+            @register_variant
+            @dataclass
+            class Other(Variant):
+                name: ClassVar[str] = "echo_test"
+    finally:
+        for key in ("echo_test", "echo_alias"):
+            VARIANTS.pop(key, None)
