@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["lse_merge", "restrict_layout", "restrict_modifiers", "ring_attention"]
+__all__ = ["build_ring_plan", "lse_merge", "restrict_layout", "restrict_modifiers", "ring_attention", "ring_chunks"]
 
 
 def lse_merge(
@@ -167,8 +167,6 @@ def ring_attention(
     (this ring rank's shard); returns [B, m, H, D]."""
     from torch.distributed import _functional_collectives as funcol
 
-    from attn_kernels import BlockLayout, TileStats, attention
-
     ring = cp.ring_degree
     group = cp._ring_mesh.get_group()
     kv = torch.cat([k.flatten(), v.flatten()]).contiguous()
@@ -179,6 +177,23 @@ def ring_attention(
     for c in kv.chunk(ring):
         ks.append(c[: k.numel()].view_as(k))
         vs.append(c[k.numel() :].view_as(v))
+    return ring_chunks(rt, plan, q, ks, vs, ring_plan, combined)
+
+
+def ring_chunks(
+    rt: Any,
+    plan: Any,
+    q: torch.Tensor,
+    ks: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    ring_plan: _RingPlan,
+    combined: torch.Tensor | None,
+) -> torch.Tensor:
+    """The compute of `ring_attention` once every ring rank's (k, v) chunk is here: q, ks[j], vs[j] [B, m, H, D]
+    in the ranks' local orders; returns this rank's output [B, m, H, D]."""
+    from attn_kernels import BlockLayout, TileStats, attention
+
+    v = vs[0]
     qh = q.transpose(1, 2)[:, :, ring_plan.q_order]
     if ring_plan.lite is not None:  # one call over all keys in the plan's order (exact tile statistics)
         kh = torch.cat(ks, 1).transpose(1, 2)
