@@ -144,3 +144,13 @@ def test_torch_compile(family):
     for n, g in grads.items():
         torch.testing.assert_close(g, model.get_parameter(n).grad, rtol=1e-3, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_dynamic_img_size_is_refused_before_patching_naming_set_input_size():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48, depth=2, dynamic_img_size=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"dynamic_img_size=True are not supported.*set_input_size"):
+        va.inject(model, va.Agent(num_agents=4))
+    assert not getattr(model, "_attnplug_handles", []) and model.state_dict().keys() == before.keys()
+    assert type(model.blocks[0].attn).__name__ == "Attention"

@@ -378,7 +378,11 @@ class Agent:
         if blocks is None or embed is None or not hasattr(embed, "grid_size"):
             raise ValueError(f"Agent: {type(model).__name__} is not supported; supported: {_SUPPORTED_MODELS}")
         if getattr(model, "dynamic_img_size", False):
-            raise ValueError("Agent: models created with dynamic_img_size=True are not supported (fixed patch grid)")
+            raise ValueError(
+                "Agent: models created with dynamic_img_size=True are not supported: agent attention needs the patch "
+                "grid, which timm does not pass to the blocks; create the model with a fixed img_size and change it "
+                "with model.set_input_size(img_size) (the agent biases are resized with the position embedding)"
+            )
         grid = tuple(int(g) for g in embed.grid_size)
         agent_grid(self.num_agents, grid)  # validate before patching anything
         idx = range(len(blocks)) if self.blocks is None else self.blocks
