@@ -154,3 +154,15 @@ def test_dynamic_img_size_is_refused_before_patching_naming_set_input_size():
         va.inject(model, va.Agent(num_agents=4))
     assert not getattr(model, "_attnplug_handles", []) and model.state_dict().keys() == before.keys()
     assert type(model.blocks[0].attn).__name__ == "Attention"
+
+
+def test_channels_last_biases_through_the_fused_kernel():
+    """The fused Triton agent kernel (interpreter on CPU) reads channels_last bias parameters correctly."""
+    model = _model("vit").eval()
+    x = _x("vit")
+    with torch.no_grad():
+        ref = model(x)
+        model.to(memory_format=torch.channels_last)
+        for agent in _agents(model):
+            agent.set_backend("triton")
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
