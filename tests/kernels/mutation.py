@@ -46,10 +46,10 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     # backward
     (TA, "    dk = dk * scale\n", "    dk = dk\n", TRI),
     (TA, "        ds = p * (dp - delta[:, None]) * gate", "        ds = p * (dp - delta[:, None])", TRI),
-    (TA, "dv = dv + mix_u.view(1, H, 1, 1) * do.float()", "dv = dv", TRI),
+    (TA, "        dv = dv * cmix + u * do_n", "        dv = dv * cmix", TRI),
     # tiles and launch
     (TA, "        if _fits(kind, c, block_q, block_k):\n", "        if True:\n", TRI + " " + T + "test_static_sm90.py"),
-    (TA, 'lambda m: (nqb * (bq // m["BLOCK_M"]), B * H), args', "lambda m: (nqb, B * H), args", TRI),
+    (TA, 'lambda m: (nqb * (bq // m["BLOCK_M"]), B * H),', "lambda m: (nqb, B * H),", TRI),
     # layout views
     (
         "attn_kernels/layout.py",
