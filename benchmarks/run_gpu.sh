@@ -84,7 +84,7 @@ if ((DRY)); then
     # The interpreter on a CPU is far slower than the GPU: the dry run checks the plumbing (every
     # section runs, writes its JSON and its checks, the summary collects them), with budgets scaled
     # by DRY_SCALE; the plan itself is checked above, unscaled.
-    DRY_SCALE=${DRY_SCALE:-3}
+    DRY_SCALE=${DRY_SCALE:-5}
     for i in "${!SECTIONS[@]}"; do
         SECTIONS[i]="${SECTIONS[i]% *} $((${SECTIONS[i]#* } * DRY_SCALE))"
     done

@@ -25,6 +25,25 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """Triton 3.6's interpreter turns one-element arrays into loop bounds with int(), which NumPy 2.4
+    made an error (Triton 3.8's does not): say so once instead of failing every kernel test."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy
+        import triton
+    except ImportError:
+        return
+    tv = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    nv = tuple(int(x) for x in numpy.__version__.split(".")[:2])
+    if tv < (3, 7) and nv >= (2, 4):
+        raise pytest.UsageError(
+            f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) needs numpy < 2.4, found "
+            f"{numpy.__version__}: pip install 'numpy<2.4' (or a Triton >= 3.8)"
+        )
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

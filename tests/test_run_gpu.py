@@ -34,7 +34,7 @@ def test_plan_fits_the_lease_with_pytest_first():
 def test_dry_run_runs_every_section_and_collects_the_checks(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable)
-    res = subprocess.run(["bash", str(SCRIPT), "--dry-run"], env=env, capture_output=True, text=True, timeout=1500)
+    res = subprocess.run(["bash", str(SCRIPT), "--dry-run"], env=env, capture_output=True, text=True, timeout=2400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"run_gpu.log", "run_gpu_summary.json", "pytest_gpu.xml", "results.tar.gz"} <= set(files)
