@@ -232,7 +232,7 @@ def _one_call_per_step(handle: Any) -> list[_StepGuard]:
     """A `_StepGuard` on every denoiser `handle` patched."""
     target = handle.target
     models = [target] if isinstance(target, torch.nn.Module) else []
-    models += [getattr(target, n, None) for n in ("transformer", "transformer_2", "unet")]
+    models += [getattr(target, rt.model_name, None) for rt in handle.runtimes]  # a pipeline's hooked denoisers
     models = [m for m in dict.fromkeys(models) if isinstance(m, torch.nn.Module)]
     return [_StepGuard(m, handle) for m in models if getattr(m, "_attnplug_handle", None) is handle]
 
