@@ -230,6 +230,7 @@ def run_regional(rows, c, size, layout):
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", default=None, help="entry names")
+    ap.add_argument("--sizes", nargs="*", default=None, help="size names (default: every size of RUNS)")
     ap.add_argument("--variants", nargs="*", default=["radial", "gna", "na", "lite", "ultravico", "regional"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--threads", type=int, default=1)
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     rows: list = []
     for name, size in RUNS:
-        if args.only and name not in args.only:
+        if (args.only and name not in args.only) or (args.sizes and size not in args.sizes):
             continue
         c = CHECKPOINTS[name]
         layout = c.layout(size)
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
         "note": "2 CPU cores shared with other jobs: times are upper bounds",
         "rows": rows,
     }
-    if args.only is None:
+    if args.only is None and args.sizes is None:
         dest = Path(args.out)
         dest.mkdir(parents=True, exist_ok=True)
         (dest / "real_layouts.json").write_text(json.dumps(out, indent=1))
@@ -322,7 +323,7 @@ def plot(rows: list, path: Path) -> None:
     axes[0].set_xlabel("host build time (s, log)")
     axes[1].barh(y, [max(r["bytes"], 1) / 2**20 for r in rows])
     axes[1].set_xscale("log")
-    axes[1].set_xlabel("layout + state (MiB, log; lite: one layer's skip state)")
+    axes[1].set_xlabel("layout and kept tensors (MiB, log; lite skip state: see the JSON)")
     axes[2].barh(y, [r.get("token_density", float("nan")) for r in rows])
     axes[2].set_xlabel("token density")
     axes[0].set_yticks(list(y), labels, fontsize=7)
