@@ -269,7 +269,8 @@ def test_prepare_builds_every_phase_then_starts_fresh():
             assert handle.phase_steps() == steps
             assert handle.prepare(**inputs) == steps
             assert var._cache  # layouts built
-            assert handle.step == 0 and handle.step_source == "hook" and not handle.runtimes[0].states
+            assert handle.step == 0 and handle.step_source == "hook"
+            assert not any(handle.runtimes[0].states.values())  # emptied (keys stay for compiled forwards)
     with da.apply(model, da.LiteAttention(warmup_steps=2, recalibrate_every=3, block_size=16)) as handle:
         assert handle.phase_steps() == (0, 1, 2, 4)
 
