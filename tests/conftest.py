@@ -45,6 +45,13 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # `slow` tests (the full static check, real-width checkpoints, multi-rank rings, ...) run only when
+    # asked for (`pytest -m slow`): the default run is CI's and must stay short
+    if "slow" not in (config.getoption("markexpr") or ""):
+        skip_slow = pytest.mark.skip(reason="slow: run with `pytest -m slow`")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
     if _HAS_CUDA:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a machine with one)")
