@@ -251,7 +251,8 @@ def test_cached_inverse_permutation():
     from diffusion_attn.variants import AttnContext, AttnPlan, TokenLayout
 
     lay = TokenLayout((3, 4, 4), text_len=6, text_first=True, family="cogvideox")
-    for var in (da.Radial(dense_steps=0, block_size=16), da.Neighborhood(kernel_size=3, block_size=16)):
+    radial = da.Radial(dense_steps=0, dense_layers=0, decay_factor=1.0, attention_sink=False, block_size=16)
+    for var in (radial, da.Neighborhood(kernel_size=3, block_size=16)):  # CogVideoX: Radial needs its options
         plans = [
             var.plan(AttnContext(layer, 2, 3, None, lay, 1, 2, 16, torch.device("cpu"), torch.float32), AttnPlan())
             for layer in (0, 1)
