@@ -138,7 +138,8 @@ def _vae_stage(rec: dict) -> str:
     return text
 
 
-def publish(vae_runs: list[Path], t2v_run: Path, dest: Path, which: str = "best", accuracy: Path | None = None) -> Path:
+def publish(vae_runs: list[Path], t2v_run: Path, dest: Path, which: str = "best", accuracy: Path | None = None,
+            note: str = "") -> Path:  # fmt: skip
     """Copy `t2v_run/<which>` (best: chosen by accuracy, or pipeline: the last weights) to `dest` with the training
     records (`vae_runs`: the VAE's training stages in order, run folders or record files) and a model card;
     refuse files over 20 MB."""
@@ -191,8 +192,11 @@ def publish(vae_runs: list[Path], t2v_run: Path, dest: Path, which: str = "best"
             },
             "Accuracy during training": (
                 f"The EMA pipeline on {len(tm.get('eval_prompts', []))} fixed one-object prompts (seed 0, 20 steps, "
-                "guidance 5), read by the attribute classifier:\n\n" + _curve(tm.get("evals", []))
+                "guidance 5), read by the attribute classifier:\n\n" + _curve(tm["evals"])
+                if tm.get("evals")
+                else "not logged: this transformer was trained before `train_t2v` logged accuracy"
             ),
+            **({"Note": note} if note else {}),
             "Accuracy of the shipped model": _accuracy_section(accuracy) if accuracy else "not measured yet",
             "Evaluation": "Attribute accuracy of generated videos (the attribute classifier `assets/world/classifier` "
             "on every frame; direction by tracking) and every variant's effect: `attnplug eval`, results in "
@@ -231,6 +235,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--t2v-run", type=Path, default=Path("runs/world/t2v"))
     p.add_argument("--which", choices=("best", "final"), default="best", help="the run's best/ or last pipeline")
     p.add_argument("--accuracy", type=Path, default=None, help="accuracy JSON of this model for the card")
+    p.add_argument("--note", default="", help="a paragraph for the model card (how this pipeline was put together)")
     p.add_argument("--samples-only", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     return p
@@ -240,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     setup_threads(a.threads)
     if not a.samples_only:
-        print(f"published {publish(a.vae_run, a.t2v_run, world_dir() / T2V_DIR, a.which, a.accuracy)}")
+        print(f"published {publish(a.vae_run, a.t2v_run, world_dir() / T2V_DIR, a.which, a.accuracy, a.note)}")
     for f in render_samples(world_dir() / "samples"):
         print(f"wrote {f}")
     return 0
