@@ -288,7 +288,8 @@ def test_draw_layout_and_variant_mask():
     na = Neighborhood(kernel_size=(2, 3, 3), block_size=16)
     tok = variant_token_mask(na, lay)
     assert torch.equal(tok, na.token_mask(lay))  # un-permuted back to the original order
-    im = render_variant_mask(Radial(dense_steps=0, block_size=16), lay, step=3, layer=2)
+    radial = Radial(dense_steps=0, dense_layers=0, decay_factor=1.0, attention_sink=False, block_size=16)
+    im = render_variant_mask(radial, lay, step=3, layer=2)  # CogVideoX: no official Radial defaults
     assert im.width >= lay.seq_len and im.height > im.width  # caption strip on top
 
 
