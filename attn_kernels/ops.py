@@ -61,6 +61,25 @@ def _unsupported(cuda: bool, dev: str, dtype: torch.dtype, d: int, dv: int, inte
 
 
 def _validate(q, k, v, layout, scale, backend) -> None:
+    """Shape / dtype / device checks (never values); the common case is one expression, the
+    detailed messages come from `_validate_slow` when it fails."""
+    try:
+        qs, ks, vs = q.shape, k.shape, v.shape
+        ok = (
+            len(qs) == 4 and len(ks) == 4 and len(vs) == 4 and q.dtype == k.dtype == v.dtype
+            and q.is_floating_point() and q.device == k.device == v.device
+            and qs[:2] == ks[:2] == vs[:2] and ks[3] == qs[3] and vs[2] == ks[2] and backend in BACKENDS
+            and (scale is None or (type(scale) in (int, float) and scale > 0))
+            and (layout is None or (type(layout) is BlockLayout and layout.q_len == qs[2] and layout.k_len == ks[2]
+                                    and layout.batch in (1, qs[0]) and layout.heads in (1, qs[1])))
+        )  # fmt: skip
+    except (AttributeError, TypeError):
+        ok = False
+    if not ok or not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)):
+        _validate_slow(q, k, v, layout, scale, backend)
+
+
+def _validate_slow(q, k, v, layout, scale, backend) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a 4-D tensor [B, H, N, D], got {getattr(t, 'shape', t)}")
