@@ -831,6 +831,7 @@ def variant_spec(variant: Variant) -> str:
             same = False
         if not same:
             opts[f.name] = value
+
     def literal(spec: Spec) -> bool:
         try:
             return parse_spec(str(spec), where="attnplug config") == spec

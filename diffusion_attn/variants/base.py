@@ -133,8 +133,12 @@ class AttnPlan:
     @property
     def is_dense(self) -> bool:
         return (
-            self.layout is None and self.perm is None and len(self.modifiers) == 0 and self.tile_stats is None
-            and len(self.extra) == 0 and self.compute is None
+            self.layout is None
+            and self.perm is None
+            and len(self.modifiers) == 0
+            and self.tile_stats is None
+            and len(self.extra) == 0
+            and self.compute is None
         )  # fmt: skip  (len(): Dynamo cannot trace `not` on a tuple of modifier objects, a graph break)
 
 
