@@ -330,6 +330,16 @@ def main(argv: list[str] | None = None) -> int:
 
         scorer = AttributeScorer(a.classifier or world_dir() / "classifier")
 
+    def write_records(step: int) -> None:
+        """train_config.json and metrics.json as they stand at `step` (what `publish` reads; also mid-run)."""
+        cfg = {"args": vars(a), "transformer_config": TRANSFORMER_CONFIG, "text_encoder_config": TEXT_ENCODER_CONFIG,
+               "scheduler_config": SCHEDULER_CONFIG, "video": VIDEO, "threads": threads, **environment()}  # fmt: skip
+        write_json(out / "train_config.json", cfg)
+        write_json(out / "metrics.json", {"steps": step, "seconds": round(before + timer.elapsed, 1),
+                                          "loss_avg_last": run_loss, "evals": evals, "best": best,
+                                          "eval_prompts": list(TRAIN_EVAL_PROMPTS[: a.eval_prompts]),
+                                          "history": history})  # fmt: skip
+
     def evaluate(step: int) -> None:
         """Accuracy of the EMA pipeline on the fixed prompts; saves it as best/ when it beats the best so far."""
         if scorer is None or any(e["step"] == step for e in evals):
@@ -348,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             best.clear()
             best.update(row)
         say({"eval": row, "best_step": best["step"]}, flush=True)
+        write_records(step)
 
     done = start  # steps completed
     run_loss = None
@@ -391,13 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     save_state(done)
     pipe = build_pipeline(decoder.get()[0], ema_t, ema_e, tokenizer)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
-    cfg = {"args": vars(a), "transformer_config": TRANSFORMER_CONFIG, "text_encoder_config": TEXT_ENCODER_CONFIG,
-           "scheduler_config": SCHEDULER_CONFIG, "video": VIDEO, "threads": threads, **environment()}  # fmt: skip
-    write_json(out / "train_config.json", cfg)
-    write_json(out / "metrics.json", {"steps": done, "seconds": round(before + timer.elapsed, 1),
-                                      "loss_avg_last": run_loss, "evals": evals, "best": best,
-                                      "eval_prompts": list(TRAIN_EVAL_PROMPTS[: a.eval_prompts]),
-                                      "history": history})  # fmt: skip
+    write_records(done)
     say(f"t2v: step {done} of {a.steps}, {timer.elapsed:.0f} s this run -> {out / 'pipeline'}")
     return 0
 

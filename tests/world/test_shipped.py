@@ -68,8 +68,8 @@ def test_vae_keeps_what_the_classifier_reads():
 def test_text_to_video_draws_what_the_prompt_asks(scorer):
     """The embedded default's model: colour and shape of 6 prompts (seed 0, 20 steps) read back by the classifier.
 
-    The shipped model (v1's transformer, 1,400 CPU steps, on the fixed VAE) gets 3 of these 6 right (red circle,
-    yellow square, purple triangle; v1 with its own VAE also 3); over the 72 one-object prompts it reads 62.5%
+    The shipped model (v1's transformer continued for 400 steps on the fixed VAE) gets 5 of these 6 right (the
+    blue square comes out a blue circle; v1 as shipped got 3); over the 72 one-object prompts it reads 78%
     colour+shape (benchmarks/results/world_t2v_accuracy.json): below the 80% the world aims at, so this guards
     against regressions, not the target."""
     pipe = ev.load_world_pipeline()
@@ -81,7 +81,7 @@ def test_text_to_video_draws_what_the_prompt_asks(scorer):
                      width=VIDEO["size"], guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
                      output_type="np").frames[0]  # fmt: skip
         right += bool(scorer.score(np.asarray(video, dtype=np.float32), prompt)["attr_ok"])
-    assert right >= 3, f"{right} of {len(prompts)} prompts drawn as asked"
+    assert right >= 5, f"{right} of {len(prompts)} prompts drawn as asked"
 
 
 def test_eval_smoke_writes_every_case(tmp_path):
