@@ -51,7 +51,7 @@ WORLD_NOTICE = (
     "WanPipeline trained here on procedural videos of coloured shapes. It draws one or two circles, squares or "
     "triangles (red, green, blue, yellow, purple, white) moving left, right, up or down on a dark background, "
     'e.g. --prompt "a blue square moving down"; trained for about 1.5 hours on 2 CPU cores, it gets colour and '
-    "shape both right in 92% of the one-object prompts and the direction in 71% (downward motion rarely); "
+    "shape both right in 93% of the one-object prompts and the direction in 76% (downward motion rarely); "
     "two-object prompts seldom (docs/world.md). Pass --model <hub id or "
     "directory> for a real checkpoint (see `attnplug list` for presets)."
 )
