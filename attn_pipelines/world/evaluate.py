@@ -187,6 +187,13 @@ def _video_metrics(video: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return {"psnr": min(psnr, 100.0), "ssim": ssim}
 
 
+def _mean_finite(values: list[float]) -> float | None:
+    """Mean of the finite values; None (JSON null, "n/a" in tables) when there is none, instead of
+    numpy's "Mean of empty slice" warning and a NaN row."""
+    vals = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
 def _rates(rows: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
     out = {}
     for k in keys:
@@ -206,7 +213,7 @@ def _summary(rows: list[dict]) -> dict[str, Any]:
     return s
 
 
-def _length_metrics(video: np.ndarray, caption: str, train_frames: int) -> dict[str, float]:
+def _length_metrics(video: np.ndarray, caption: str, train_frames: int) -> dict[str, float | None]:
     """Centroid error along the caption's straight path beyond the training length, and lost / drifting frames."""
     from .data import DIRECTIONS, parse_caption
     from .score import track
@@ -217,7 +224,7 @@ def _length_metrics(video: np.ndarray, caption: str, train_frames: int) -> dict[
     head = c[:train_frames]
     ok = ~np.isnan(head[:, 0])
     if ok.sum() < 2:
-        return {"centroid_error": float("nan"), "lost_frac": 1.0, "drift_frac": float("nan")}
+        return {"centroid_error": None, "lost_frac": 1.0, "drift_frac": None}  # nothing tracked: no error to give
     t = np.arange(train_frames)[ok]
     along = head[ok] @ np.array([ux, uy], dtype=np.float32)
     speed, start = np.polyfit(t, along, 1)
@@ -237,7 +244,7 @@ def _length_metrics(video: np.ndarray, caption: str, train_frames: int) -> dict[
             drift += 1
         prev = c[k]
     n = max(1, len(video) - train_frames)
-    return {"centroid_error": float(np.mean(errs)) if errs else float("nan"), "lost_frac": lost / n,
+    return {"centroid_error": float(np.mean(errs)) if errs else None, "lost_frac": lost / n,
             "drift_frac": drift / n}  # fmt: skip
 
 
@@ -346,7 +353,7 @@ def _run_regional(pipe: Any, s: EvalSettings, rows: list) -> dict[str, Any]:
                          "iou_plain": float(np.mean([iou_by_color(f, color, box) for f in base])),
                          "iou": float(np.mean([iou_by_color(f, color, box) for f in video]))})  # fmt: skip
     names = {"inside_frac_plain": "inside_plain", "inside_frac": "inside", "iou_plain": "iou_plain", "iou": "iou"}
-    return {**{n: float(np.nanmean([r[k] for r in rows])) for n, k in names.items()}, "videos": len(rows)}
+    return {**{n: _mean_finite([r[k] for r in rows]) for n, k in names.items()}, "videos": len(rows)}
 
 
 def _run_length(pipe: Any, s: EvalSettings, variants: list | None, scorer: Any, rows: list) -> dict[str, Any]:
@@ -364,7 +371,7 @@ def _run_length(pipe: Any, s: EvalSettings, variants: list | None, scorer: Any, 
                    **_length_metrics(video, p, s.frames), **scorer.score(video[: s.frames], p)}  # fmt: skip
             part.append(row)
         rows += part
-        agg = {k: float(np.nanmean([r[k] for r in part])) for k in ("centroid_error", "lost_frac", "drift_frac")}
+        agg = {k: _mean_finite([r[k] for r in part]) for k in ("centroid_error", "lost_frac", "drift_frac")}
         summary[f"x{f}"] = {**agg, "frames": frames, **_rates(part, ("attr_ok", "direction_ok"))}
     return summary
 
