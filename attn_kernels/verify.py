@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .layout import BlockLayout
-from .modifiers import LogitDecay, check_modifiers
+from .modifiers import check_modifiers
 
 __all__ = [
     "CheckResult",
@@ -152,7 +152,7 @@ def reference_rows(
     s = torch.einsum("bhrd,bhnd->bhrn", q64, k64) * sc
     if decay is not None:
         qp, kp = decay.positions(nq, nk, q.device)
-        s = _decay64(decay, s, qp[rows], kp, H)
+        s = decay.reference_scores(s, qp[rows], kp, decay.factors(H))  # float64 s stays float64
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
@@ -162,13 +162,6 @@ def reference_rows(
         u = mix.weights(H).to(q.device).double().view(1, H, 1, 1)
         out = (1 - u) * out + u * v[:, :, rows].double()
     return out, lse
-
-
-def _decay64(decay: LogitDecay, s: torch.Tensor, qp: torch.Tensor, kp: torch.Tensor, heads: int) -> torch.Tensor:
-    """LogitDecay's reference formula (`LogitDecay.reference_scores`) in float64."""
-    far = ((qp.long()[:, None] - kp.long()[None, :]).abs() > decay.threshold) & (qp[:, None] >= 0) & (kp[None, :] >= 0)
-    f = decay.factors(heads).to(s.device).double().view(1, -1, 1, 1)
-    return torch.where(far & (s > 0), s * f, s)
 
 
 def check_rows(
