@@ -3,10 +3,11 @@ pipeline's transformer through one adapter per model family; `handle.remove()` u
 
 from __future__ import annotations
 
-from .adapters.base import ADAPTERS, Adapter, AttnRuntime, find_adapter
+from .adapters import ADAPTERS, Adapter, find_adapter
 from .guidance import SoftPAGGuidance
 from .headhunter import HeadHunter, HeadHuntResult
 from .hooks import AttnHandle, apply, apply_pretrained, load_config
+from .runtime import AttnRuntime
 from .variants import *  # noqa: F403
 from .variants import __all__ as _variant_names
 from .variants.base import AttnContext, AttnPlan, TokenLayout, Variant

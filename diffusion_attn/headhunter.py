@@ -72,7 +72,7 @@ def _unkey(text: str) -> tuple[int, int]:
 
 def model_signature(pipe: Any) -> dict[str, Any]:
     """Family, class, hooked attention layer names and heads per layer of the (first) denoiser of `pipe`."""
-    from .adapters.base import find_adapter
+    from .adapters import find_adapter
     from .hooks import _transformers_of
 
     models, _ = _transformers_of(pipe)

@@ -23,7 +23,7 @@ call `enable_parallelism` before `apply` when the model's context-parallel plan 
 of the top-level forward (FLUX, LTX-Video); Wan works in either order. Dense calls are diffusers'
 own; sparse calls run inside diffusers' Ulysses all-to-all on the whole sequence and this rank's
 heads. Ring attention (`ring_degree > 1`, also with Ulysses) runs every rank's key chunk through the
-kernel and merges the chunks by log-sum-exp (`diffusion_attn.adapters.ring`; inference only).
+kernel and merges the chunks by log-sum-exp (`diffusion_attn.runtime.ring`; inference only).
 
 Steps: `step_source="hook"` (default) or "callback" (`handle.set_step`; forwards read nothing on
 the host), see `diffusion_attn.clock`. Warm-up for compile / CUDA graphs: `handle.prepare(**inputs)`
@@ -47,8 +47,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .adapters.base import Adapter, AttnRuntime, SparseProcessor, find_adapter, logger
+from .adapters import find_adapter
+from .adapters.base import Adapter, SparseProcessor, logger
 from .clock import STEP_SOURCES, StepClock, timestep_value
+from .runtime import AttnRuntime
 from .variants.base import Variant
 
 __all__ = ["AttnHandle", "apply", "apply_pretrained", "load_config", "find_caches", "CONFIG_NAME", "HOOK_NAME"]
@@ -261,11 +263,11 @@ def _transformers_of(obj: Any) -> tuple[list[tuple[str, nn.Module, Any]], Any]:
 # -- gradient checkpointing ------------------------------------------------------------------------------------
 def _snapshot(rt: AttnRuntime) -> tuple:
     """What an attention call's plan depends on besides its inputs (perturbed pass, grid, branch state, step)."""
-    return rt.perturbed, rt.grid, rt._states, rt.branch, rt.clock.step, rt.clock.timestep
+    return rt.perturbed, rt.grid, rt.branches.current, rt.branch, rt.clock.step, rt.clock.timestep
 
 
 def _restore(rt: AttnRuntime, snap: tuple) -> None:
-    rt.perturbed, rt.grid, rt._states, rt.branch, rt.clock.step, rt.clock.timestep = snap
+    rt.perturbed, rt.grid, rt.branches.current, rt.branch, rt.clock.step, rt.clock.timestep = snap
 
 
 @contextlib.contextmanager
@@ -806,11 +808,6 @@ def apply(
         handle.remove()
         raise
     return handle
-
-
-def iter_handles(models: Iterable[nn.Module]) -> list[AttnHandle]:
-    """Handles currently applied to `models` (for tools and tests)."""
-    return [m._attnplug_handle for m in models if getattr(m, "_attnplug_handle", None) is not None]
 
 
 # -- persistence ------------------------------------------------------------------------------------------

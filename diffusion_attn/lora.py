@@ -184,7 +184,7 @@ def read_video(path: Path, height: int | None, width: int | None, num_frames: in
 
 # ---------------------------------------------------------------------------------------------- families
 def _family(pipe: Any) -> str:
-    from .adapters.base import find_adapter
+    from .adapters import find_adapter
 
     name = find_adapter(pipe.transformer).name
     if name not in FAMILIES:

@@ -8,8 +8,10 @@ knows about a family lives on its adapter class: the model classes it matches, i
 
 from __future__ import annotations
 
+import torch.nn as nn
+
 from . import cogvideox, flux, hunyuan_video, ltx_video, sd3, unet, wan  # noqa: F401  (each registers itself)
-from .base import ADAPTERS, Adapter, find_adapter, register_adapter
+from .base import ADAPTERS, Adapter, register_adapter
 from .latent import LatentRule
 
 __all__ = ["ADAPTERS", "DEFAULT_FAMILY", "Adapter", "LatentRule", "family_of_class", "find_adapter"]
@@ -25,3 +27,13 @@ def family_of_class(class_name: str | None) -> str | None:
         if class_name in cls.model_classes:
             return name
     return None
+
+
+def find_adapter(model: nn.Module) -> Adapter:
+    """The adapter for `model`'s class, or a ValueError listing the supported families (`ADAPTERS` is complete here:
+    this package imports every adapter module above)."""
+    for cls in ADAPTERS.values():
+        if cls.matches(model):
+            return cls()
+    supported = ", ".join(f"{n} ({', '.join(c.model_classes)})" for n, c in ADAPTERS.items())
+    raise ValueError(f"attnplug has no adapter for {type(model).__name__}; supported model families: {supported}")

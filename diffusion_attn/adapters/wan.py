@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..runtime.ring import shard_rows_attention
 from ..variants.base import TokenLayout
 from .base import Adapter, SparseProcessor, hidden_states_arg, register_adapter
 from .latent import LatentRule
@@ -99,8 +100,6 @@ class WanCrossProcessor(SparseProcessor):
         if start is None:
             out = rt.run(plan, query, key_, value, layout=layout)
         else:
-            from .ring import shard_rows_attention
-
             out = shard_rows_attention(rt, plan, query, key_, value, start)
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))

@@ -71,8 +71,8 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         T + "test_clock.py",
     ),
     (
-        "diffusion_attn/adapters/base.py",
-        "        return torch.argsort(torch.cat(g2c)).to(device)",
+        "diffusion_attn/runtime/parallel.py",
+        "    return torch.argsort(torch.cat(g2c)).to(device)",
         "        return None",
         T + "test_parallel.py",
     ),
@@ -91,12 +91,12 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     ),
     ("diffusion_attn/adapters/base.py", 'or not cls.__module__.startswith("diffusers.")', "", T + "test_processors.py"),
     (
-        "diffusion_attn/adapters/base.py",
-        "            self._states = states\n",
+        "diffusion_attn/runtime/branches.py",
+        "            self.current = states\n",
         "            pass\n",
         T + "test_branches.py",
     ),
-    ("diffusion_attn/adapters/base.py", "if summary == self._last_kinds:", "if False:", T + "test_logging.py"),
+    ("diffusion_attn/runtime/planner.py", "if summary == self.last:", "if False:", T + "test_logging.py"),
     # adapters
     (
         "diffusion_attn/adapters/flux.py",

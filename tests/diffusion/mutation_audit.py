@@ -20,7 +20,7 @@ MUTATIONS = [
     ("diffusion_attn/variants/riflex.py", '{"wan": 6, "hunyuan_video": 4', '{"wan": 5, "hunyuan_video": 4', A + " -k pinned"),
     ("diffusion_attn/variants/ultravico.py", '"hunyuan_video": (33, 0.6, 50)', '"hunyuan_video": (33, 0.5, 50)', A + " -k pinned"),
     # a cache keyed on a tensor's shape instead of its contents
-    ("diffusion_attn/adapters/base.py", "                if torch.equal(e[\"mask\"], key_mask):", "                if True:", A + " -k key_mask"),
+    ("diffusion_attn/runtime/key_masks.py", "                if torch.equal(e[\"mask\"], key_mask):", "                if True:", A + " -k key_mask"),
     # a greedy search visiting candidates in the wrong order
     ("diffusion_attn/headhunter.py", "            for head in range(self.signature[\"heads\"][layer])", "            for head in reversed(range(self.signature[\"heads\"][layer]))", A + " -k greedy"),
     ("diffusion_attn/headhunter.py", "key=lambda kv: (-kv[1], _unkey(kv[0]))", "key=lambda kv: (-kv[1], tuple(-x for x in _unkey(kv[0])))", A + " -k greedy"),

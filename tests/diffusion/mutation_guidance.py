@@ -65,18 +65,18 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         TS + " -k unknown_heads",
     ),  # fmt: skip
     (
-        "diffusion_attn/adapters/base.py",
+        "diffusion_attn/runtime/engine.py",
         "acc = (acc * w1[..., None] + o2.float() * w2[..., None])",
         "acc = (acc * w1[..., None] + 0 * w2[..., None])",
         TU + " -k beta_band",
     ),  # fmt: skip
     (
-        "diffusion_attn/adapters/base.py",
-        "key=lambda iv: rank.get(iv[1].role, 1))",
+        "diffusion_attn/runtime/planner.py",
+        "key=lambda iv: _ROLE_RANK.get(iv[1].role, 1))",
         "key=lambda iv: 0)",
         TU + " -k composes",
     ),  # fmt: skip
-    ("diffusion_attn/adapters/base.py", "                perturbed=self.perturbed,\n", "", TS + " -k identity"),
+    ("diffusion_attn/runtime/planner.py", "                perturbed=perturbed,\n", "", TS + " -k identity"),
     # UltraViCo
     (
         UV,

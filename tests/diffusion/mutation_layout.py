@@ -59,15 +59,15 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         RG + " -k wan",
     ),
     (
-        "diffusion_attn/adapters/base.py",
+        "diffusion_attn/runtime/planner.py",
         "            if layout.cross_len and not var.cross_attention:\n",
         "            if False:\n",
         RG + " -k never_see",
     ),
     (
-        "diffusion_attn/adapters/base.py",
-        "out = plan.compute(qh, kh, vh, self.kernel_backend)",
-        "out = attention(qh, kh, vh, None, backend=self.kernel_backend)",
+        "diffusion_attn/runtime/engine.py",
+        "out = plan.compute(qh, kh, vh, rt.kernel_backend)",
+        "out = attention(qh, kh, vh, None, backend=rt.kernel_backend)",
         AG,
     ),
     # Regional: token rule, mask rules, inputs, CFG, checks

@@ -67,7 +67,7 @@ def test_key_mask_cache_is_keyed_on_contents_not_shape():
     got = []
     for m in masks:
         rt.begin_forward(None, None)  # a new forward: only contents can match an earlier mask
-        lay = rt._key_masked(base, m, None, n, torch.device("cpu"))
+        lay = rt.key_masks.restrict(base, m, None, n, torch.device("cpu"))
         tok = lay.to_token_mask(0, 0)
         assert torch.equal(tok, m[0][None, :].expand(n, n)), "the layout must mask exactly this mask's padded keys"
         got.append(lay)

@@ -284,8 +284,8 @@ def test_ring_chunks_equal_the_one_process_call(family, name):
     queries against the 4 ranks' key chunks (the plan's layout and LogitDecay cut per rank and chunk, the
     variant's permutation and FLUX's per-rank [text, image] shards mapped) and merges them by LSE: its rows of
     the one-process kernel call. GNA's 3-frame window leaves chunks empty: skipped, same result."""
-    from diffusion_attn.adapters.base import AttnRuntime
-    from diffusion_attn.adapters.ring import build_ring_plan, ring_chunks
+    from diffusion_attn.runtime import AttnRuntime
+    from diffusion_attn.runtime.ring import build_ring_plan, ring_chunks
 
     ring = 4
     rt = AttnRuntime(family=family, variants=(_variants()[name](),), num_layers=1)
@@ -298,8 +298,8 @@ def test_ring_chunks_equal_the_one_process_call(family, name):
     q, k, v = (torch.randn(1, n, heads, 16, generator=g) for _ in range(3))
     full = rt._kernel(plan, q, k, v, None, None)
     perm, inv = plan.perm, plan.inv if plan.perm is None or plan.inv is not None else torch.argsort(plan.perm)
-    c2g = rt._c2g(layout, ring, q.device)
-    combined, combined_inv = rt._composed(((layout, ring, "cpu"), c2g), perm, inv)
+    c2g = rt.parallel.c2g(layout, ring, q.device)
+    combined, combined_inv = rt.parallel.composed(((layout, ring, "cpu"), c2g), perm, inv)
     g2c = torch.arange(n) if c2g is None else torch.argsort(c2g)  # gathered position -> canonical token
     m = n // ring
     shard = [g2c[j * m : (j + 1) * m] for j in range(ring)]  # each rank's local tokens, canonical indices
