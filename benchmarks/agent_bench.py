@@ -64,9 +64,9 @@ def layer_sweep(grids, agents, dim, heads, batch, repeats, device, dtype, rows: 
             for k, m in mods.items():  # a figure counts only if the timed path equals the eager formula
                 if k != "softmax":
                     got = m(x).float()
-                    m.set_backend("eager")
+                    m.backend = "eager"
                     ref = m(x).float()
-                    m.set_backend("auto")
+                    m.backend = "auto"
                     err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
                     checks[k] = {"rel_err_vs_eager": err, "ok": err <= (2e-2 if dtype != torch.float32 else 1e-4)}
             for m in mods.values():  # warm-up

@@ -71,7 +71,6 @@ class InjectionHandle:
     variant: Any = None
     replacements: list[_Replacement] = field(default_factory=list)
     added: list[tuple[nn.Module, str, Any]] = field(default_factory=list)  # (parent, name, previous attr)
-    hooks: list[Any] = field(default_factory=list)  # torch RemovableHandles
     attrs: list[tuple[Any, str, Any]] = field(default_factory=list)  # (object, attribute, previous value)
     methods: list[tuple[Any, str, Any]] = field(default_factory=list)  # (object, name, previous __dict__ entry)
     new_parameter_names: list[str] = field(default_factory=list)  # parameters the injection created
@@ -121,10 +120,6 @@ class InjectionHandle:
         self.methods.append((obj, name, obj.__dict__.get(name, _MISSING)))
         obj.__dict__[name] = fn
 
-    def add_forward_hook(self, module: nn.Module, hook: Any) -> None:
-        """Register `hook(module, args, output)` on `module`; removed by `remove()`."""
-        self.hooks.append(module.register_forward_hook(hook))
-
     @property
     def new_modules(self) -> list[nn.Module]:
         """The modules the injection put in (views of timm blocks excluded). An agent module holds timm's
@@ -149,9 +144,6 @@ class InjectionHandle:
             raise RuntimeError(
                 f"remove(): {type(self.variant).__name__} was injected before {later}; remove the later injection first"
             )
-        for h in reversed(self.hooks):
-            h.remove()
-        self.hooks.clear()
         for obj, name, previous in reversed(self.attrs):
             setattr(obj, name, previous)
         self.attrs.clear()

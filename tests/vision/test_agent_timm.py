@@ -165,5 +165,5 @@ def test_channels_last_biases_through_the_fused_kernel():
         ref = model(x)
         model.to(memory_format=torch.channels_last)
         for agent in _agents(model):
-            agent.set_backend("triton")
+            agent.backend = "triton"
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)

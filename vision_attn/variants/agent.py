@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.models.swin_transformer import SwinTransformerBlock
 
-from ._gates import check_backend, fx_tracing, use_fused
+from ._gates import fx_tracing, use_fused
 
 __all__ = ["Agent", "AgentAttention", "AgentSwinBlock", "EvaAgentAttention", "agent_grid"]
 
@@ -93,9 +93,6 @@ class AgentAttention(nn.Module):
         self.wa_bias = nn.Parameter(torch.zeros(h, 1, gw, n))
         self.ac_bias = nn.Parameter(torch.zeros(1, h, n, p)) if p else None
         self.ca_bias = nn.Parameter(torch.zeros(1, h, p, n)) if p else None
-
-    def set_backend(self, backend: str) -> None:
-        self.backend = check_backend("AgentAttention", backend)
 
     @torch.jit.unused
     def set_grid(self, grid: tuple[int, int]) -> None:
