@@ -10,8 +10,8 @@ in a few seconds, and so tests can `save_tiny_pipeline` to a directory and load 
 kinds: "wan" (text-to-video, `WanPipeline`) and "flux" (text-to-image, `FluxPipeline`).
 
 The embedded default of `attnplug generate` for video is NOT the tiny Wan pipeline when the world's
-trained text-to-video model is present (`world_t2v_dir()`: `assets/world/t2v` of a source checkout,
-or `$ATTNPLUG_WORLD_DIR/t2v`): a `WanPipeline` trained on procedural videos of coloured shapes
+trained text-to-video model is present (`world_t2v_dir()`: the repository's `assets/world/t2v`, installed
+as package data `attn_pipelines.assets`, or `$ATTNPLUG_WORLD_DIR/t2v`): a `WanPipeline` trained on procedural videos of coloured shapes
 (`attn_pipelines/world/`), whose output is recognisable. Images (`--frames 1`, `--out x.png`) still
 use the untrained tiny FLUX pipeline: no trained text-to-image model ships yet.
 """
@@ -63,9 +63,12 @@ NO_TRAINED_IMAGE_MODEL = (
 
 def world_t2v_dir() -> Path | None:
     """The world's trained text-to-video pipeline folder when it is present (a diffusers directory), else None."""
-    from .world.models import T2V_DIR, world_dir
+    from .world.models import T2V_DIR, WorldAssetsMissing, world_dir
 
-    d = world_dir() / T2V_DIR
+    try:
+        d = world_dir() / T2V_DIR
+    except WorldAssetsMissing:
+        return None
     return d if (d / "model_index.json").is_file() and (d / "transformer").is_dir() else None
 
 

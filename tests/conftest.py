@@ -22,6 +22,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 
+# The world's checkpoints ship as package data (`attn_pipelines.assets`, which pyproject.toml maps to assets/);
+# where this install does not provide it (the checkout only on sys.path, or an editable install made before the
+# mapping), the tests read this checkout's assets/world through the documented variable. Tests may read the
+# checkout; the package never does (tests/test_imports.py, tests/pipelines/test_cli_commands.py).
+if "ATTNPLUG_WORLD_DIR" not in os.environ:
+    import importlib.util as _util
+    from pathlib import Path as _Path
+
+    try:
+        _spec = _util.find_spec("attn_pipelines.assets")
+    except ModuleNotFoundError:  # attn_pipelines itself not importable yet: the tests fail on their own
+        _spec = None
+    if _spec is None or not any((_Path(p) / "world").is_dir() for p in _spec.submodule_search_locations or []):
+        os.environ["ATTNPLUG_WORLD_DIR"] = str(_Path(__file__).resolve().parents[1] / "assets" / "world")
+
 import pytest  # noqa: E402
 
 

@@ -51,9 +51,55 @@ def test_wheel_package_list_covers_the_tree():
         for p in (ROOT / top).rglob("__init__.py")
         if "__pycache__" not in p.parts
     }
-    found.add("attn_pipelines.configs")
+    mapped = {"attn_pipelines.configs", "attn_pipelines.assets"}  # package-dir: configs/ and assets/
+    found |= mapped
     assert found <= listed, f"packages missing from pyproject [tool.setuptools].packages: {sorted(found - listed)}"
-    assert listed <= found | {"attn_pipelines.configs"}, f"listed but absent: {sorted(listed - found)}"
+    assert listed <= found, f"listed but absent: {sorted(listed - found)}"
+    assert set(_pyproject()["tool"]["setuptools"]["package-dir"]) == mapped
+
+
+def test_world_dir_comes_from_the_installed_package_data_never_the_checkout(tmp_path, monkeypatch):
+    """`world_dir()`: $ATTNPLUG_WORLD_DIR, else the package data `attn_pipelines.assets/world` wherever the
+    package is installed, else a clear error; the embedded default then falls back instead of crashing."""
+    from attn_pipelines import tiny
+    from attn_pipelines.cli import main
+    from attn_pipelines.world import models
+
+    monkeypatch.delenv("ATTNPLUG_WORLD_DIR", raising=False)
+    fake = tmp_path / "site" / "fake_attnplug_assets"  # an installed package data folder elsewhere
+    (fake / "world" / "t2v" / "transformer").mkdir(parents=True)
+    (fake / "world" / "t2v" / "model_index.json").write_text("{}")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setattr(models, "ASSETS_PACKAGE", "fake_attnplug_assets")
+    assert models.world_dir() == fake / "world"
+    assert tiny.world_t2v_dir() == fake / "world" / "t2v"
+    monkeypatch.setenv("ATTNPLUG_WORLD_DIR", str(tmp_path / "mine"))
+    assert models.world_dir() == tmp_path / "mine"  # the variable wins
+    monkeypatch.delenv("ATTNPLUG_WORLD_DIR")
+    monkeypatch.setattr(models, "ASSETS_PACKAGE", "attn_pipelines.no_such_assets")
+    with pytest.raises(models.WorldAssetsMissing, match="ATTNPLUG_WORLD_DIR"):
+        models.world_dir()
+    assert tiny.world_t2v_dir() is None  # `attnplug generate` says it uses the untrained tiny pipeline
+    assert main(["eval", "--smoke", "--out", str(tmp_path / "o")]) == 2  # one clear error line, exit 2
+
+
+def test_package_sources_never_locate_the_checkout():
+    """No module of the installed package finds files relative to its own source location's parents (a checkout):
+    shipped data is package data, a checkout's folders (benchmarks/) are named by the user or the working dir."""
+    bad = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for top in PACKAGES
+        for p in (ROOT / top).rglob("*.py")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(r"__file__\)?\.resolve\(\)\.parents\[", line)
+        and p.relative_to(ROOT).as_posix() not in _CHECKOUT_READERS
+    ]
+    assert not bad, f"modules that read the source checkout: {bad}"
+
+
+#: in progress by another engineer when this test was written (untracked then): its defaults name the checkout's
+#: benchmarks/results and assets/world/lora, which the CLI options of that script can override
+_CHECKOUT_READERS = {"attn_pipelines/world/lora_length.py"}
 
 
 def _declared() -> set[str]:

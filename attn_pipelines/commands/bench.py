@@ -36,7 +36,7 @@ def add_parser(sub: Any) -> None:
     b.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(BENCH_SCRIPTS)})")
     b.add_argument("--smoke", action="store_true", help="tiny sizes: a quick check that each script runs")
     b.add_argument("--table-only", action="store_true", help="run nothing; print the latest results")
-    b.add_argument("--bench-dir", default=None, help="benchmarks folder (default: the source checkout's)")
+    b.add_argument("--bench-dir", default=None, help="benchmarks folder of a source checkout (default: ./benchmarks)")
     b.add_argument(
         "--out", default=None, help="where scripts write (default: benchmarks/results; --smoke: a new temp dir)"
     )
@@ -49,11 +49,12 @@ def _bench_dir(arg: str | None) -> Path:
         if not d.is_dir():
             raise CLIError(f"--bench-dir {arg!r} is not a directory")
         return d
-    d = Path(__file__).resolve().parents[2] / "benchmarks"
+    d = Path.cwd() / "benchmarks"
     if not d.is_dir():
         raise CLIError(
-            "the benchmarks/ folder is not here: `attnplug bench` runs the scripts of a source checkout "
-            "(git clone + pip install -e .), they are not part of the installed wheel; or pass --bench-dir"
+            f"the benchmarks/ folder is not here ({d}): `attnplug bench` runs the scripts of a source checkout "
+            "(git clone), they are not part of the installed package; run it from the checkout's root or pass "
+            "--bench-dir <checkout>/benchmarks"
         )
     return d
 

@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
     e.add_argument("--steps", type=int, default=None, help="denoising steps (default 20)")
     e.add_argument("--finetune-steps", type=int, default=None, help="vision fine-tune steps (default 150)")
     e.add_argument("--threads", type=int, default=None, help="torch threads (default 1 or $ATTNPLUG_THREADS)")
-    e.add_argument("--out", default=None, help="results folder (default benchmarks/results; --smoke: a temp dir)")
+    e.add_argument("--out", default=None, help="results folder (default ./benchmarks/results; --smoke: a temp dir)")
     e.add_argument("--smoke", action="store_true", help="tiny settings: checks that everything runs")
     e.set_defaults(func=run)
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     """Check the inputs and the checkpoints, run the requested parts, write JSON + PNG."""
     from ..world import evaluate as ev
     from ..world.common import setup_threads
-    from ..world.models import CLASSIFIERS, T2V_DIR, world_dir
+    from ..world.models import CLASSIFIERS, T2V_DIR, WorldAssetsMissing, world_dir
 
     for name in ("prompts", "length_prompts", "steps", "finetune_steps", "threads"):
         _positive(name.replace("_", "-"), getattr(args, name))
@@ -80,23 +80,31 @@ def run(args: argparse.Namespace) -> int:
         if bad:
             raise CLIError(f"--vision-models: unknown {bad}; known: {', '.join(ev.VISION_SUITE)}")
         vision = tuple(args.vision_models.split(","))
-    root = world_dir()
+    try:
+        root = world_dir()
+    except WorldAssetsMissing as e:
+        raise CLIError(str(e)) from None
     need = []
     if args.part in ("all", "diffusion"):
         need += [root / T2V_DIR / "model_index.json", root / "classifier" / "model.safetensors"]
     missing = [str(p) for p in need if not p.is_file()]
     if missing:
         raise CLIError(
-            f"the world's trained checkpoints are missing ({', '.join(missing)}): run from a source checkout "
-            "with assets/world, or train them (docs/world.md) and set ATTNPLUG_WORLD_DIR"
+            f"the world's trained checkpoints are missing ({', '.join(missing)}): reinstall attnplug with its "
+            "package data, or train them (docs/world.md) and set ATTNPLUG_WORLD_DIR"
         )
+    results_dir = Path.cwd() / "benchmarks" / "results"  # a source checkout's results, when run from its root
     if args.out:
         out = Path(args.out)
     elif args.smoke:
         out = Path(tempfile.mkdtemp(prefix="attnplug-eval-smoke-"))
+    elif results_dir.parent.is_dir():
+        out = results_dir
     else:
-        out = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-    results_dir = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+        raise CLIError(
+            f"no benchmarks/ folder here ({results_dir.parent}): `attnplug eval` writes its results to "
+            "benchmarks/results of a source checkout; run it from the checkout's root or pass --out"
+        )
     if args.smoke and out.resolve() == results_dir.resolve():
         raise CLIError("--smoke results are not results: pick another --out than benchmarks/results")
     if out.exists() and not out.is_dir():

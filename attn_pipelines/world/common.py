@@ -32,10 +32,11 @@ def cosine_lr(step: int, total: int, warmup: int, min_ratio: float = 0.05) -> fl
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def git_commit() -> str | None:
-    """The checkout's HEAD commit (None outside a git checkout)."""
+def git_commit(where: Path | None = None) -> str | None:
+    """HEAD commit of the git checkout holding `where` (default: the working directory, where training and
+    evaluation run); None outside a git checkout. The installed package never looks for its own checkout."""
     try:
-        root = Path(__file__).resolve().parents[2]
+        root = Path.cwd() if where is None else where
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):

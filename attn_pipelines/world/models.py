@@ -15,12 +15,16 @@ scikit-learn's digits; each folder holds `config.json` + `model.safetensors` (`v
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "WORLD_DIR",
+    "ASSETS_PACKAGE",
+    "WORLD_DIR_ENV",
+    "WorldAssetsMissing",
+    "installed_world_dir",
     "T2V_DIR",
     "VIDEO",
     "VAE_CONFIG",
@@ -37,8 +41,10 @@ __all__ = [
     "build_pipeline",
 ]
 
-#: shipped checkpoints and samples (a source checkout; `ATTNPLUG_WORLD_DIR` points elsewhere)
-WORLD_DIR = Path(__file__).resolve().parents[2] / "assets" / "world"
+#: the package the repository's `assets/` ships as (pyproject.toml); its `world/` holds the shipped checkpoints
+ASSETS_PACKAGE = "attn_pipelines.assets"
+#: a folder to use instead (trained elsewhere, or an install without the package data)
+WORLD_DIR_ENV = "ATTNPLUG_WORLD_DIR"
 T2V_DIR = "t2v"
 
 #: the training clip: frames x size x size pixels, 16 fps is diffusers' Wan export default; the world uses 8
@@ -109,10 +115,38 @@ CLASSIFIERS: dict[str, dict[str, Any]] = {
 }
 
 
+class WorldAssetsMissing(FileNotFoundError):
+    """Neither `$ATTNPLUG_WORLD_DIR` nor the installed package data `attn_pipelines.assets/world` exists."""
+
+
+def installed_world_dir() -> Path | None:
+    """`world/` of the installed package data `attn_pipelines.assets` (a wheel, or an editable install whose
+    finder maps it to the checkout's `assets/`), or None when this install has no such data."""
+    try:
+        spec = importlib.util.find_spec(ASSETS_PACKAGE)
+    except ModuleNotFoundError:
+        return None
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        d = Path(loc) / "world"
+        if d.is_dir():
+            return d
+    return None
+
+
 def world_dir() -> Path:
-    """Folder of the world's checkpoints: `$ATTNPLUG_WORLD_DIR` when set, else `assets/world` of the checkout."""
-    env = os.environ.get("ATTNPLUG_WORLD_DIR")
-    return Path(env).expanduser() if env else WORLD_DIR
+    """Folder of the world's checkpoints: `$ATTNPLUG_WORLD_DIR` when set, else the installed package data
+    (`installed_world_dir`); `WorldAssetsMissing` says how to get them when neither is there."""
+    env = os.environ.get(WORLD_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    found = installed_world_dir()
+    if found is None:
+        raise WorldAssetsMissing(
+            f"the world's trained checkpoints are not installed ({ASSETS_PACKAGE}/world, the repository's "
+            "assets/world shipped as package data, was not found): reinstall attnplug (`pip install attnplug`, or "
+            f"`pip install -e .` in a checkout) or set {WORLD_DIR_ENV} to a folder holding t2v/ and classifier/"
+        )
+    return found
 
 
 def world_tokenizer() -> Any:

@@ -308,9 +308,10 @@ def test_show_mask_bad_grid_is_an_argparse_error(capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# the built wheel ships the presets as package data
+# the built wheel ships the presets and the world's checkpoints as package data
 # ----------------------------------------------------------------------------------------------
 def test_built_wheel_lists_and_loads_presets(tmp_path):
+    """Presets and the embedded world model come from the installed wheel (a folder that is not the checkout)."""
     pytest.importorskip("setuptools", reason="--no-build-isolation builds with the environment's setuptools")
     # Build from a clean copy: an in-tree setuptools build would leave build/ and *.egg-info in the repo,
     # and a stale build/lib could hide files that no longer exist.
@@ -332,6 +333,10 @@ def test_built_wheel_lists_and_loads_presets(tmp_path):
     shipped = sorted(n for n in names if n.startswith("attn_pipelines/configs/") and n.endswith(".yaml"))
     assert [Path(n).stem for n in shipped] == preset_names()
     assert "attn_spec/__init__.py" in names and "attn_pipelines/commands/generate.py" in names
+    world = "attn_pipelines/assets/world/t2v/"
+    for part in ("model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"):
+        assert world + part in names, f"the wheel lacks {world + part}: `attnplug generate` needs it"
+    assert any(n.startswith(world + "transformer/") and n.endswith(".safetensors") for n in names)
     site = tmp_path / "site"
     r = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
@@ -347,6 +352,12 @@ def test_built_wheel_lists_and_loads_presets(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(site)], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+    code = (
+        "import sys; from attn_pipelines.tiny import world_t2v_dir; d = world_t2v_dir(); "
+        "assert d is not None and str(d).startswith(sys.argv[1]), d; print(d)"
+    )  # no ATTNPLUG_WORLD_DIR in env: the wheel's package data
+    r = subprocess.run([sys.executable, "-c", code, str(site)], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "attn_pipelines.cli", "list"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr
