@@ -19,20 +19,23 @@ fp32. fp32 inputs run on tensor cores in 3xTF32 (``input_precision="tf32x3"``, a
 accuracy) for up to 64 agents and head dim <= 64 (see `_FP32_MAX_AGENTS`); larger fp32 problems
 use the eager formula. Online softmax in the exp2 domain. Tiles per (kernel, dtype width, agents,
 head dim) are in `TILES`; every entry compiles for sm_90a without register spills
-(``python -m attn_kernels.static_check --match agent``). CPU uses the eager formula unless
-``TRITON_INTERPRET=1`` (tests run the kernels there).
+(``python -m attn_kernels.static_check --match agent``). Backends ``triton`` and ``reference`` (the
+eager formula) are registered in `attn_kernels.backends`; ``auto`` runs the reference on CPU, and
+``backend="triton"`` runs the kernels in Triton's interpreter under ``TRITON_INTERPRET=1`` (tests).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .backends import SizeRule, choose_backend, define_op, register_backend, resolve_name
+from .launch_config import LaunchConfig
 
 __all__ = ["TILES", "agent_attention", "agent_attention_reference", "static_configs"]
 
@@ -454,10 +457,47 @@ class _AgentAttention(torch.autograd.Function):
         return dq, dk, dv, da.to(agents.dtype), db1.to(b1p.dtype), db2.to(b2p.dtype), None
 
 
+AGENT_ATTENTION = define_op(
+    "agent_attention", dims=("head dim", "agents"), features=("backward",),
+    doc="agent attention, both softmax stages (attn_kernels.agent_attn.agent_attention)",
+)  # fmt: skip
+
+
+@register_backend(
+    "agent_attention", "reference", priority=10,
+    doc="eager formula (PyTorch matmuls, linear in tokens); any device, dtype and size",
+)  # fmt: skip
 def agent_attention_reference(q, k, v, agents, b1, b2, scale):
     """Eager formula: softmax(q aᵀ s + b2) · (softmax(a kᵀ s + b1) · v); b1 [H, n, N], b2 [H, N, n]."""
     agent_v = torch.softmax(agents @ k.transpose(-1, -2) * scale + b1, -1) @ v
     return torch.softmax(q @ agents.transpose(-1, -2) * scale + b2, -1) @ agent_v
+
+
+@register_backend(
+    "agent_attention", "triton", devices=("cuda",), interpreter=True,
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    sizes=(SizeRule("head dim", 0, values=_HEAD_DIMS), SizeRule("agents", 1, min=1, max=_AGENT_BLOCKS[-1])),
+    auto_devices=("cuda",), auto_note="on CPU the interpreter is a test tool", priority=0,
+    doc="fused Triton kernels, forward and backward (fp32 beyond 64 agents or head dim 64: the eager formula)",
+)  # fmt: skip
+def _agent_attention_triton(q, k, v, agents, b1, b2, scale):
+    """The fused kernels on inputs the registry accepted (biases broadcast over batch, cast here)."""
+    B, H, N, D = q.shape
+    n = agents.shape[2]
+    k, v, agents, b1, b2 = (t.to(q.dtype) for t in (k, v, agents, b1, b2))
+    if q.dtype == torch.float32:
+        if n > _FP32_MAX_AGENTS or D > _FP32_MAX_D:
+            return agent_attention_reference(q, k, v, agents, b1, b2, scale)
+        if D < 32:  # zero columns change no score and no output: run the d32 kernels
+            pad = lambda t: F.pad(t, (0, 32 - D))  # noqa: E731
+            return _agent_attention_triton(pad(q), pad(k), pad(v), pad(agents), b1, b2, scale)[..., :D]
+    b1 = b1.reshape(-1, n, N)  # [1 | H, n, N]: a shared bias is read with head stride 0
+    b2 = b2.reshape(-1, N, n)
+    if b1.shape[0] not in (1, H) or b2.shape[0] not in (1, H):
+        raise ValueError(
+            f"agent_attention: biases must broadcast over batch, got {b1.shape[0]} and {b2.shape[0]} heads"
+        )
+    return _AgentAttention.apply(q, k, v, agents, b1, b2, scale)
 
 
 def agent_attention(
@@ -471,37 +511,15 @@ def agent_attention(
     backend: str = "auto",
 ) -> torch.Tensor:
     """Agent attention on [B, H, N, D] tensors with n agents [B, H, n, D] and biases b1 [1|H..., n, N],
-    b2 [..., N, n] (broadcast over batch; cast to q's dtype). backend: "auto" (Triton on CUDA) |
-    "triton" | "eager". Triton needs D in (16, 32, 64, 128) and n <= 128; fp32 beyond 64 agents or
-    head dim 64 computes the eager formula (module docstring)."""
-    if backend not in ("auto", "triton", "eager"):
-        raise ValueError(f"agent_attention: backend must be 'auto', 'triton' or 'eager', got {backend!r}")
-    B, H, N, D = q.shape
-    n = agents.shape[2]
-    can = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    if backend == "eager" or (backend == "auto" and not q.is_cuda):
-        return agent_attention_reference(q, k, v, agents, b1, b2, scale)
-    if not can:
-        raise RuntimeError("agent_attention(backend='triton') needs CUDA tensors or TRITON_INTERPRET=1")
-    if D not in _HEAD_DIMS or n > 128:
-        raise ValueError(f"agent_attention: Triton kernel needs head dim in (16, 32, 64, 128) and <= 128 agents, "
-                         f"got D={D}, n={n}")  # fmt: skip
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"agent_attention: dtype must be float16, bfloat16 or float32, got {q.dtype}")
-    k, v, agents, b1, b2 = (t.to(q.dtype) for t in (k, v, agents, b1, b2))
-    if q.dtype == torch.float32:
-        if n > _FP32_MAX_AGENTS or D > _FP32_MAX_D:
-            return agent_attention_reference(q, k, v, agents, b1, b2, scale)
-        if D < 32:  # zero columns change no score and no output: run the d32 kernels
-            pad = lambda t: F.pad(t, (0, 32 - D))  # noqa: E731
-            return agent_attention(pad(q), pad(k), pad(v), pad(agents), b1, b2, scale, backend)[..., :D]
-    b1 = b1.reshape(-1, n, N)  # [1 | H, n, N]: a shared bias is read with head stride 0
-    b2 = b2.reshape(-1, N, n)
-    if b1.shape[0] not in (1, H) or b2.shape[0] not in (1, H):
-        raise ValueError(
-            f"agent_attention: biases must broadcast over batch, got {b1.shape[0]} and {b2.shape[0]} heads"
-        )
-    return _AgentAttention.apply(q, k, v, agents, b1, b2, scale)
+    b2 [..., N, n] (broadcast over batch; cast to q's dtype). backend: "auto" (Triton on CUDA when it
+    fits, else the eager formula) | "triton" | "reference" ("eager": deprecated alias). Triton needs D
+    in (16, 32, 64, 128) and n <= 128; fp32 beyond 64 agents or head dim 64 computes the eager formula
+    (module docstring). A backend that cannot run raises, listing every backend's reasons."""
+    backend = resolve_name("agent_attention", backend)
+    flags = 1 if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                              or agents.requires_grad) else 0  # fmt: skip
+    chosen = choose_backend("agent_attention", backend, q.device.type, q.dtype, (q.shape[-1], agents.shape[2]), flags)
+    return chosen.fn(q, k, v, agents, b1, b2, scale)
 
 
 # ----------------------------------------------------------------------------- static check
@@ -510,8 +528,6 @@ def static_configs() -> Iterator:
     block, head dim) with its `TILES` entry (fp32: the two shapes it runs). Sizes (N, n, chunks,
     heads) are not specialised and the padded bias strides are always multiples of 16, so one
     compile per entry covers every launch; arguments mimic ViT-S at 1024 px (N 4097, 6 heads)."""
-    from .static_check import LaunchConfig
-
     H, N = 6, 4097
     n16 = lambda n: -(-n // 16) * 16  # noqa: E731
     kinds = ("fwd_keys", "fwd_combine", "fwd_query", "bwd_query", "bwd_combine", "bwd_keys")

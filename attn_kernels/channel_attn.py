@@ -16,8 +16,9 @@ fewer than about 4 programs per SM (batch 1, few channels) each plane's reductio
 chunks whose fp32 partials are summed afterwards (deterministic, no atomics); the rescales are
 tiled over the plane anyway. All arithmetic is fp32 whatever the input dtype. Every launch
 configuration (lane counts, flags, plane-size specialisations) compiles for sm_90a without
-register spills (``python -m attn_kernels.static_check --match 'eca|coord'``). On CPU the eager
-path is used unless ``TRITON_INTERPRET=1``.
+register spills (``python -m attn_kernels.static_check --match 'eca|coord'``). Backends ``triton``
+and ``reference`` are registered in `attn_kernels.backends`; ``auto`` runs the reference on CPU, and
+``backend="triton"`` runs the kernels in Triton's interpreter under ``TRITON_INTERPRET=1`` (tests).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from .backends import SizeRule, choose_backend, define_op, register_backend, resolve_name
+from .launch_config import LaunchConfig
 
 __all__ = ["MAX_W", "coord_fused", "eca_fused", "eca_reference", "static_configs"]
 
@@ -147,27 +151,45 @@ class _EcaFused(torch.autograd.Function):
         return dx, (grads[1] if weight.requires_grad else None), None
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+ECA = define_op("eca", features=("backward",), doc="ECA gate (attn_kernels.channel_attn.eca_fused)")
+
+
+@register_backend("eca", "reference", priority=10, doc="eager formula; any device and dtype")
 def eca_reference(x: torch.Tensor, weight: torch.Tensor, gate_scale: float = 1.0) -> torch.Tensor:
     """Eager ECA: ``x * gate_scale * sigmoid(conv1d(mean_hw(x)))``."""
     return x * _gate(x.mean((2, 3)), weight, gate_scale)[:, :, None, None].to(x.dtype)
 
 
-def eca_fused(x: torch.Tensor, weight: torch.Tensor, gate_scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
-    """ECA on ``x`` [B, C, H, W] with conv weight [1, 1, k]; backend "auto" | "triton" | "eager"."""
-    import os
+@register_backend(
+    "eca", "triton", devices=("cuda",), interpreter=True, dtypes=_FLOATS, auto_devices=("cuda",),
+    auto_note="on CPU the interpreter is a test tool", doc="fused mean and rescale, forward and backward",
+)  # fmt: skip
+def _eca_triton(x: torch.Tensor, weight: torch.Tensor, gate_scale: float = 1.0) -> torch.Tensor:
+    return _EcaFused.apply(x, weight, float(gate_scale))
 
+
+def _grad_flag(x: torch.Tensor, module_or_weight) -> int:
+    """Feature bit 0 ("backward"): a gradient will be taken through the call."""
+    if not torch.is_grad_enabled():
+        return 0
+    if x.requires_grad:
+        return 1
+    if isinstance(module_or_weight, torch.Tensor):
+        return int(module_or_weight.requires_grad)
+    return int(any(p.requires_grad for p in module_or_weight.parameters()))
+
+
+def eca_fused(x: torch.Tensor, weight: torch.Tensor, gate_scale: float = 1.0, backend: str = "auto") -> torch.Tensor:
+    """ECA on ``x`` [B, C, H, W] with conv weight [1, 1, k]; backend "auto" (Triton on CUDA) |
+    "triton" | "reference" ("eager": deprecated alias); one that cannot run raises with every reason."""
     if x.dim() != 4:
         raise ValueError(f"eca_fused: x must be [B, C, H, W], got shape {tuple(x.shape)}")
     if weight.dim() != 3 or weight.shape[:2] != (1, 1) or weight.shape[-1] % 2 == 0:
         raise ValueError(f"eca_fused: weight must be [1, 1, k] with k odd, got shape {tuple(weight.shape)}")
-    can = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    if backend == "triton" and not can:
-        raise RuntimeError("eca_fused(backend='triton') needs CUDA tensors or TRITON_INTERPRET=1")
-    if backend not in ("auto", "triton", "eager"):
-        raise ValueError(f"eca_fused: backend must be 'auto', 'triton' or 'eager', got {backend!r}")
-    if backend == "eager" or (backend == "auto" and not x.is_cuda):
-        return eca_reference(x, weight, gate_scale)
-    return _EcaFused.apply(x, weight, float(gate_scale))
+    backend = resolve_name("eca_fused", backend)
+    chosen = choose_backend("eca", backend, x.device.type, x.dtype, (), _grad_flag(x, weight))
+    return chosen.fn(x, weight, gate_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,27 +350,25 @@ class _CoordFused(torch.autograd.Function):
         return (dx, None, *dparams)
 
 
-def coord_fused(x: torch.Tensor, module: torch.nn.Module, backend: str = "auto") -> torch.Tensor:
-    """timm `CoordAttn` forward with the pooling and the rescale fused in Triton (the small
-    conv/BN/gate part on [B, C, H+W] runs in PyTorch). backend: "auto" | "triton" | "eager"."""
-    import os
+COORD = define_op(
+    "coord", dims=("plane width",), features=("backward", "skip"),
+    doc="coordinate attention (attn_kernels.channel_attn.coord_fused)",
+)  # fmt: skip
 
-    if backend not in ("auto", "triton", "eager"):
-        raise ValueError(f"coord_fused: backend must be 'auto', 'triton' or 'eager', got {backend!r}")
-    if x.dim() != 4:
-        raise ValueError(f"coord_fused: x must be [B, C, H, W], got shape {tuple(x.shape)}")
-    if backend == "triton" and not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        raise RuntimeError("coord_fused(backend='triton') needs CUDA tensors or TRITON_INTERPRET=1")
-    if getattr(module, "has_skip", False):
-        if backend == "triton":
-            raise ValueError("coord_fused: modules with has_skip=True are not supported by the fused kernel")
-        return module(x)
-    if x.shape[3] > MAX_W:
-        if backend == "triton":
-            raise ValueError(f"coord_fused: the fused kernel takes planes up to {MAX_W} wide, got W={x.shape[3]}")
-        return module(x)
-    if backend == "eager" or (backend == "auto" and not x.is_cuda):
-        return module(x)
+
+@register_backend("coord", "reference", priority=10, doc="the module's own eager forward; any device and dtype")
+def _coord_reference(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    return module(x)
+
+
+@register_backend(
+    "coord", "triton", devices=("cuda",), interpreter=True, dtypes=_FLOATS, features=("backward",),
+    sizes=(SizeRule("plane width", 0, min=1, max=MAX_W, explain="the fused kernel takes planes up to {max} wide, "
+                    "got W={value}"),),
+    auto_devices=("cuda",), auto_note="on CPU the interpreter is a test tool",
+    doc="fused strip pooling and rescale, forward and backward (modules without has_skip)",
+)  # fmt: skip
+def _coord_triton(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     H, W = x.shape[2], x.shape[3]
 
     def gates(mh: torch.Tensor, mw: torch.Tensor):  # mh [B,C,H], mw [B,C,W] -> a_h, a_w
@@ -360,6 +380,19 @@ def coord_fused(x: torch.Tensor, module: torch.nn.Module, backend: str = "auto")
         return a_h, a_w
 
     return _CoordFused.apply(x, gates, *[p for p in module.parameters()])
+
+
+def coord_fused(x: torch.Tensor, module: torch.nn.Module, backend: str = "auto") -> torch.Tensor:
+    """timm `CoordAttn` forward with the pooling and the rescale fused in Triton (the small
+    conv/BN/gate part on [B, C, H+W] runs in PyTorch). backend: "auto" (Triton on CUDA when it fits,
+    else the module's forward) | "triton" | "reference" ("eager": deprecated alias); a backend that
+    cannot run (has_skip, planes wider than `MAX_W`, ...) raises with every reason."""
+    backend = resolve_name("coord_fused", backend)
+    if x.dim() != 4:
+        raise ValueError(f"coord_fused: x must be [B, C, H, W], got shape {tuple(x.shape)}")
+    flags = _grad_flag(x, module) | (2 if getattr(module, "has_skip", False) else 0)
+    chosen = choose_backend("coord", backend, x.device.type, x.dtype, (x.shape[3],), flags)
+    return chosen.fn(x, module)
 
 
 # ----------------------------------------------------------------------------- static check
@@ -377,8 +410,6 @@ def static_configs() -> Iterator:
     """Every launch configuration for `attn_kernels.static_check`: per dtype, every lane count
     (`_block`, `_hw_blocks` up to `MAX_W`), each feature flag, and each specialisation of the
     plane size (== 1, divisible by 16, neither); heights, chunks and splits are not specialised."""
-    from .static_check import LaunchConfig
-
     f = torch.empty(1, dtype=torch.float32)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         x = torch.empty(1, dtype=dtype)

@@ -16,13 +16,28 @@ import os
 
 import torch
 
+from .backends import BACKEND_NAMES, NoBackendError, backends_for, choose_backend, define_op, register_backend
 from .layout import BlockLayout, KernelLayout, owner_of
 from .modifiers import LogitDecay, OutputMix, TileStats, check_modifiers, prepare_modifiers
 from .reference import reference_attention
 
 __all__ = ["attention", "BACKENDS", "triton_available"]
 
-BACKENDS = ("auto", "triton", "reference")
+#: the names `attention(backend=...)` takes (the one vocabulary of `attn_kernels.backends`)
+BACKENDS = BACKEND_NAMES
+
+#: the op's feature flags, bit i = ATTENTION.features[i] (`_flags` builds them per call)
+ATTENTION = define_op(
+    "attention",
+    dims=("head dim q/k", "head dim v"),
+    features=("layout", "element_mask", "logit_decay", "output_mix", "tile_stats", "lse", "backward"),
+    doc="block-sparse attention (attn_kernels.attention)",
+)
+register_backend(
+    "attention", "reference", auto_devices=("cpu",), priority=10,
+    auto_note="it materialises the scores: never a silent slow path on a GPU",
+    doc="exact PyTorch reference (fused SDPA over the gathered key blocks); any device, dtype and head dim",
+)(reference_attention)  # fmt: skip
 
 
 def _interpret() -> bool:
@@ -40,23 +55,17 @@ def triton_available() -> bool:
 
 
 def _triton_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the Triton kernel cannot run these tensors (None when it can)."""
-    return _unsupported(q.is_cuda, q.device.type, q.dtype, q.shape[-1], v.shape[-1], _interpret())
+    """Why the Triton kernel cannot run these tensors (None when it can): every reason, joined."""
+    try:
+        choose_backend("attention", "triton", q.device.type, q.dtype, (q.shape[-1], v.shape[-1]))
+    except NoBackendError:
+        table = backends_for("attention")
+        if "triton" not in table:
+            return "the Triton kernels could not be imported (is triton installed?)"
+        from .backends import _inputs
 
-
-@functools.cache
-def _unsupported(cuda: bool, dev: str, dtype: torch.dtype, d: int, dv: int, interpret: bool) -> str | None:
-    """`_triton_unsupported` on hashable facts, cached: the answer never changes for them."""
-    if not (cuda or interpret):
-        return f"tensors are on {dev} (Triton needs CUDA, or TRITON_INTERPRET=1 for the CPU interpreter)"
-    if not triton_available():
-        return "the Triton kernels could not be imported (is triton installed?)"
-    from .triton_attention import MAX_HEAD_DIM, SUPPORTED_DTYPES
-
-    if max(d, dv) > MAX_HEAD_DIM:
-        return f"head dim {d}/{dv} is above the supported maximum {MAX_HEAD_DIM}"
-    if dtype not in SUPPORTED_DTYPES:
-        return f"dtype {dtype} is not one of the supported {SUPPORTED_DTYPES}"
+        facts = _inputs("attention", q.device.type, q.dtype, (q.shape[-1], v.shape[-1]), 0, _interpret())
+        return "; ".join(table["triton"].not_supported_reasons(facts))
     return None
 
 
@@ -147,7 +156,22 @@ def attention(
     checked = check_modifiers(modifiers, nq, nk, H) if modifiers else (None, None)
     if tile_stats is not None and not isinstance(tile_stats, TileStats):
         raise TypeError(f"attention: tile_stats must be a TileStats or None, got {type(tile_stats).__name__}")
-    chosen = _choose(backend, q, v)
+    need_bwd = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    decay_m, mix_m = checked
+    # feature flags, bit i = ATTENTION.features[i]: layout, element_mask, logit_decay, output_mix,
+    # tile_stats, lse, backward (the chooser's cache key; both backends take every feature today)
+    flags = 0 if layout is None else 1 if layout.elem_mask is None else 3
+    if decay_m is not None:
+        flags |= 4
+    if mix_m is not None:
+        flags |= 8
+    if tile_stats is not None:
+        flags |= 16
+    if return_lse:
+        flags |= 32
+    if need_bwd:
+        flags |= 64
+    chosen = _choose(backend, q, v, flags)
     scale_f = d**-0.5 if scale is None else float(scale)
     if tile_stats is not None:  # inference-only side output, through its own op (no autograd)
         layout = (layout if layout is not None else BlockLayout.dense(nq, nk, device=q.device)).to(q.device)
@@ -162,8 +186,6 @@ def attention(
         return (out, lse) if return_lse else out
     if layout is not None:
         layout = layout.to(q.device)
-    need_bwd = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    decay_m, mix_m = checked
     decay = None if decay_m is None else decay_m.prepare(H, nq, nk, q.device)
     mix_u = None if mix_m is None else mix_m.prepare(H, q.device)
     if chosen == "triton" and not torch.compiler.is_compiling():
@@ -220,21 +242,15 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _choose(backend: str, q: torch.Tensor, v: torch.Tensor) -> str:
-    if backend == "triton":
-        why = _triton_unsupported(q, v)
-        if why is not None:
-            raise RuntimeError(f"attention(backend='triton') cannot run: {why}")
-        return "triton"
-    if backend == "auto" and q.is_cuda:
-        why = _triton_unsupported(q, v)
-        if why is not None:
-            raise RuntimeError(
-                f"attention(backend='auto') cannot run on CUDA: {why}; pass backend='reference' to run the "
-                "PyTorch reference on the GPU (slow)"
-            )
-        return "triton"
-    return "reference"
+def _choose(backend: str, q: torch.Tensor, v: torch.Tensor, flags: int) -> str:
+    """The backend name for this call: `choose_backend`'s decision, cached per (device type, dtype,
+    head dims, feature flags); its error lists every backend with every reason."""
+    return _choose_name(backend, q.device.type, q.dtype, q.shape[-1], v.shape[-1], flags)
+
+
+@torch.compiler.assume_constant_result  # torch.compile: decided once at trace time, never traced into
+def _choose_name(backend: str, device: str, dtype: torch.dtype, d: int, dv: int, flags: int) -> str:
+    return choose_backend("attention", backend, device, dtype, (d, dv), flags).name
 
 
 def _ldims(layout: BlockLayout) -> list[int]:

@@ -28,28 +28,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from . import agent_attn, channel_attn, triton_attention
+from .launch_config import LaunchConfig
 
 __all__ = ["H100_SHARED_LIMIT", "LaunchConfig", "all_configs", "compile_sm90", "main", "violations"]
 
 #: Largest dynamic shared memory one block may opt into on sm_90 (H100/H200): 227 KiB.
 H100_SHARED_LIMIT = 232_448
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """One launch as the runtime would make it: kernel, arguments (tensors only give their dtype)
-    and compile options. ``ci``: part of the representative subset run in CI."""
-
-    name: str
-    kernel: Any
-    args: tuple
-    kwargs: dict = field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 3
-    ci: bool = False
 
 
 def _ptxas() -> str:
@@ -126,8 +113,6 @@ def compile_sm90(cfg: LaunchConfig, arch: int = 90) -> dict:
 
 
 def _modules() -> list[Callable[[], Iterable[LaunchConfig]]]:
-    from . import agent_attn, channel_attn, triton_attention
-
     return [m.static_configs for m in (triton_attention, agent_attn, channel_attn) if hasattr(m, "static_configs")]
 
 

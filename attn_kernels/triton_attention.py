@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .backends import SizeRule, register_backend
+from .launch_config import LaunchConfig
 from .layout import BlockLayout, KernelLayout
 
 __all__ = [
@@ -801,6 +803,12 @@ def _needs_int64(*tensors: torch.Tensor) -> bool:
     return any(t.untyped_storage().nbytes() >= 2**31 * t.element_size() for t in tensors)
 
 
+@register_backend(
+    "attention", "triton", devices=("cuda",), interpreter=True, dtypes=SUPPORTED_DTYPES,
+    sizes=(SizeRule("head dim", (0, 1), min=1, max=MAX_HEAD_DIM),), auto_devices=("cuda",),
+    auto_note="on CPU the interpreter is a test tool", priority=0,
+    doc="fused block-sparse FlashAttention (forward, backward, modifiers, element masks, LSE, tile statistics)",
+)  # fmt: skip
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -987,8 +995,6 @@ def static_configs() -> Iterator:
     class, fp16/bf16/fp32, 64-bit offsets, tiles equal to the layout block) for
     `attn_kernels.static_check`. Arguments mimic a real launch: diffusers-style [B, N, H, D]
     strides seen as [B, H, N, D], int32 lists, fp32 statistics."""
-    from .static_check import LaunchConfig
-
     dims = {64: (64, 64), 128: (128, 128), 256: (256, 256)}
     padded = {64: (48, 48), 128: (80, 80), 256: (160, 160)}  # a padded dim in every class
     ci_pick = {("fwd", "16", 128), ("fwd", "16", 64), ("dkdv", "16", 128), ("dq", "16", 128), ("fwd", "32", 64)}

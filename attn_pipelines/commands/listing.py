@@ -1,4 +1,5 @@
-"""`attnplug list`: diffusion variants, model families, vision variants, registered timm models, presets."""
+"""`attnplug list`: diffusion variants, model families, vision variants, registered timm models, kernel
+backends, presets."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from attn_spec import describe, describe_rules
 
 from ..config import LAYOUT_FLAGS, PLANNED_VARIANTS, ConfigError, Preset, load_preset, preset_names, variant_registry
 
-__all__ = ["add_parser", "run", "vision_variants"]
+__all__ = ["add_parser", "kernel_backend_lines", "run", "vision_variants"]
 
 
 def add_parser(sub: Any) -> None:
@@ -45,6 +46,25 @@ def _print_variants(registry: dict[str, type]) -> None:
             if target == name:
                 usage = f"{flag} '{what}@x0,y0,x1,y1'"
                 print(f"      attnplug generate {usage} (repeatable, box in frame fractions; sets {', '.join(owned)})")
+
+
+def kernel_backend_lines() -> list[str]:
+    """One line per kernel op and per registered backend, read from `attn_kernels.backends`: the
+    devices, dtypes, sizes and features each backend declares."""
+    from attn_kernels.backends import OPS, all_backends
+
+    lines = []
+    for op, table in all_backends().items():
+        spec = OPS[op]
+        lines.append(f"  {op}: {spec.doc}" if spec.doc else f"  {op}")
+        for name, b in table.items():
+            missing = [f for f in spec.features if f not in b.features]
+            feats = "all" if not missing else f"all but {', '.join(missing)}"
+            lines.append(
+                f"    {name:<10} devices: {b.describe_devices()}; dtypes: {b.describe_dtypes()}; "
+                f"sizes: {b.describe_sizes()}" + (f"; features: {feats}" if spec.features else "")
+            )
+    return lines
 
 
 def family_facts(adapter: type) -> str:
@@ -88,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
     print("\nRegistered timm models (timm.create_model(NAME) after `import vision_attn`):")
     print("  " + ", ".join(registered_names()))
     del vision_attn
+
+    print("\nKernel backends (backend='auto' takes the first that fits, 'triton' or 'reference' that one):")
+    for line in kernel_backend_lines():
+        print(line)
 
     print("\nPresets (attnplug generate --config NAME):")
     presets, broken = [], []

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 from torch.fx import _symbolic_trace as _st
 
+from attn_kernels.backends import BACKEND_NAMES, NoBackendError, choose_backend, resolve_name
+
 
 class TwoSigmoid(nn.Module):
     """``2·sigmoid(x)``: equals 1 exactly at x = 0, so a zero-initialised last conv makes the
@@ -16,26 +18,31 @@ class TwoSigmoid(nn.Module):
 
 
 GATE_MODES = ("identity", "original")
-BACKENDS = ("auto", "triton", "eager")
+#: the kernel vocabulary (attn_kernels.backends); "eager" is still accepted as a deprecated alias of "reference"
+BACKENDS = BACKEND_NAMES
 
 
 #: True while torch.fx symbolically traces (not torch.export, which torch.compiler.is_compiling covers)
 fx_tracing = getattr(_st, "is_fx_symbolic_tracing", _st.is_fx_tracing)
 
 
-def use_fused(x: torch.Tensor, backend: str) -> bool:
-    """Whether a fused-kernel module runs its Triton kernel: backend "triton", or "auto" on CUDA.
-    Never while FX traces or torch.compile compiles (they get the eager formula; inductor fuses it).
-    Call it only outside TorchScript (`if not torch.jit.is_scripting():`)."""
+def use_fused(x: torch.Tensor, backend: str, op: str, dims: tuple[int, ...] = (), flags: int = 0) -> bool:
+    """Whether a fused-kernel module runs its Triton kernel: the kernel chooser
+    (`attn_kernels.backends.choose_backend`, cached per device type, dtype, sizes and flags) picks
+    "triton" for ``op`` — backend "triton" (raises, with every reason, where it cannot run), or
+    "auto" on CUDA when the kernel fits (else the module's eager formula). Never while FX traces or
+    torch.compile compiles (they get the eager formula; inductor fuses it). Call it only outside
+    TorchScript (`if not torch.jit.is_scripting():`)."""
     if fx_tracing() or torch.compiler.is_compiling():
         return False
-    return backend == "triton" or (backend == "auto" and x.is_cuda)
-
-
-def check_backend(owner: str, backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"{owner}.backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+    if backend not in BACKEND_NAMES:  # a deprecated alias set on the attribute directly
+        backend = resolve_name(f"the {op} module's backend", backend)
+    try:
+        return choose_backend(op, backend, x.device.type, x.dtype, dims, flags).name == "triton"
+    except NoBackendError:
+        if backend == "triton":
+            raise
+        return False  # e.g. no triton on this platform: the eager formula
 
 
 def check_mode(owner: str, mode: str) -> str:
