@@ -109,6 +109,13 @@ def dtype_kwarg() -> str:
     return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 
 
+def _absent_components(local: Path) -> dict[str, None]:
+    """Components a local `model_index.json` records as absent (`[null, null]`, e.g. an SD3 pipeline saved with
+    `text_encoder_3=None`), passed as None: diffusers refuses to load such a folder unless they are passed."""
+    index = read_model_index(local) or {}
+    return {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], (None, None))}
+
+
 def load_pipeline(model: str, torch_dtype: Any) -> Any:
     """`DiffusionPipeline.from_pretrained` for a local directory or a Hub id, with clear errors.
 
@@ -120,6 +127,7 @@ def load_pipeline(model: str, torch_dtype: Any) -> Any:
     kw = {dtype_kwarg(): torch_dtype}
     local = _check_id(model)
     if local is not None:
+        kw.update(_absent_components(local))
         try:
             return DiffusionPipeline.from_pretrained(str(local), **kw)
         except OSError as e:
