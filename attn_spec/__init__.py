@@ -36,6 +36,8 @@ __all__ += [
     "check_range",
     "option_rules",
     "check_options",
+    "require",
+    "describe_rules",
 ]
 
 _WORDS = {"true": True, "false": False, "none": None, "null": None, "nan": math.nan, "inf": math.inf}
@@ -145,22 +147,60 @@ class Range:
 
     lo / hi are inclusive unless `lo_open` / `hi_open` (None: unbounded); NaN is never in range.
     `check_options` enforces it when the object is built, so the Python constructor and the spec parser give
-    the same message."""
+    the same message: `{option} must be in [lo, hi], got {value}`. `words` writes the requirement as
+    comparisons instead (`an int >= 1`, `> 0 and <= 1`); `finite` refuses +-inf (`a finite number >= 0`);
+    `odd` asks for an odd int; `note` is appended as written (`(a logit multiplier)`, `or None`); with `words`
+    or `odd` a value of the wrong type gets that message as a ValueError (else a TypeError). A tuple value is
+    checked item by item, each named `option[i]` (with `labels[i]` after it: `kernel_size[1] (height)`; with
+    labels, a scalar stands for every item)."""
 
     lo: float | None = None
     hi: float | None = None
     lo_open: bool = False
     hi_open: bool = False
+    words: bool = False
+    finite: bool = False
+    odd: bool = False
+    note: str = ""
+    labels: tuple[str, ...] = ()
+
+    def text(self, kind: type | tuple = (int, float), *, finite: bool = False) -> str:
+        """The requirement as the error message and `attnplug list` write it: `in [0, 1]`, `an int >= 1`."""
+        if self.words or self.odd or finite:
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            subject = "an odd int" if self.odd else "a finite number" if finite else "an int" if kinds == (int,) else ""
+            bounds = [f"{'>' if self.lo_open else '>='} {self.lo}"] if self.lo is not None else []
+            bounds += [f"{'<' if self.hi_open else '<='} {self.hi}"] if self.hi is not None else []
+            out = " ".join(filter(None, (subject, " and ".join(bounds))))
+        else:
+            out = f"in {self}"
+        return f"{out} {self.note}" if self.note else out
 
     def check(self, name: str, value: Any, kind: type | tuple) -> None:
-        if not (self.lo_open or self.hi_open):
-            return check_range(name, value, self.lo, self.hi, kind=kind)
+        if self.labels and not isinstance(value, (tuple, list)):  # a scalar stands for every labelled item
+            value = (value,) * len(self.labels)
+        if isinstance(value, (tuple, list)):  # a tuple option: every item in range
+            for i, item in enumerate(value):
+                label = f" ({self.labels[i]})" if i < len(self.labels) else ""
+                self._check_item(f"{name}[{i}]{label}", item, kind)
+            return
+        self._check_item(name, value, kind)
+
+    def _check_item(self, name: str, value: Any, kind: type | tuple) -> None:
+        if isinstance(value, (tuple, list)):  # nested: (start, end) pairs
+            for i, item in enumerate(value):
+                self._check_item(f"{name}[{i}]", item, kind)
+            return
         if isinstance(value, bool) or not isinstance(value, kind):
+            if self.words or self.odd:  # the requirement names the type ("an int >= 1"): the same message
+                raise ValueError(f"{name} must be {self.text(kind)}, got {value!r}")
             check_range(name, value, kind=kind)  # raises the TypeError
         lo_bad = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
         hi_bad = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
-        if value != value or lo_bad or hi_bad:
-            raise ValueError(f"{name} must be in {self}, got {value!r}")
+        if value != value or lo_bad or hi_bad or (self.odd and value % 2 == 0):
+            raise ValueError(f"{name} must be {self.text(kind)}, got {value!r}")
+        if self.finite and value in (math.inf, -math.inf):
+            raise ValueError(f"{name} must be {self.text(kind, finite=True)}, got {value!r}")
 
     def __str__(self) -> str:
         lo = f"{'(' if self.lo_open else '['}{'-inf' if self.lo is None else self.lo}"
@@ -197,6 +237,13 @@ def check_range(
         raise ValueError(f"{name} must be in {rng}, got {value!r}")
 
 
+def require(ok: bool, name: str, requirement: str, value: Any) -> None:
+    """A check no annotation can declare (across options, or against a model), worded like `check_options`:
+    raise `ValueError("{name} must be {requirement}, got {value!r}")` unless `ok`."""
+    if not ok:
+        raise ValueError(f"{name} must be {requirement}, got {value!r}")
+
+
 def option_rules(cls: type) -> dict[str, tuple[Any, tuple]]:
     """{option: (annotation without its metadata, (Range / OneOf, ...))} for the options of `cls` whose
     annotation is `Annotated[..., Range(...)]` or `Annotated[..., OneOf(...)]`."""
@@ -223,7 +270,11 @@ def _kind(tp: Any) -> tuple[tuple, bool]:
     members = [a for a in args if a is not type(None)]
     kinds: list[type] = []
     for m in members:
-        kinds += [int, float] if m is float else [m] if isinstance(m, type) else []
+        if typing.get_origin(m) in (tuple, list):  # a tuple option: the kinds of its items
+            for item in typing.get_args(m):
+                kinds += [k for k in _kind(item)[0] if k is not object] if item is not Ellipsis else []
+        else:
+            kinds += [int, float] if m is float else [m] if isinstance(m, type) else []
     return tuple(dict.fromkeys(kinds)) or (object,), optional
 
 
@@ -237,10 +288,11 @@ def check_options(obj: Any) -> None:
         kind, optional = _kind(tp)
         if value is None and optional:
             continue
+        if float in kind and int in kind and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # widened first: the message says 2.0 as the spec parser's would
+            object.__setattr__(obj, name, value)
         for rule in rules:
             rule.check(f"{cls.__name__}.{name}", value, kind)
-        if float in kind and int in kind and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(obj, name, float(value))
 
 
 def option_types(cls: type) -> dict[str, Any]:
@@ -363,6 +415,6 @@ def describe(cls: type) -> list[tuple[str, str, Any]]:
 def describe_rules(cls: type) -> dict[str, str]:
     """{option: its declared range or choices as text} (`in [0, 1]`, `one of (16, 32)`) for `attnplug list`."""
     return {
-        name: ", ".join(f"in {r}" if isinstance(r, Range) else str(r) for r in rules)
-        for name, (_, rules) in option_rules(cls).items()
+        name: ", ".join(r.text(_kind(tp)[0]) if isinstance(r, Range) else str(r) for r in rules)
+        for name, (tp, rules) in option_rules(cls).items()
     }

@@ -45,7 +45,7 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     ),
     (
         "attn_spec/__init__.py",
-        "            object.__setattr__(obj, name, float(value))",
+        "            object.__setattr__(obj, name, value)",
         "            pass",
         P + "test_options.py",
     ),
