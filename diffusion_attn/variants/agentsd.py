@@ -51,19 +51,23 @@ scale). Host work: none per call (shapes only; merging is gathers and scatters o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar
 
 import torch
 
-from attn_spec import Range
+from attn_spec import OneOf, Range
 
-from .base import AttnContext, AttnPlan, Variant, check_options, check_range, register_variant
+from .base import AttnContext, AttnPlan, Variant, check_options, register_variant
 
 __all__ = ["AgentSD", "ToMeMerge", "agent_formula"]
 
 _KERNEL_HEAD_DIMS = (16, 32, 64, 128)
 _KERNEL_MAX_AGENTS = 128
 _FALLBACKS = ("tome", "softmax")
+#: a fraction of the tokens merged, in [0, 1) (the first range also refuses non-numbers and NaN)
+_MergeRatio = Annotated[float, Range(0.0, 1.0), Range(0, 1, hi_open=True)]
+#: a fraction of the merged tokens kept as agents, in (0, 1]
+_AgentRatio = Annotated[float, Range(0.0, 1.0), Range(0, 1, lo_open=True)]
 
 
 class ToMeMerge:
@@ -250,38 +254,25 @@ class AgentSD(Variant):
     role: ClassVar[str] = "sparsity"
     families: ClassVar[tuple[str, ...] | None] = ("unet", "flux", "sd3")
 
-    merge_ratio: float = 0.4
-    agent_ratio: float = 0.95
+    merge_ratio: _MergeRatio = 0.4
+    agent_ratio: _AgentRatio = 0.95
     stride: Annotated[int, Range(1, None)] = 4
     switch_step: Annotated[int, Range(0, None)] = 20
-    late_merge_ratio: float = 0.4
-    late_agent_ratio: float = 0.5
+    late_merge_ratio: _MergeRatio = 0.4
+    late_agent_ratio: _AgentRatio = 0.5
     late_stride: Annotated[int, Range(1, None)] = 2
-    agent_scale_exponent: float = 0.3
+    agent_scale_exponent: Annotated[float, Range(0.0, 4.0), Range(0, 4, lo_open=True)] = 0.3
     shortcut: Annotated[float, Range(0.0, 1.0)] = 0.075
     max_downsample: Annotated[int | None, Range(1, None)] = None
-    fallback: Literal["tome", "softmax"] = "tome"
+    fallback: Annotated[str, OneOf(*_FALLBACKS)] = "tome"
     use_rand: bool = True
     seed: Annotated[int, Range(0, 2**63 - 1)] = 0
     upcast: bool = False
     dit: bool = False
-    layers: tuple[int, ...] | None = None
+    layers: Annotated[tuple[int, ...] | None, Range(0, None)] = None
 
     def __post_init__(self) -> None:
         check_options(self)  # the ranges declared on the fields above
-        for f in ("merge_ratio", "late_merge_ratio"):
-            check_range(f"AgentSD.{f}", getattr(self, f), 0.0, 1.0)
-            if not getattr(self, f) < 1.0:
-                raise ValueError(f"AgentSD.{f} must be in [0, 1), got {getattr(self, f)!r}")
-        for f in ("agent_ratio", "late_agent_ratio"):
-            check_range(f"AgentSD.{f}", getattr(self, f), 0.0, 1.0)
-            if not getattr(self, f) > 0.0:
-                raise ValueError(f"AgentSD.{f} must be in (0, 1], got {getattr(self, f)!r}")
-        check_range("AgentSD.agent_scale_exponent", self.agent_scale_exponent, 0.0, 4.0)
-        if not self.agent_scale_exponent > 0:
-            raise ValueError(f"AgentSD.agent_scale_exponent must be in (0, 4], got {self.agent_scale_exponent!r}")
-        if self.fallback not in _FALLBACKS:
-            raise ValueError(f"AgentSD.fallback must be one of {_FALLBACKS}, got {self.fallback!r}")
         for f in ("use_rand", "upcast", "dit"):
             if not isinstance(getattr(self, f), bool):
                 raise TypeError(f"AgentSD.{f} must be bool, got {getattr(self, f)!r}")
@@ -290,8 +281,6 @@ class AgentSD(Variant):
                 raise ValueError(
                     f"AgentSD.layers must be a non-empty tuple of layer indices or None, got {self.layers!r}"
                 )
-            for i, layer in enumerate(self.layers):
-                check_range(f"AgentSD.layers[{i}]", layer, 0, None, kind=int)
             self.layers = tuple(self.layers)
         self._gens: dict[str, torch.Generator] = {}
         self._top_downsample: int | None = None

@@ -37,31 +37,28 @@ through their own custom op, `attnplug::block_sparse_attention_stats`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 
-from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range, register_variant
+from attn_spec import OneOf, Range, require
+
+from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
 
 __all__ = ["LiteAttention"]
 
-_BLOCK_SIZES = (16, 32, 64, 128)
 
-
-def _check_ranges(name: str, ranges: Any) -> tuple[tuple[int, int], ...]:
+def _check_pairs(name: str, ranges: Any) -> tuple[tuple[int, int], ...]:
+    """`ranges` as a tuple of (start, end) int pairs (TypeError naming the option otherwise); their bounds are
+    declared on the field (start >= 0) and checked by `check_options`, start < end by `require`."""
     if ranges is None:
         return ()
     if not isinstance(ranges, (tuple, list)):
         raise TypeError(f"LiteAttention.{name} must be a sequence of (start, end) pairs, got {ranges!r}")
-    out = []
     for i, r in enumerate(ranges):
         if not (isinstance(r, (tuple, list)) and len(r) == 2 and all(isinstance(x, int) for x in r)):
             raise TypeError(f"LiteAttention.{name}[{i}] must be an (start, end) int pair, got {r!r}")
-        start, end = int(r[0]), int(r[1])
-        if not 0 <= start < end:
-            raise ValueError(f"LiteAttention.{name}[{i}] must satisfy 0 <= start < end, got {r!r}")
-        out.append((start, end))
-    return tuple(out)
+    return tuple((int(a), int(b)) for a, b in ranges)
 
 
 @register_variant
@@ -79,26 +76,21 @@ class LiteAttention(Variant):
     role: ClassVar[str] = "sparsity"
     families: ClassVar[tuple[str, ...] | None] = None
 
-    threshold: float = -10.0
-    warmup_steps: int = 1
-    recalibrate_every: int | None = None
-    must_do: tuple = ()
-    must_skip: tuple = ()
-    range_unit: str = "frame"
-    block_size: int = 128
+    threshold: Annotated[float, Range(None, -1e-9)] = -10.0
+    warmup_steps: Annotated[int, Range(1, None)] = 1
+    recalibrate_every: Annotated[int | None, Range(1, None)] = None
+    must_do: Annotated[tuple[tuple[int, int], ...], Range(0, None)] = ()
+    must_skip: Annotated[tuple[tuple[int, int], ...], Range(0, None)] = ()
+    range_unit: Annotated[str, OneOf("frame", "token")] = "frame"
+    block_size: BlockSize = 128
 
     def __post_init__(self) -> None:
-        check_range("LiteAttention.threshold", self.threshold, None, -1e-9)
-        self.threshold = float(self.threshold)
-        check_range("LiteAttention.warmup_steps", self.warmup_steps, 1, None, kind=int)
-        if self.recalibrate_every is not None:
-            check_range("LiteAttention.recalibrate_every", self.recalibrate_every, 1, None, kind=int)
-        self.must_do = _check_ranges("must_do", self.must_do)
-        self.must_skip = _check_ranges("must_skip", self.must_skip)
-        if self.range_unit not in ("frame", "token"):
-            raise ValueError(f"LiteAttention.range_unit must be 'frame' or 'token', got {self.range_unit!r}")
-        if self.block_size not in _BLOCK_SIZES:
-            raise ValueError(f"LiteAttention.block_size must be one of {_BLOCK_SIZES}, got {self.block_size!r}")
+        self.must_do = _check_pairs("must_do", self.must_do)
+        self.must_skip = _check_pairs("must_skip", self.must_skip)
+        check_options(self)  # the ranges declared on the fields above
+        for name in ("must_do", "must_skip"):
+            for i, (start, end) in enumerate(getattr(self, name)):
+                require(start < end, f"LiteAttention.{name}[{i}]", "a (start, end) pair with start < end", (start, end))
         self._cache: dict = {}  # static masks and layouts per (layout, device); not a dataclass field
 
     # -- static parts -----------------------------------------------------------------------

@@ -32,11 +32,13 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 
-from .base import AttnContext, AttnPlan, TokenLayout, Variant, check_range, register_variant
+from attn_spec import Range
+
+from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
 
 __all__ = [
     "Neighborhood",
@@ -48,7 +50,8 @@ __all__ = [
 ]
 
 _DIMS = ("frames", "height", "width")
-_BLOCK_SIZES = (16, 32, 64, 128)
+#: an int >= 1 per grid dimension (an int: the same for all three)
+_PerDim = Range(1, None, labels=_DIMS)
 
 
 def na_1d_mask(n: int, kernel: int, stride: int = 1, dilation: int = 1, causal: bool = False) -> torch.Tensor:
@@ -245,12 +248,12 @@ class Neighborhood(Variant):
     role: ClassVar[str] = "sparsity"
     families: ClassVar[tuple[str, ...] | None] = None
 
-    kernel_size: int | tuple[int, int, int] = 7
-    stride: int | tuple[int, int, int] = 1
-    dilation: int | tuple[int, int, int] = 1
+    kernel_size: Annotated[int | tuple[int, int, int], _PerDim] = 7
+    stride: Annotated[int | tuple[int, int, int], _PerDim] = 1
+    dilation: Annotated[int | tuple[int, int, int], _PerDim] = 1
     is_causal: bool | tuple[bool, bool, bool] = False
-    block_size: int = 128
-    tile_shape: tuple[int, int, int] | None = None
+    block_size: BlockSize = 128
+    tile_shape: Annotated[tuple[int, int, int] | None, _PerDim] = None
     permute: bool = True
 
     def __post_init__(self) -> None:
@@ -258,16 +261,12 @@ class Neighborhood(Variant):
         for name in ("kernel_size", "stride", "dilation", "is_causal", "tile_shape"):
             if isinstance(getattr(self, name), list):  # YAML / JSON lists -> tuples
                 setattr(self, name, tuple(getattr(self, name)))
-        for name in ("kernel_size", "stride", "dilation"):
-            for i, v in enumerate(_as3(name, getattr(self, name), int)):
-                check_range(f"Neighborhood.{name}[{i}] ({_DIMS[i]})", v, 1, None, kind=int)
-        _as3("is_causal", self.is_causal, bool)
-        if self.block_size not in _BLOCK_SIZES:
-            raise ValueError(f"Neighborhood.block_size must be one of {_BLOCK_SIZES}, got {self.block_size!r}")
+        for name in ("kernel_size", "stride", "dilation"):  # types and shapes; ranges below
+            _as3(name, getattr(self, name), int)
         if self.tile_shape is not None:
-            for i, v in enumerate(_as3("tile_shape", self.tile_shape, int)):
-                check_range(f"Neighborhood.tile_shape[{i}] ({_DIMS[i]})", v, 1, None, kind=int)
-            self.tile_shape = tuple(self.tile_shape)  # type: ignore[assignment]
+            self.tile_shape = _as3("tile_shape", self.tile_shape, int)  # type: ignore[assignment]
+        _as3("is_causal", self.is_causal, bool)
+        check_options(self)  # the ranges declared on the fields above
         if not isinstance(self.permute, bool):
             raise TypeError(f"Neighborhood.permute must be bool, got {self.permute!r}")
 

@@ -34,9 +34,11 @@ Under Ulysses context parallelism with text tokens (CogVideoX) the gathered orde
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
+
+from attn_spec import Range, require
 
 from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
 
@@ -51,16 +53,8 @@ ULTRAVICO_DEFAULTS: dict[str, tuple[int, float | None, int | None]] = {
 }
 
 
-def _check_factor(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:  # NaN: refused
-        raise ValueError(f"{name} must be > 0 and <= 1 (a logit multiplier), got {value!r}")
-    return float(value)
-
-
-def _check_int(name: str, value: Any, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
-    return value
+#: a factor applied to positive logits: in (0, 1]
+_Factor = Range(0, 1, lo_open=True, words=True, note="(a logit multiplier)")
 
 
 def ultravico_positions(layout: TokenLayout) -> torch.Tensor:
@@ -176,32 +170,20 @@ class UltraViCo(Variant):
     }
     family_optional: ClassVar[tuple[str, ...]] = ("beta", "harmonic_period")  # None: no beta band
 
-    alpha: float = 0.9
-    beta: float | None = None
-    train_frames: int | None = None
-    window: int | None = None
-    harmonic_period: int | None = None
-    harmonic_width: int = 4
+    alpha: Annotated[float, _Factor] = 0.9
+    beta: Annotated[float | None, _Factor] = None
+    train_frames: Annotated[int | None, Range(1, None, words=True)] = None
+    window: Annotated[int | None, Range(0, None, words=True)] = None
+    harmonic_period: Annotated[int | None, Range(1, None, words=True)] = None
+    harmonic_width: Annotated[int, Range(0, None, words=True)] = 4
     only_beyond_training: bool = True
     block_size: BlockSize = 128
 
     def __post_init__(self) -> None:
-        check_options(self)  # block_size's declared choices
-        self.alpha = _check_factor("UltraViCo.alpha", self.alpha)
-        if self.beta is not None:
-            self.beta = _check_factor("UltraViCo.beta", self.beta)
-        if self.train_frames is not None:
-            _check_int("UltraViCo.train_frames", self.train_frames, 1)
-        if self.window is not None:
-            _check_int("UltraViCo.window", self.window, 0)
-        if self.harmonic_period is not None:
-            _check_int("UltraViCo.harmonic_period", self.harmonic_period, 1)
-        _check_int("UltraViCo.harmonic_width", self.harmonic_width, 0)
-        if self.harmonic_period is not None and self.harmonic_width >= self.harmonic_period:
-            raise ValueError(
-                f"UltraViCo.harmonic_width must be < harmonic_period ({self.harmonic_period}), "
-                f"got {self.harmonic_width}"
-            )
+        check_options(self)  # the ranges declared on the fields above
+        period = self.harmonic_period
+        ok = period is None or self.harmonic_width < period
+        require(ok, "UltraViCo.harmonic_width", f"< harmonic_period ({period})", self.harmonic_width)
         if not isinstance(self.only_beyond_training, bool):
             raise TypeError(f"UltraViCo.only_beyond_training must be True or False, got {self.only_beyond_training!r}")
         self._cache: dict = {}

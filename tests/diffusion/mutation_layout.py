@@ -39,7 +39,7 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         "return self.late_merge_ratio, self.late_agent_ratio, self.stride",
         AG,
     ),
-    (V + "agentsd.py", "            if not getattr(self, f) > 0.0:\n", "            if False:\n", AG),
+    (V + "agentsd.py", "Range(0.0, 1.0), Range(0, 1, lo_open=True)]", "Range(0.0, 1.0), Range(0, 1)]", AG),
     (V + "agentsd.py", 'if not agents and self.fallback == "softmax":', "if False:", AG),
     (V + "agentsd.py", "put(self.a_idx[self.unm_idx], unm)", "put(self.a_idx[self.unm_idx], unm.flip(2))", AG),
     # UNet adapter and the shared hooks

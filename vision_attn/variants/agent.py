@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Annotated, ClassVar, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.models.swin_transformer import SwinTransformerBlock
+
+from attn_spec import Range, check_options
 
 from ._gates import fx_tracing, use_fused
 
@@ -53,9 +55,8 @@ def agent_grid(num_agents: int, grid: tuple[int, int]) -> tuple[int, int]:
 
 class AgentAttention(nn.Module):
     """Drop-in replacement of `timm.layers.Attention` (and Swin's `WindowAttention`) computing agent
-    attention. `backend`: "auto" (fused Triton kernel on CUDA when it fits, the eager formula
-    elsewhere), "triton", "reference" ("eager": deprecated alias); TorchScript, FX and torch.compile
-    run the eager formula."""
+    attention. `backend`: "auto" (fused Triton kernel on CUDA, eager elsewhere), "triton", "eager";
+    TorchScript, FX and torch.compile run the eager formula."""
 
     def __init__(
         self, attn: nn.Module, grid: tuple[int, int], num_prefix_tokens: int, num_agents: int, dwc_kernel: int = 3
@@ -190,9 +191,7 @@ class AgentAttention(nn.Module):
         out = torch.empty(0)
         fused = False
         if not torch.jit.is_scripting():
-            if not (self.training and self.attn_drop.p > 0) and use_fused(
-                q, self.backend, "agent_attention", (self.head_dim, self.num_agents)
-            ):
+            if use_fused(q, self.backend) and not (self.training and self.attn_drop.p > 0):
                 out = self._fused(q, k, v, agents, b1, b2)
                 fused = True
         if not fused:
@@ -346,21 +345,13 @@ class Agent:
     """
 
     name: ClassVar[str] = "agent"
-    num_agents: int = 49
+    num_agents: Annotated[int, Range(1, None, words=True)] = 49
     blocks: tuple[int, ...] | None = None
-    dwc_kernel: int = 3
+    dwc_kernel: Annotated[int, Range(1, None, odd=True)] = 3
     stages: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_agents, bool) or not isinstance(self.num_agents, int) or self.num_agents < 1:
-            raise ValueError(f"Agent.num_agents must be an int >= 1, got {self.num_agents!r}")
-        if (
-            isinstance(self.dwc_kernel, bool)
-            or not isinstance(self.dwc_kernel, int)
-            or self.dwc_kernel < 1
-            or self.dwc_kernel % 2 == 0
-        ):
-            raise ValueError(f"Agent.dwc_kernel must be an odd int >= 1, got {self.dwc_kernel!r}")
+        check_options(self)  # the ranges declared on the fields above
         self.blocks = _indices("Agent.blocks", self.blocks)
         self.stages = _indices("Agent.stages", self.stages)
 

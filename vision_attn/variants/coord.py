@@ -10,11 +10,13 @@ the injected model's output is unchanged at injection time; "original" is the pa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn as nn
 from timm.layers.coord_attn import CoordAttn
+
+from attn_spec import Range, check_options
 
 from ._gates import TwoSigmoid, check_mode, use_fused
 
@@ -24,8 +26,7 @@ __all__ = ["CoordAttention", "make_coord"]
 class FusedCoordAttn(CoordAttn):
     """timm's `CoordAttn` (same parameters) that runs attnplug's fused Triton kernels on CUDA.
 
-    `backend`: "auto" (Triton on CUDA for maps up to the kernel's width limit, else the eager formula),
-    "triton", "reference" ("eager": deprecated alias).
+    `backend`: "auto" (Triton on CUDA for maps up to the kernel's width limit), "triton", "eager".
     TorchScript, FX and torch.compile get the eager formula (timm's forward).
     """
 
@@ -33,8 +34,10 @@ class FusedCoordAttn(CoordAttn):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if not self.has_skip and use_fused(x, self.backend, "coord", (x.shape[-1],)):
-                return self._fused(x)
+            if not self.has_skip and use_fused(x, self.backend):
+                out = self._fused(x)
+                if out is not None:
+                    return out
         identity = x  # timm's CoordAttn.forward
         N, C, H, W = x.size()
         x_h = x.mean(3, keepdim=True)
@@ -54,9 +57,11 @@ class FusedCoordAttn(CoordAttn):
         return out
 
     @torch.jit.unused
-    def _fused(self, x: torch.Tensor) -> torch.Tensor:
-        from attn_kernels.channel_attn import coord_fused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        from attn_kernels.channel_attn import MAX_W, coord_fused
 
+        if x.shape[-1] > MAX_W and self.backend == "auto":
+            return None
         return coord_fused(x, self, backend="triton")
 
 
@@ -83,12 +88,11 @@ class CoordAttention:
     """
 
     name: ClassVar[str] = "coord"
-    reduction: int = 32
+    reduction: Annotated[int, Range(1, None, words=True)] = 32
     mode: str = "identity"
 
     def __post_init__(self) -> None:
-        if isinstance(self.reduction, bool) or not isinstance(self.reduction, int) or self.reduction < 1:
-            raise ValueError(f"CoordAttention.reduction must be an int >= 1, got {self.reduction!r}")
+        check_options(self)  # the ranges declared on the fields above
         check_mode("CoordAttention", self.mode)
 
     def build(self, channels: int) -> nn.Module:

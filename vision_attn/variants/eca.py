@@ -10,12 +10,14 @@ unchanged until the new parameters are trained).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
 import torch.nn as nn
 from timm.layers import EcaModule
 from timm.layers.activations import Sigmoid as _TimmSigmoid
+
+from attn_spec import Range, check_options
 
 from ._gates import TwoSigmoid, check_mode, use_fused
 
@@ -36,16 +38,15 @@ _SIGMOIDS = (nn.Sigmoid, _TimmSigmoid)  # timm's create_act_layer("sigmoid") giv
 class FusedEcaModule(EcaModule):
     """timm's `EcaModule` (same parameters) that runs attnplug's fused Triton kernel on CUDA.
 
-    `backend`: "auto" (Triton on CUDA, the eager formula elsewhere), "triton" (always; raises where it
-    cannot run), "reference" ("eager": deprecated alias). TorchScript, FX and torch.compile get the
-    eager formula (timm's forward).
+    `backend`: "auto" (Triton on CUDA, eager elsewhere), "triton" (always; the kernel raises where it
+    cannot run), "eager". TorchScript, FX and torch.compile get the eager formula (timm's forward).
     """
 
     backend: str = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self.conv2 is None and use_fused(x, self.backend, "eca"):
+            if self.conv2 is None and use_fused(x, self.backend):
                 scale = 2.0 if isinstance(self.gate, TwoSigmoid) else 1.0 if isinstance(self.gate, _SIGMOIDS) else 0.0
                 if scale > 0:
                     return self._fused(x, scale)
@@ -83,17 +84,11 @@ class ECA:
     """
 
     name: ClassVar[str] = "eca"
-    kernel_size: int | None = None
+    kernel_size: Annotated[int | None, Range(1, None, odd=True, note="or None (paper rule)")] = None
     mode: str = "identity"
 
     def __post_init__(self) -> None:
-        if self.kernel_size is not None and (
-            isinstance(self.kernel_size, bool)
-            or not isinstance(self.kernel_size, int)
-            or self.kernel_size < 1
-            or self.kernel_size % 2 == 0
-        ):
-            raise ValueError(f"ECA.kernel_size must be an odd int >= 1 or None (paper rule), got {self.kernel_size!r}")
+        check_options(self)  # the ranges declared on the fields above
         check_mode("ECA", self.mode)
 
     def build(self, channels: int) -> nn.Module:
