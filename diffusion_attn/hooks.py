@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 
 from .adapters import find_adapter
 from .adapters.base import Adapter, SparseProcessor, logger
@@ -125,114 +127,109 @@ def _check_caches(model: nn.Module, variants: tuple, where: str) -> None:
             )
 
 
-def _step_hook_cls():
-    from diffusers.hooks import ModelHook
-    from diffusers.hooks.hooks import BaseState, StateManager
+class BranchState(BaseState):
+    """Variant state of one cache-context branch ({(variant index, layer): dict})."""
 
-    class BranchState(BaseState):
-        """Variant state of one cache-context branch ({(variant index, layer): dict})."""
+    def __init__(self) -> None:
+        self.states: dict = {}
 
-        def __init__(self) -> None:
-            self.states: dict = {}
+    def reset(self, *args, **kwargs) -> None:
+        self.states.clear()
 
-        def reset(self, *args, **kwargs) -> None:
-            self.states.clear()
 
-    class AttnStepHook(ModelHook):
-        """Step clock, token grid, per-branch state and per-forward caches of one denoiser."""
+class AttnStepHook(ModelHook):
+    """Step clock, token grid, per-branch state and per-forward caches of one denoiser."""
 
-        _is_stateful = True
+    _is_stateful = True
 
-        def __init__(self, handle: AttnHandle, runtime: AttnRuntime, adapter: Adapter) -> None:
-            super().__init__()
-            self.handle = handle
-            self.runtime = runtime
-            self.adapter = adapter
-            self.branches = StateManager(BranchState)  # diffusers sets its context in cache_context()
-            self._generation = -1
-            self._perturbed: dict = {}  # variant state of guidance passes, per branch
-            self._phases: tuple[int, ...] = handle.phase_steps()
-            self._warm: set = set()  # (input shapes, phase, perturbed) run eagerly: their layouts exist
+    def __init__(self, handle: AttnHandle, runtime: AttnRuntime, adapter: Adapter) -> None:
+        super().__init__()
+        self.handle = handle
+        self.runtime = runtime
+        self.adapter = adapter
+        self.branches = StateManager(BranchState)  # diffusers sets its context in cache_context()
+        self._generation = -1
+        self._perturbed: dict = {}  # variant state of guidance passes, per branch
+        self._phases: tuple[int, ...] = handle.phase_steps()
+        self._warm: set = set()  # (input shapes, phase, perturbed) run eagerly: their layouts exist
 
-        def _warm_key(self, args: tuple, kwargs: dict) -> tuple:
-            step = self.runtime.clock.step
-            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
-            shapes += tuple((k, tuple(kwargs[k].shape)) for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor))
-            return shapes, sum(1 for s in self._phases if s <= step), self.runtime.perturbed
+    def _warm_key(self, args: tuple, kwargs: dict) -> tuple:
+        step = self.runtime.clock.step
+        shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+        shapes += tuple((k, tuple(kwargs[k].shape)) for k in sorted(kwargs) if isinstance(kwargs[k], torch.Tensor))
+        return shapes, sum(1 for s in self._phases if s <= step), self.runtime.perturbed
 
-        def _check_warm(self, compiling: bool, args: tuple, kwargs: dict) -> None:
-            """Eager forwards record their (shapes, phase); a traced one whose layouts were never built
-            (they are built on the host at the first call of a phase) stops with an error naming the fix."""
-            key = self._warm_key(args, kwargs)
-            if not compiling:
-                self._warm.add(key)
-            elif key not in self._warm:
+    def _check_warm(self, compiling: bool, args: tuple, kwargs: dict) -> None:
+        """Eager forwards record their (shapes, phase); a traced one whose layouts were never built
+        (they are built on the host at the first call of a phase) stops with an error naming the fix."""
+        key = self._warm_key(args, kwargs)
+        if not compiling:
+            self._warm.add(key)
+        elif key not in self._warm:
+            raise RuntimeError(
+                f"{WARMUP_MARK}: torch.compile traced step {self.runtime.clock.step} for inputs never run "
+                "eagerly, whose block layouts do not exist yet; call handle.prepare(**transformer_inputs) once "
+                "before the first compiled call, or compile in place after apply() (transformer.compile() or "
+                "compile_repeated_blocks(), which attnplug warms up by itself)"
+            )
+
+    def _pre_forward_traced(self, module, args: tuple, kwargs: dict, context: Any, branch: str | None) -> None:
+        """pre_forward while torch.compile traces it: no host read and no branch on per-generation flags
+        (each would be a guard, i.e. another graph): the step from the cache context or the scheduler."""
+        rt, clock = self.runtime, self.runtime.clock
+        if clock.source == "hook":
+            if not clock.observe_compiled(branch, context):
                 raise RuntimeError(
-                    f"{WARMUP_MARK}: torch.compile traced step {self.runtime.clock.step} for inputs never run "
-                    "eagerly, whose block layouts do not exist yet; call handle.prepare(**transformer_inputs) once "
-                    "before the first compiled call, or compile in place after apply() (transformer.compile() or "
-                    "compile_repeated_blocks(), which attnplug warms up by itself)"
+                    "attnplug: torch.compile traces the step hook of a transformer used without a pipeline "
+                    "or cache context, so the denoising step could only come from reading the timestep on "
+                    "the host (a graph break); apply(model, ..., step_source='callback') and call "
+                    "handle.set_step(i) every step, or apply() to the pipeline"
                 )
+        else:
+            clock.begin_generation(context)
+        rt.begin_forward(branch, None if context is None else self.branches.get_state().states)
+        rt.grid = self.adapter.grid(module, args, kwargs)
+        self._check_warm(True, args, kwargs)
 
-        def _pre_forward_traced(self, module, args: tuple, kwargs: dict, context: Any, branch: str | None) -> None:
-            """pre_forward while torch.compile traces it: no host read and no branch on per-generation flags
-            (each would be a guard, i.e. another graph): the step from the cache context or the scheduler."""
-            rt, clock = self.runtime, self.runtime.clock
-            if clock.source == "hook":
-                if not clock.observe_compiled(branch, context):
-                    raise RuntimeError(
-                        "attnplug: torch.compile traces the step hook of a transformer used without a pipeline "
-                        "or cache context, so the denoising step could only come from reading the timestep on "
-                        "the host (a graph break); apply(model, ..., step_source='callback') and call "
-                        "handle.set_step(i) every step, or apply() to the pipeline"
-                    )
-            else:
-                clock.begin_generation(context)
-            rt.begin_forward(branch, None if context is None else self.branches.get_state().states)
-            rt.grid = self.adapter.grid(module, args, kwargs)
-            self._check_warm(True, args, kwargs)
-
-        def pre_forward(self, module, *args, **kwargs):
-            rt, clock = self.runtime, self.runtime.clock
-            context = self.branches._context
-            branch = None if context is None else context.name
-            compiling = torch.compiler.is_compiling()
-            if compiling and not rt.perturbed:
-                self._pre_forward_traced(module, args, kwargs, context, branch)
-                return args, kwargs
-            if rt.perturbed:  # a guidance variant's extra pass (SoftPAG): same step, its own variant state
-                name = f"{branch}:perturbed"
-                rt.begin_forward(name, self._perturbed.setdefault(name, {}))
-                rt.grid = self.adapter.grid(module, args, kwargs)
-                self._check_warm(compiling, args, kwargs)
-                return args, kwargs
-            if clock.source == "hook":
-                adapter = self.adapter
-                clock.observe(
-                    branch, context, lambda: timestep_value(adapter.timestep(module, args, kwargs))
-                )  # fmt: skip
-            elif clock.fresh:
-                clock.begin_generation(context)
-            if self._generation != clock.generation:  # first forward of a generation
-                self._generation = clock.generation
-                self.handle._start_generation(module, rt, self.adapter)
-                self._phases = self.handle.phase_steps()
-            rt.begin_forward(branch, None if context is None else self.branches.get_state().states)
-            rt.grid = self.adapter.grid(module, args, kwargs)
-            self._check_warm(False, args, kwargs)
-            if getattr(module, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
-                self.handle._wrap_checkpointing(module, rt)
+    def pre_forward(self, module, *args, **kwargs):
+        rt, clock = self.runtime, self.runtime.clock
+        context = self.branches._context
+        branch = None if context is None else context.name
+        compiling = torch.compiler.is_compiling()
+        if compiling and not rt.perturbed:
+            self._pre_forward_traced(module, args, kwargs, context, branch)
             return args, kwargs
+        if rt.perturbed:  # a guidance variant's extra pass (SoftPAG): same step, its own variant state
+            name = f"{branch}:perturbed"
+            rt.begin_forward(name, self._perturbed.setdefault(name, {}))
+            rt.grid = self.adapter.grid(module, args, kwargs)
+            self._check_warm(compiling, args, kwargs)
+            return args, kwargs
+        if clock.source == "hook":
+            adapter = self.adapter
+            clock.observe(
+                branch, context, lambda: timestep_value(adapter.timestep(module, args, kwargs))
+            )  # fmt: skip
+        elif clock.fresh:
+            clock.begin_generation(context)
+        if self._generation != clock.generation:  # first forward of a generation
+            self._generation = clock.generation
+            self.handle._start_generation(module, rt, self.adapter)
+            self._phases = self.handle.phase_steps()
+        rt.begin_forward(branch, None if context is None else self.branches.get_state().states)
+        rt.grid = self.adapter.grid(module, args, kwargs)
+        self._check_warm(False, args, kwargs)
+        if getattr(module, "is_gradient_checkpointing", False) and torch.is_grad_enabled():
+            self.handle._wrap_checkpointing(module, rt)
+        return args, kwargs
 
-        def post_forward(self, module, output):
-            self.runtime.end_forward()
-            return output
+    def post_forward(self, module, output):
+        self.runtime.end_forward()
+        return output
 
-        def reset_state(self, module):
-            self.runtime.clock.reset()  # diffusers pipelines call this at the end of a generation
-            return module
-
-    return AttnStepHook
+    def reset_state(self, module):
+        self.runtime.clock.reset()  # diffusers pipelines call this at the end of a generation
+        return module
 
 
 def _unwrap(model: Any) -> tuple[Any, Any]:
@@ -756,7 +753,7 @@ def apply(
     handle.variants = tuple(variants)
     handle.target = pipe if pipe is not None else models[0][1]
     handle.apply_kwargs = {"num_steps": num_steps, "step_source": step_source, "kernel_backend": kernel_backend}
-    hook_cls = _step_hook_cls()
+    hook_cls = AttnStepHook
     try:
         from diffusers.hooks import HookRegistry
 

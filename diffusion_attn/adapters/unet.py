@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from diffusers.hooks import ModelHook
 
 from ..variants.base import TokenLayout
 from .base import Adapter, AttnRuntime, SparseProcessor, register_adapter
@@ -111,23 +112,18 @@ class UNetCrossProcessor(UNetSelfProcessor):
     cross = True
 
 
-def _block_hook_cls():
-    from diffusers.hooks import ModelHook
+class BlockInputHook(ModelHook):
+    """Hands a BasicTransformerBlock's input hidden states to its attn1 processor (AgentSD's merge metric)."""
 
-    class BlockInputHook(ModelHook):
-        """Hands a BasicTransformerBlock's input hidden states to its attn1 processor (AgentSD's merge metric)."""
+    def __init__(self, processor: UNetSelfProcessor) -> None:
+        super().__init__()
+        self.processor = processor
 
-        def __init__(self, processor: UNetSelfProcessor) -> None:
-            super().__init__()
-            self.processor = processor
-
-        def pre_forward(self, module, *args, **kwargs):
-            hs = args[0] if args else kwargs.get("hidden_states")
-            if module.attn1.processor is self.processor and isinstance(hs, torch.Tensor):
-                self.processor.block_input = hs
-            return args, kwargs
-
-    return BlockInputHook
+    def pre_forward(self, module, *args, **kwargs):
+        hs = args[0] if args else kwargs.get("hidden_states")
+        if module.attn1.processor is self.processor and isinstance(hs, torch.Tensor):
+            self.processor.block_input = hs
+        return args, kwargs
 
 
 def _levels(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
@@ -188,7 +184,7 @@ class UNetAdapter(Adapter):
         """A hook on every BasicTransformerBlock handing its input to attnplug's attn1 processor."""
         from diffusers.hooks import HookRegistry
 
-        hook_cls = _block_hook_cls()
+        hook_cls = BlockInputHook
         undo: list[Callable[[], None]] = []
         for _, blk, _ in _levels(model):
             proc = blk.attn1.processor

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["FAMILY_PIPELINES", "encode_prompt", "pixels_per_token", "phrase_token_indices", "model_hook_base"]
+__all__ = ["FAMILY_PIPELINES", "encode_prompt", "pixels_per_token", "phrase_token_indices"]
 
 #: pipeline classes each family's encoder call is written for (others are refused with this list)
 FAMILY_PIPELINES: dict[str, tuple[str, ...]] = {
@@ -93,10 +93,3 @@ def phrase_token_indices(tokenizer: Any, prompt: str, phrase: str, offset: int, 
                 raise ValueError(f"{where} {phrase!r} lies beyond the tokenizer's {limit} tokens (truncated)")
             return idx
     raise ValueError(f"{where} {phrase!r} is not in the prompt {prompt!r} (as tokens of the pipeline's tokenizer)")
-
-
-def model_hook_base() -> type:
-    """diffusers' `ModelHook` (imported lazily: variants import without diffusers)."""
-    from diffusers.hooks import ModelHook
-
-    return ModelHook

@@ -54,10 +54,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 import torch
+from diffusers.hooks import ModelHook
 
-from attn_spec import Range
+from attn_spec import Range, require
 
-from ._pipes import check_pipeline, encode_prompt, model_hook_base, phrase_token_indices
+from ._pipes import check_pipeline, encode_prompt, phrase_token_indices
 from .base import AttnContext, AttnPlan, Variant, check_options, check_range, register_variant
 
 __all__ = ["Boundary", "box_cells", "boundary_losses"]
@@ -129,12 +130,12 @@ class Boundary(Variant):
     topk_ratio: Annotated[float, Range(0.0, 1.0, lo_open=True)] = 0.2
     downsample: Annotated[int, Range(1, None)] = 4
     self_alignment: bool = True
-    layers: tuple[int, ...] | None = None
+    layers: Annotated[tuple[int, ...] | None, Range(0, None)] = None
 
     def __post_init__(self) -> None:
         check_options(self)  # the ranges declared on the fields above
-        if self.downsample & (self.downsample - 1):
-            raise ValueError(f"Boundary.downsample must be a power of two (a UNet level), got {self.downsample}")
+        d = self.downsample
+        require(not d & (d - 1), "Boundary.downsample", "a power of two (a UNet level)", d)
         if not isinstance(self.self_alignment, bool):
             raise TypeError(f"Boundary.self_alignment must be bool, got {self.self_alignment!r}")
         if self.layers is not None:
@@ -142,8 +143,6 @@ class Boundary(Variant):
                 raise ValueError(
                     f"Boundary.layers must be a non-empty tuple of layer indices or None, got {self.layers!r}"
                 )
-            for i, layer in enumerate(self.layers):
-                check_range(f"Boundary.layers[{i}]", layer, 0, None, kind=int)
             self.layers = tuple(self.layers)
         if not isinstance(self.prompt, str):
             raise TypeError(f"Boundary.prompt must be a string, got {self.prompt!r}")
@@ -238,7 +237,7 @@ class Boundary(Variant):
                         f"the prompt's tokens (positions {sorted(common)}): each token belongs to one phrase"
                     )
         self._bound = {"pipe": pipe, "model": model, "runtime": runtime, "family": family, "tokens": token_sets}
-        return _hook_cls()(self, runtime)
+        return BoundaryHook(self, runtime)
 
     def reset(self) -> None:
         """New generation: the history and captures are cleared."""
@@ -433,33 +432,30 @@ def _cond_half(x: Any, in_batch: int) -> Any:
     return x
 
 
-def _hook_cls():
-    class BoundaryHook(model_hook_base()):
-        """Records the denoiser's inputs (references) for the guidance forwards; checks that the callback
-        guided every step it should have."""
+class BoundaryHook(ModelHook):
+    """Records the denoiser's inputs (references) for the guidance forwards; checks that the callback
+    guided every step it should have."""
 
-        def __init__(self, variant: Boundary, runtime: Any) -> None:
-            super().__init__()
-            self.variant, self.runtime = variant, runtime
+    def __init__(self, variant: Boundary, runtime: Any) -> None:
+        super().__init__()
+        self.variant, self.runtime = variant, runtime
 
-        def pre_forward(self, module, *args, **kwargs):
-            v = self.variant
-            if not v._capturing:
-                sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-                batch = sample.shape[0] if isinstance(sample, torch.Tensor) else 0
-                v._bound["inputs"] = (args, dict(kwargs), batch)
-            return args, kwargs
+    def pre_forward(self, module, *args, **kwargs):
+        v = self.variant
+        if not v._capturing:
+            sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+            batch = sample.shape[0] if isinstance(sample, torch.Tensor) else 0
+            v._bound["inputs"] = (args, dict(kwargs), batch)
+        return args, kwargs
 
-        def post_forward(self, module, output):
-            v = self.variant
-            clock = self.runtime.clock
-            if v.active and not v._capturing and 1 <= clock.step <= v.guidance_steps:
-                if v._guided != (clock.generation, clock.step):
-                    raise RuntimeError(
-                        f"Boundary guides the latents of steps 1-{v.guidance_steps} in diffusers' callback_on_step_end "
-                        f"but step {clock.step} ran without it: call the pipeline with "
-                        "callback_on_step_end=boundary.callback (several: attn_pipelines.callbacks.CallbackList)"
-                    )
-            return output
-
-    return BoundaryHook
+    def post_forward(self, module, output):
+        v = self.variant
+        clock = self.runtime.clock
+        if v.active and not v._capturing and 1 <= clock.step <= v.guidance_steps:
+            if v._guided != (clock.generation, clock.step):
+                raise RuntimeError(
+                    f"Boundary guides the latents of steps 1-{v.guidance_steps} in diffusers' callback_on_step_end "
+                    f"but step {clock.step} ran without it: call the pipeline with "
+                    "callback_on_step_end=boundary.callback (several: attn_pipelines.callbacks.CallbackList)"
+                )
+        return output

@@ -43,12 +43,16 @@ masks' token grid equals the generated one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 
-from ._pipes import check_pipeline, encode_prompt, model_hook_base, pixels_per_token
+from attn_spec import Range
+
+from ._pipes import check_pipeline, encode_prompt, pixels_per_token
 from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
 
 __all__ = ["Entity", "Regional", "mask_to_pixels", "token_membership"]
@@ -145,19 +149,15 @@ class Regional(Variant):
     cross_attention: ClassVar[bool] = True
 
     entities: tuple = ()
-    height: int | None = None
-    width: int | None = None
+    height: Annotated[int | None, Range(1, None, words=True, note="or None")] = None
+    width: Annotated[int | None, Range(1, None, words=True, note="or None")] = None
     entity_global: bool = True
     on_negative: bool = False
-    max_sequence_length: int | None = None
+    max_sequence_length: Annotated[int | None, Range(1, None, words=True, note="or None")] = None
     block_size: BlockSize = 128
 
     def __post_init__(self) -> None:
-        check_options(self)  # block_size's declared choices
-        for f in ("height", "width", "max_sequence_length"):
-            v = getattr(self, f)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"Regional.{f} must be an int >= 1 or None, got {v!r}")
+        check_options(self)  # the ranges declared on the fields above
         for f in ("entity_global", "on_negative"):
             if not isinstance(getattr(self, f), bool):
                 raise TypeError(f"Regional.{f} must be bool, got {getattr(self, f)!r}")
@@ -250,7 +250,7 @@ class Regional(Variant):
                 f"{type(pipe).__name__} (the pipeline generates multiples of {ppt})"
             )
         self._ppt[id(runtime)] = ppt
-        return _hook_cls()(self, runtime, pipe, family)
+        return RegionalHook(self, runtime, pipe, family)
 
     # -- per forward ------------------------------------------------------------------------
     def embeddings(self, pipe: Any, family: str, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -366,58 +366,54 @@ class Regional(Variant):
         return BlockLayout.from_mask_mod(mask_mod, n, n, B=B, block_q=bq, block_k=bk).to(device)
 
 
-def _hook_cls():
-    from diffusers.hooks.hooks import BaseState, StateManager
+class _NoState(BaseState):
+    def reset(self, *args, **kwargs) -> None:
+        pass
 
-    class _NoState(BaseState):
-        def reset(self, *args, **kwargs) -> None:
-            pass
 
-    class RegionalHook(model_hook_base()):
-        """Adds the entity embeddings to the denoiser's text inputs (a stateful hook: diffusers hands it the
-        cache-context branch, so "uncond" calls are left alone)."""
+class RegionalHook(ModelHook):
+    """Adds the entity embeddings to the denoiser's text inputs (a stateful hook: diffusers hands it the
+    cache-context branch, so "uncond" calls are left alone)."""
 
-        _is_stateful = True
+    _is_stateful = True
 
-        def __init__(self, variant: Regional, runtime: Any, pipe: Any, family: str) -> None:
-            super().__init__()
-            self.variant, self.runtime, self.pipe, self.family = variant, runtime, pipe, family
-            self.branches = StateManager(_NoState)
+    def __init__(self, variant: Regional, runtime: Any, pipe: Any, family: str) -> None:
+        super().__init__()
+        self.variant, self.runtime, self.pipe, self.family = variant, runtime, pipe, family
+        self.branches = StateManager(_NoState)
 
-        def pre_forward(self, module, *args, **kwargs):
-            from ..adapters.base import Adapter
+    def pre_forward(self, module, *args, **kwargs):
+        from ..adapters.base import Adapter
 
-            v = self.variant
-            v._current = None
-            context = self.branches._context
-            branch = None if context is None else context.name
-            if branch == "uncond" and not v.on_negative:
-                return args, kwargs
-            ehs = Adapter.forward_arg(module, args, kwargs, "encoder_hidden_states")
-            if not isinstance(ehs, torch.Tensor):
-                return args, kwargs
-            embeds = v.embeddings(self.pipe, self.family, ehs.device, ehs.dtype)
-            B = ehs.shape[0]
-            ent = torch.cat(embeds, dim=1).expand(B, -1, -1)
-            kwargs = dict(kwargs)
-            args = _set_arg(module, args, kwargs, "encoder_hidden_states", torch.cat([ent, ehs], dim=1))
-            if self.family == "flux":
-                ids = Adapter.forward_arg(module, args, kwargs, "txt_ids")
-                if isinstance(ids, torch.Tensor):
-                    zeros = ids.new_zeros(*ids.shape[:-2], ent.shape[1], ids.shape[-1])
-                    args = _set_arg(module, args, kwargs, "txt_ids", torch.cat([zeros, ids], dim=-2))
-            cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
-            v._current = {"lens": tuple(e.shape[1] for e in embeds), "cfg": cfg, "ppt": v._ppt[id(self.runtime)]}
+        v = self.variant
+        v._current = None
+        context = self.branches._context
+        branch = None if context is None else context.name
+        if branch == "uncond" and not v.on_negative:
             return args, kwargs
+        ehs = Adapter.forward_arg(module, args, kwargs, "encoder_hidden_states")
+        if not isinstance(ehs, torch.Tensor):
+            return args, kwargs
+        embeds = v.embeddings(self.pipe, self.family, ehs.device, ehs.dtype)
+        B = ehs.shape[0]
+        ent = torch.cat(embeds, dim=1).expand(B, -1, -1)
+        kwargs = dict(kwargs)
+        args = _set_arg(module, args, kwargs, "encoder_hidden_states", torch.cat([ent, ehs], dim=1))
+        if self.family == "flux":
+            ids = Adapter.forward_arg(module, args, kwargs, "txt_ids")
+            if isinstance(ids, torch.Tensor):
+                zeros = ids.new_zeros(*ids.shape[:-2], ent.shape[1], ids.shape[-1])
+                args = _set_arg(module, args, kwargs, "txt_ids", torch.cat([zeros, ids], dim=-2))
+        cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        v._current = {"lens": tuple(e.shape[1] for e in embeds), "cfg": cfg, "ppt": v._ppt[id(self.runtime)]}
+        return args, kwargs
 
-        def post_forward(self, module, output):
-            self.variant._current = None
-            return output
+    def post_forward(self, module, output):
+        self.variant._current = None
+        return output
 
-        def reset_state(self, module):
-            return module
-
-    return RegionalHook
+    def reset_state(self, module):
+        return module
 
 
 def _set_arg(module: Any, args: tuple, kwargs: dict, name: str, value: Any) -> tuple:

@@ -44,14 +44,16 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 import torch
+from diffusers.hooks import ModelHook
 
-from .base import AttnContext, AttnPlan, Variant, check_range, register_variant
+from attn_spec import OneOf, Range, require
+
+from .base import AttnContext, AttnPlan, Variant, check_options, register_variant
 
 __all__ = ["SoftPAG", "HEADS_FORMAT", "load_heads_file"]
 
@@ -103,11 +105,6 @@ def _int_pairs(name: str, value: Any) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _check_fraction(name: str, value: Any) -> float:
-    check_range(name, value, 0.0, 1.0)
-    return float(value)
-
-
 @register_variant
 @dataclass
 class SoftPAG(Variant):
@@ -125,47 +122,32 @@ class SoftPAG(Variant):
     role: ClassVar[str] = "guidance"
     families: ClassVar[tuple[str, ...] | None] = None
 
-    scale: float = 3.0
-    u: float = 0.5
+    scale: Annotated[float, Range(0.0, None, finite=True)] = 3.0
+    u: Annotated[float, Range(0.0, 1.0)] = 0.5
     heads: tuple[tuple[int, int], ...] | None = None
-    layers: tuple[int, ...] | None = None
+    layers: Annotated[tuple[int, ...] | None, Range(0, None)] = None
     heads_file: str | None = None
-    start: float = 0.0
-    stop: float = 1.0
-    steps: tuple[int, ...] | None = None
+    start: Annotated[float, Range(0.0, 1.0)] = 0.0
+    stop: Annotated[float, Range(0.0, 1.0)] = 1.0
+    steps: Annotated[tuple[int, ...] | None, Range(0, None)] = None
     batched_cfg: bool | None = None
-    mode: Literal["hook", "guider"] = "hook"
+    mode: Annotated[str, OneOf("hook", "guider")] = "hook"
 
     def __post_init__(self) -> None:
-        check_range("SoftPAG.scale", self.scale, 0.0, None)
-        if not math.isfinite(self.scale):
-            raise ValueError(f"SoftPAG.scale must be a finite number >= 0, got {self.scale!r}")
-        self.scale = float(self.scale)
-        check_range("SoftPAG.u", self.u, 0.0, 1.0)
-        self.u = float(self.u)
-        self.start = _check_fraction("SoftPAG.start", self.start)
-        self.stop = _check_fraction("SoftPAG.stop", self.stop)
-        if not self.start < self.stop:
-            raise ValueError(f"SoftPAG.start must be < SoftPAG.stop, got start={self.start}, stop={self.stop}")
+        for f in ("steps", "layers"):  # sequences: their items' ranges are declared above
+            if getattr(self, f) is not None and not isinstance(getattr(self, f), (tuple, list)):
+                raise TypeError(f"SoftPAG.{f} must be a tuple of ints >= 0 or None, got {getattr(self, f)!r}")
+        check_options(self)  # the ranges declared on the fields above
+        require(self.start < self.stop, "SoftPAG.start", f"< SoftPAG.stop ({self.stop})", self.start)
         if self.steps is not None:
-            if not isinstance(self.steps, (tuple, list)) or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.steps
-            ):
-                raise ValueError(f"SoftPAG.steps must be a tuple of step indices >= 0, got {self.steps!r}")
             self.steps = tuple(sorted(set(self.steps)))
         if self.batched_cfg is not None and not isinstance(self.batched_cfg, bool):
             raise TypeError(f"SoftPAG.batched_cfg must be True, False or None, got {self.batched_cfg!r}")
-        if self.mode not in ("hook", "guider"):
-            raise ValueError(f"SoftPAG.mode must be 'hook' or 'guider', got {self.mode!r}")
         pairs = () if self.heads is None else _int_pairs("SoftPAG.heads", self.heads)
         if self.heads is not None:
             self.heads = pairs
         whole: tuple[int, ...] = ()
         if self.layers is not None:
-            if not isinstance(self.layers, (tuple, list)) or not all(
-                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.layers
-            ):
-                raise ValueError(f"SoftPAG.layers must be a tuple of layer indices >= 0, got {self.layers!r}")
             whole = self.layers = tuple(self.layers)
         self._file_model: dict = {}
         if self.heads_file is not None:
@@ -289,7 +271,7 @@ class SoftPAG(Variant):
         return plan
 
     def model_hook(self, runtime: Any) -> Any:
-        return _hook_cls()(self, runtime) if self.mode == "hook" else None
+        return SoftPAGHook(self, runtime) if self.mode == "hook" else None
 
     def cache_conflict(self, caches: dict[str, bool]) -> str | None:
         """diffusers caches that would serve the perturbed pass the conditional pass's attention: those with one
@@ -376,85 +358,80 @@ _COND = ("cond", "pred_cond")
 _UNCOND = ("uncond", "pred_uncond")
 
 
-def _hook_cls() -> type:
-    from diffusers.hooks import ModelHook
+class SoftPAGHook(ModelHook):
+    """After the conditional forward: SoftPAG's perturbed pass, then every prediction of the step shifted by
+    scale * (eps_c - eps_pert) (module docstring)."""
 
-    class SoftPAGHook(ModelHook):
-        """After the conditional forward: SoftPAG's perturbed pass, then every prediction of the step shifted by
-        scale * (eps_c - eps_pert) (module docstring)."""
+    def __init__(self, variant: SoftPAG, runtime: Any) -> None:
+        super().__init__()
+        self.variant = variant
+        self.runtime = runtime
+        self._delta: tuple | None = None  # ((generation, step), scale * (eps_c - eps_pert))
+        self._cfg: tuple | None = None  # (generation, batched?) read from the pipeline
 
-        def __init__(self, variant: SoftPAG, runtime: Any) -> None:
-            super().__init__()
-            self.variant = variant
-            self.runtime = runtime
-            self._delta: tuple | None = None  # ((generation, step), scale * (eps_c - eps_pert))
-            self._cfg: tuple | None = None  # (generation, batched?) read from the pipeline
+    def _batched(self, branch: str | None, generation: int) -> bool:
+        v = self.variant
+        if v.batched_cfg is not None:
+            return v.batched_cfg
+        if self._cfg is not None and self._cfg[0] == generation:
+            return self._cfg[1]
+        pipe = self.runtime.clock.pipe
+        flag = branch == "cond_uncond"
+        if pipe is not None and isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+            flag = bool(pipe.do_classifier_free_guidance)
+        elif pipe is not None and branch == "cond_uncond":
+            gs = getattr(pipe, "_guidance_scale", None)  # CogVideoX: the call's scale at its first forward
+            if isinstance(gs, (int, float)) and not isinstance(gs, bool):
+                flag = gs > 1
+        self._cfg = (generation, flag)
+        return flag
 
-        def _batched(self, branch: str | None, generation: int) -> bool:
-            v = self.variant
-            if v.batched_cfg is not None:
-                return v.batched_cfg
-            if self._cfg is not None and self._cfg[0] == generation:
-                return self._cfg[1]
-            pipe = self.runtime.clock.pipe
-            flag = branch == "cond_uncond"
-            if pipe is not None and isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
-                flag = bool(pipe.do_classifier_free_guidance)
-            elif pipe is not None and branch == "cond_uncond":
-                gs = getattr(pipe, "_guidance_scale", None)  # CogVideoX: the call's scale at its first forward
-                if isinstance(gs, (int, float)) and not isinstance(gs, bool):
-                    flag = gs > 1
-            self._cfg = (generation, flag)
-            return flag
-
-        def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
-            inner = self.fn_ref.original_forward
-            out = inner(*args, **kwargs)
-            rt, v = self.runtime, self.variant
-            clock = rt.clock
-            if rt.perturbed or v.scale == 0 or v.u == 0 or not v.active(clock.step, clock.num_steps):
-                return out
-            key = (clock.generation, clock.step)
-            branch = rt.branch
-            have = self._delta is not None and self._delta[0] == key
-            sample = _sample(out)
-            if branch in _UNCOND or (branch not in _COND and have):  # another prediction of this step
-                if not have:
-                    raise RuntimeError(
-                        f"attnplug SoftPAG: the {branch!r} prediction of step {clock.step} came before the conditional "
-                        "one; SoftPAG's hook needs the conditional call first (diffusers' pipelines do so), or use "
-                        "diffusion_attn.guidance.SoftPAGGuidance"
-                    )
-                d = self._delta[1]
-                if d.shape[0] != sample.shape[0]:
-                    if sample.shape[0] != 2 * d.shape[0]:
-                        raise RuntimeError(
-                            f"attnplug SoftPAG: a prediction of batch {sample.shape[0]} at step {clock.step} does not "
-                            f"match the conditional batch {d.shape[0]}"
-                        )
-                    d = torch.cat([d, d])
-                return _with_sample(out, sample + d)
-            batched = branch not in _COND and self._batched(branch, clock.generation)
-            total = sample.shape[0]
-            if batched and total % 2:
+    def new_forward(self, module: Any, *args: Any, **kwargs: Any) -> Any:
+        inner = self.fn_ref.original_forward
+        out = inner(*args, **kwargs)
+        rt, v = self.runtime, self.variant
+        clock = rt.clock
+        if rt.perturbed or v.scale == 0 or v.u == 0 or not v.active(clock.step, clock.num_steps):
+            return out
+        key = (clock.generation, clock.step)
+        branch = rt.branch
+        have = self._delta is not None and self._delta[0] == key
+        sample = _sample(out)
+        if branch in _UNCOND or (branch not in _COND and have):  # another prediction of this step
+            if not have:
                 raise RuntimeError(
-                    f"attnplug SoftPAG: a batched-CFG call needs an even batch [uncond, cond], got {total}; "
-                    "pass SoftPAG(batched_cfg=False) if this call has no unconditional half"
+                    f"attnplug SoftPAG: the {branch!r} prediction of step {clock.step} came before the conditional "
+                    "one; SoftPAG's hook needs the conditional call first (diffusers' pipelines do so), or use "
+                    "diffusion_attn.guidance.SoftPAGGuidance"
                 )
-            c_args, c_kwargs = _cond_inputs(module, args, kwargs, total) if batched else (args, kwargs)
-            rt.perturbed = True
-            context = _cache_context(module, branch)
-            try:
-                if context is not None:  # per-context caches (FirstBlockCache, ...): the pass keeps its own state
-                    _set_cache_context(module, dataclasses.replace(context, name=f"{branch}:perturbed"))
-                pert = _sample(inner(*c_args, **c_kwargs))
-            finally:
-                rt.perturbed = False
-                if context is not None:
-                    _set_cache_context(module, context)
-            eps_c = sample[total // 2 :] if batched else sample
-            d = v.scale * (eps_c - pert)
-            self._delta = (key, d)
-            return _with_sample(out, sample + (torch.cat([d, d]) if batched else d))
-
-    return SoftPAGHook
+            d = self._delta[1]
+            if d.shape[0] != sample.shape[0]:
+                if sample.shape[0] != 2 * d.shape[0]:
+                    raise RuntimeError(
+                        f"attnplug SoftPAG: a prediction of batch {sample.shape[0]} at step {clock.step} does not "
+                        f"match the conditional batch {d.shape[0]}"
+                    )
+                d = torch.cat([d, d])
+            return _with_sample(out, sample + d)
+        batched = branch not in _COND and self._batched(branch, clock.generation)
+        total = sample.shape[0]
+        if batched and total % 2:
+            raise RuntimeError(
+                f"attnplug SoftPAG: a batched-CFG call needs an even batch [uncond, cond], got {total}; "
+                "pass SoftPAG(batched_cfg=False) if this call has no unconditional half"
+            )
+        c_args, c_kwargs = _cond_inputs(module, args, kwargs, total) if batched else (args, kwargs)
+        rt.perturbed = True
+        context = _cache_context(module, branch)
+        try:
+            if context is not None:  # per-context caches (FirstBlockCache, ...): the pass keeps its own state
+                _set_cache_context(module, dataclasses.replace(context, name=f"{branch}:perturbed"))
+            pert = _sample(inner(*c_args, **c_kwargs))
+        finally:
+            rt.perturbed = False
+            if context is not None:
+                _set_cache_context(module, context)
+        eps_c = sample[total // 2 :] if batched else sample
+        d = v.scale * (eps_c - pert)
+        self._delta = (key, d)
+        return _with_sample(out, sample + (torch.cat([d, d]) if batched else d))

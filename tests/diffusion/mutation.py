@@ -38,8 +38,8 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     # hooks
     (
         "diffusion_attn/hooks.py",
-        "self._phases = self.handle.phase_steps()\n            rt.begin_forward(branch, None if context is None else self.branches.get_state().states)",
-        "self._phases = self.handle.phase_steps()\n            rt.begin_forward(branch, None)",
+        "self._phases = self.handle.phase_steps()\n        rt.begin_forward(branch, None if context is None else self.branches.get_state().states)",
+        "self._phases = self.handle.phase_steps()\n        rt.begin_forward(branch, None)",
         T + "test_branches.py",
     ),
     (

@@ -31,8 +31,8 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     (SP, "u[chosen] = self.u", "u[chosen] = 1.0", TS + " -k heads_select"),
     (
         SP,
-        "                return _with_sample(out, sample + d)\n",
-        "                return out\n",
+        "            return _with_sample(out, sample + d)\n",
+        "            return out\n",
         TS + " -k sequential",
     ),
     (SP, "d = v.scale * (eps_c - pert)", "d = v.scale * (pert - eps_c)", TS + " -k without_cfg"),
@@ -48,8 +48,8 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     # extension points (hooks.py, adapters/base.py)
     (
         "diffusion_attn/hooks.py",
-        "            if rt.perturbed:  # a guidance",
-        "            if False:  # a guidance",
+        "        if rt.perturbed:  # a guidance",
+        "        if False:  # a guidance",
         TS + " -k sequential",
     ),  # fmt: skip
     (
@@ -118,8 +118,8 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     (RF, "if not self.always and length <= self.period(d_t, theta, family):", "if False:", TU + " -k riflex"),
     (
         RF,
-        '                    registry.remove_hook("attnplug_riflex", recurse=False)\n',
-        "                    pass\n",
+        '                registry.remove_hook("attnplug_riflex", recurse=False)\n',
+        "                pass\n",
         TU + " -k riflex_sets",
     ),  # fmt: skip
     # SoftPAGGuidance
@@ -144,7 +144,7 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
     (
         HH,
         "                    if p is not None:\n                        self._save(state, p)\n",
-        "                    pass\n",
+        "                pass\n",
         TH + " -k saved_after",
     ),  # fmt: skip
     (
