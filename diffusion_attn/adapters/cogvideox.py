@@ -65,3 +65,32 @@ class CogVideoXAdapter(Adapter):
         _, f, _, h, w = hidden_states_arg(model, args, kwargs).shape
         p, pt = model.config.patch_size, model.config.patch_size_t or 1
         return (-(-f // pt), h // p, w // p)
+
+    # -- the temporal RoPE (RIFLEx rewrites one of its frequencies) ---------------------------------
+    #: "image_rotary_emb": the pipeline passes the RoPE to the transformer as this forward argument
+    rope_site = "image_rotary_emb"
+
+    @staticmethod
+    def temporal_rope(model: nn.Module) -> tuple[int, float, torch.dtype]:
+        """(temporal rotary dim, base theta, dtype diffusers computes the frequencies in); ValueError on a
+        model without rotary embeddings."""
+        if not model.config.use_rotary_positional_embeddings:
+            raise ValueError(
+                "RIFLEx needs a temporal rotary position embedding; this CogVideoXTransformer3DModel has none "
+                "(use_rotary_positional_embeddings=False, e.g. CogVideoX-2b, which adds sincos position embeddings "
+                "instead); nothing was patched"
+            )
+        return int(model.config.attention_head_dim) // 4, 10000.0, torch.float32
+
+    @staticmethod
+    def rope_frames(model: nn.Module, shape: tuple[int, ...]) -> tuple[int, int, torch.Tensor | None]:
+        """(token frames, tokens per frame, temporal positions) of the transformer's hidden_states: diffusers'
+        own temporal grid (linspace for CogVideoX 1.0, arange for 1.5, which patchifies time)."""
+        _, f, _, h, w = shape
+        p, pt = model.config.patch_size, model.config.patch_size_t
+        frames = f if pt is None else -(-f // pt)
+        if pt is None:  # CogVideoX 1.0: diffusers' linspace grid
+            grid = torch.linspace(0, frames * (frames - 1) / frames, frames, dtype=torch.float32)
+        else:
+            grid = torch.arange(frames, dtype=torch.float32)
+        return frames, (h // p) * (w // p), grid

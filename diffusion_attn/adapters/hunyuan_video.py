@@ -104,3 +104,19 @@ class HunyuanVideoAdapter(Adapter):
         _, _, f, h, w = hidden_states_arg(model, args, kwargs).shape
         p, pt = model.config.patch_size, model.config.patch_size_t
         return (f // pt, h // p, w // p)
+
+    # -- the temporal RoPE (RIFLEx rewrites one of its frequencies) ---------------------------------
+    #: "module": the RoPE is the output of the transformer's `rope` module (`HunyuanVideoRotaryPosEmbed`)
+    rope_site = "module"
+
+    @staticmethod
+    def temporal_rope(model: nn.Module) -> tuple[int, float, torch.dtype]:
+        """(temporal rotary dim, base theta, dtype diffusers computes the frequencies in)."""
+        return int(model.rope.rope_dim[0]), float(model.rope.theta), torch.float32
+
+    @staticmethod
+    def rope_frames(rope: nn.Module, shape: tuple[int, ...]) -> tuple[int, int, torch.Tensor | None]:
+        """(token frames, tokens per frame, temporal positions or None: 0, 1, ...) of the rope module's input."""
+        _, _, f, h, w = shape
+        pt, p = rope.patch_size_t, rope.patch_size
+        return f // pt, (h // p) * (w // p), None

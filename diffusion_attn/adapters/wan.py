@@ -125,3 +125,19 @@ class WanAdapter(Adapter):
         _, _, f, h, w = hidden_states_arg(model, args, kwargs).shape
         pt, ph, pw = model.config.patch_size
         return (f // pt, h // ph, w // pw)
+
+    # -- the temporal RoPE (RIFLEx rewrites one of its frequencies) ---------------------------------
+    #: "module": the RoPE is the output of the transformer's `rope` module (`WanRotaryPosEmbed`)
+    rope_site = "module"
+
+    @staticmethod
+    def temporal_rope(model: nn.Module) -> tuple[int, float, torch.dtype]:
+        """(temporal rotary dim, base theta, dtype diffusers computes the frequencies in)."""
+        return int(model.rope.t_dim), 10000.0, torch.float64  # WanRotaryPosEmbed's default theta
+
+    @staticmethod
+    def rope_frames(rope: nn.Module, shape: tuple[int, ...]) -> tuple[int, int, torch.Tensor | None]:
+        """(token frames, tokens per frame, temporal positions or None: 0, 1, ...) of the rope module's input."""
+        _, _, f, h, w = shape
+        pt, ph, pw = rope.patch_size
+        return f // pt, (h // ph) * (w // pw), None

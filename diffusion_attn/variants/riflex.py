@@ -7,11 +7,12 @@ makes content repeat past it; RIFLEx sets theta_{k-1} = factor * 2 pi / L for a 
 (factor 0.9, official), training-free, when L > N_k (`always=True`: at every length). Only that pair of
 rotary columns changes; every other frequency is the model's own, bit for bit.
 
-Where the RoPE lives per family (no other attention change: the plan stays the model's own):
-* Wan (`WanRotaryPosEmbed`, float64 frequencies) and HunyuanVideo (`HunyuanVideoRotaryPosEmbed`, float32):
-  a diffusers hook on the transformer's `rope` module rewrites the two temporal columns of its output;
-* CogVideoX: the pipeline passes `image_rotary_emb` to the transformer; a hook on the transformer rewrites
-  its two temporal columns with diffusers' own temporal grid (linspace for CogVideoX 1.0, arange for 1.5).
+Where the RoPE lives is a fact of the family, read from its adapter (`rope_site`, `temporal_rope`,
+`rope_frames`); no other attention change (the plan stays the model's own):
+* `rope_site = "module"` (Wan, HunyuanVideo): a diffusers hook on the transformer's `rope` module rewrites the
+  two temporal columns of its output;
+* otherwise the site is a forward argument (CogVideoX's `image_rotary_emb`): a hook on the transformer
+  rewrites its two temporal columns on the adapter's temporal grid (diffusers' own).
 Rotary outputs are [.., N, .., D] with temporal columns first and each frequency repeated twice, tokens in
 frame-major order. The new columns are computed once per (frames, tokens per frame, device) and cached.
 """
@@ -20,11 +21,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
-from .base import AttnContext, AttnPlan, Variant, register_variant
+from attn_spec import Range
+
+from .base import AttnContext, AttnPlan, Variant, check_options, register_variant
 
 __all__ = ["RIFLEx", "RIFLEX_DEFAULTS", "rope_axis"]
 
@@ -32,21 +36,21 @@ __all__ = ["RIFLEx", "RIFLEX_DEFAULTS", "rope_axis"]
 RIFLEX_DEFAULTS: dict[str, int] = {"wan": 6, "hunyuan_video": 4, "cogvideox": 2}
 
 
+def _rope_adapter(family: str) -> Any:
+    """The adapter class of `family`, which knows where its temporal RoPE lives; ValueError when it knows none."""
+    from ..adapters import ADAPTERS
+
+    adapter = ADAPTERS.get(family)
+    if adapter is None or getattr(adapter, "temporal_rope", None) is None:
+        known = [n for n, a in ADAPTERS.items() if getattr(a, "temporal_rope", None) is not None]
+        raise ValueError(f"RIFLEx supports {', '.join(known)} (a temporal RoPE); got model family {family!r}")
+    return adapter
+
+
 def rope_axis(family: str, model: Any) -> tuple[int, float, torch.dtype]:
-    """(temporal rotary dim d_t, base theta, dtype diffusers computes the frequencies in) of `model`."""
-    if family == "wan":
-        return int(model.rope.t_dim), 10000.0, torch.float64  # WanRotaryPosEmbed's default theta
-    if family == "hunyuan_video":
-        return int(model.rope.rope_dim[0]), float(model.rope.theta), torch.float32
-    if family == "cogvideox":
-        if not model.config.use_rotary_positional_embeddings:
-            raise ValueError(
-                "RIFLEx needs a temporal rotary position embedding; this CogVideoXTransformer3DModel has none "
-                "(use_rotary_positional_embeddings=False, e.g. CogVideoX-2b, which adds sincos position embeddings "
-                "instead); nothing was patched"
-            )
-        return int(model.config.attention_head_dim) // 4, 10000.0, torch.float32
-    raise ValueError(f"RIFLEx supports {', '.join(RIFLEX_DEFAULTS)}; got model family {family!r}")
+    """(temporal rotary dim d_t, base theta, dtype diffusers computes the frequencies in) of `model`, as its
+    family's adapter reads them (`temporal_rope`)."""
+    return _rope_adapter(family).temporal_rope(model)
 
 
 @register_variant
@@ -64,22 +68,13 @@ class RIFLEx(Variant):
     families: ClassVar[tuple[str, ...] | None] = tuple(RIFLEX_DEFAULTS)
     family_defaults: ClassVar[dict[str, dict[str, Any]]] = {f: {"k": k} for f, k in RIFLEX_DEFAULTS.items()}
 
-    k: int | None = None
-    factor: float = 0.9
-    frames: int | None = None
+    k: Annotated[int | None, Range(1, None, words=True, note="(1-based frequency index)")] = None
+    factor: Annotated[float, Range(0, 1, lo_open=True, words=True)] = 0.9
+    frames: Annotated[int | None, Range(1, None, words=True)] = None
     always: bool = False
 
     def __post_init__(self) -> None:
-        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1):
-            raise ValueError(f"RIFLEx.k must be an int >= 1 (1-based frequency index), got {self.k!r}")
-        f = self.factor
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
-            raise ValueError(f"RIFLEx.factor must be > 0 and <= 1, got {f!r}")
-        self.factor = float(f)
-        if self.frames is not None and (
-            isinstance(self.frames, bool) or not isinstance(self.frames, int) or self.frames < 1
-        ):
-            raise ValueError(f"RIFLEx.frames must be an int >= 1, got {self.frames!r}")
+        check_options(self)  # the ranges declared on the fields above
         if not isinstance(self.always, bool):
             raise TypeError(f"RIFLEx.always must be True or False, got {self.always!r}")
 
@@ -98,7 +93,7 @@ class RIFLEx(Variant):
         return plan  # RoPE only: the attention itself is the model's
 
     def model_hook(self, runtime: Any) -> Any:
-        return _hook_cls()(self, runtime)
+        return RIFLExHook(self, runtime)
 
     def columns(
         self, frames: int, per_frame: int, d_t: int, theta: float, dtype: torch.dtype, family: str, grid: Any = None
@@ -123,104 +118,92 @@ def _replace(freqs: torch.Tensor, cols: torch.Tensor, col: int) -> torch.Tensor:
     return out
 
 
-def _hook_cls() -> type:
-    from diffusers.hooks import HookRegistry, ModelHook
+class RopeHook(ModelHook):
+    """On the transformer's `rope` module (an adapter with `rope_site = "module"`): rewrite the intrinsic temporal
+    columns of its output."""
 
-    class RopeHook(ModelHook):
-        """On the `rope` module of Wan / HunyuanVideo: rewrite the intrinsic temporal columns of its output."""
+    def __init__(self, owner: Any) -> None:
+        super().__init__()
+        self.owner = owner
+        self._shape: tuple | None = None
 
-        def __init__(self, owner: Any) -> None:
-            super().__init__()
-            self.owner = owner
-            self._shape: tuple | None = None
+    def pre_forward(self, module, *args, **kwargs):
+        hs = args[0] if args else kwargs.get("hidden_states")
+        self._shape = tuple(hs.shape)
+        return args, kwargs
 
-        def pre_forward(self, module, *args, **kwargs):
-            hs = args[0] if args else kwargs.get("hidden_states")
-            self._shape = tuple(hs.shape)
+    def post_forward(self, module, output):
+        o = self.owner
+        frames, per_frame, grid = o.adapter.rope_frames(module, self._shape)
+        cols = o.cols(frames, per_frame, output[0].device, grid)
+        if cols is None:
+            return output
+        return tuple(_replace(x, c, o.col) for x, c in zip(output, cols))
+
+
+class RIFLExHook(ModelHook):
+    """On the transformer: owns the rope-module hook, or rewrites the RoPE forward argument, as the family's
+    adapter says (`rope_site`)."""
+
+    def __init__(self, variant: RIFLEx, runtime: Any) -> None:
+        super().__init__()
+        self.variant, self.runtime = variant, runtime
+        self.family = runtime.family
+        self.adapter = _rope_adapter(self.family)
+        self._cache: dict = {}
+        self.col = 0
+
+    def initialize_hook(self, module):
+        v = self.variant
+        self.d_t, self.theta, self.dtype = rope_axis(self.family, module)
+        k = v.resolved(self.family)["k"]
+        if not 1 <= k <= self.d_t // 2:
+            raise ValueError(
+                f"RIFLEx.k must be in [1, {self.d_t // 2}] ({self.family}'s temporal RoPE has {self.d_t // 2} "
+                f"frequencies), got {k}"
+            )
+        self.col = 2 * (k - 1)
+        if self.adapter.rope_site == "module":
+            HookRegistry.check_if_exists_or_initialize(module.rope).register_hook(RopeHook(self), "attnplug_riflex")
+        return module
+
+    def deinitalize_hook(self, module):
+        if self.adapter.rope_site == "module":
+            registry = getattr(module.rope, "_diffusers_hook", None)
+            if registry is not None:
+                registry.remove_hook("attnplug_riflex", recurse=False)
+                if not registry.hooks:
+                    del module.rope._diffusers_hook
+                    fwd = module.rope.__dict__.get("forward")
+                    if getattr(fwd, "__func__", None) is type(module.rope).forward:
+                        del module.rope.__dict__["forward"]
+        return module
+
+    def cols(self, frames: int, per_frame: int, device: torch.device, grid: Any = None) -> Any:
+        key = (frames, per_frame, str(device))
+        if key not in self._cache:
+            c = self.variant.columns(frames, per_frame, self.d_t, self.theta, self.dtype, self.family, grid)
+            self._cache[key] = None if c is None else tuple(t.to(device) for t in c)
+        return self._cache[key]
+
+    def pre_forward(self, module, *args, **kwargs):
+        site = self.adapter.rope_site
+        if site == "module":
             return args, kwargs
+        from ..adapters.base import Adapter
 
-        def post_forward(self, module, output):
-            _, _, f, h, w = self._shape
-            o = self.owner
-            if o.family == "wan":
-                pt, ph, pw = module.patch_size
-            else:
-                pt, ph, pw = module.patch_size_t, module.patch_size, module.patch_size
-            cols = o.cols(f // pt, (h // ph) * (w // pw), output[0].device)
-            if cols is None:
-                return output
-            return tuple(_replace(x, c, o.col) for x, c in zip(output, cols))
-
-    class RIFLExHook(ModelHook):
-        """On the transformer: owns the rope-module hook (Wan, HunyuanVideo) or rewrites CogVideoX's
-        `image_rotary_emb` argument."""
-
-        def __init__(self, variant: RIFLEx, runtime: Any) -> None:
-            super().__init__()
-            self.variant, self.runtime = variant, runtime
-            self.family = runtime.family
-            self._cache: dict = {}
-            self.col = 0
-
-        def initialize_hook(self, module):
-            v = self.variant
-            self.d_t, self.theta, self.dtype = rope_axis(self.family, module)
-            k = v.resolved(self.family)["k"]
-            if not 1 <= k <= self.d_t // 2:
-                raise ValueError(
-                    f"RIFLEx.k must be in [1, {self.d_t // 2}] ({self.family}'s temporal RoPE has {self.d_t // 2} "
-                    f"frequencies), got {k}"
-                )
-            self.col = 2 * (k - 1)
-            if self.family in ("wan", "hunyuan_video"):
-                HookRegistry.check_if_exists_or_initialize(module.rope).register_hook(RopeHook(self), "attnplug_riflex")
-            return module
-
-        def deinitalize_hook(self, module):
-            if self.family in ("wan", "hunyuan_video"):
-                registry = getattr(module.rope, "_diffusers_hook", None)
-                if registry is not None:
-                    registry.remove_hook("attnplug_riflex", recurse=False)
-                    if not registry.hooks:
-                        del module.rope._diffusers_hook
-                        fwd = module.rope.__dict__.get("forward")
-                        if getattr(fwd, "__func__", None) is type(module.rope).forward:
-                            del module.rope.__dict__["forward"]
-            return module
-
-        def cols(self, frames: int, per_frame: int, device: torch.device, grid: Any = None) -> Any:
-            key = (frames, per_frame, str(device))
-            if key not in self._cache:
-                c = self.variant.columns(frames, per_frame, self.d_t, self.theta, self.dtype, self.family, grid)
-                self._cache[key] = None if c is None else tuple(t.to(device) for t in c)
-            return self._cache[key]
-
-        def pre_forward(self, module, *args, **kwargs):
-            if self.family != "cogvideox":
-                return args, kwargs
-            from ..adapters.base import Adapter
-
-            emb = Adapter.forward_arg(module, args, kwargs, "image_rotary_emb")
-            if emb is None:
-                return args, kwargs
-            hs = Adapter.forward_arg(module, args, kwargs, "hidden_states")
-            _, f, _, h, w = hs.shape
-            cfg = module.config
-            p, pt = cfg.patch_size, cfg.patch_size_t
-            frames = f if pt is None else -(-f // pt)
-            if pt is None:  # CogVideoX 1.0: diffusers' linspace grid
-                grid = torch.linspace(0, frames * (frames - 1) / frames, frames, dtype=torch.float32)
-            else:
-                grid = torch.arange(frames, dtype=torch.float32)
-            cols = self.cols(frames, (h // p) * (w // p), emb[0].device, grid)
-            if cols is None:
-                return args, kwargs
-            new = tuple(_replace(x, c, self.col) for x, c in zip(emb, cols))
-            if "image_rotary_emb" in kwargs:
-                kwargs = {**kwargs, "image_rotary_emb": new}
-            else:
-                i = Adapter._params[type(module)]["image_rotary_emb"]
-                args = (*args[:i], new, *args[i + 1 :])
+        emb = Adapter.forward_arg(module, args, kwargs, site)
+        if emb is None:
             return args, kwargs
-
-    return RIFLExHook
+        hs = Adapter.forward_arg(module, args, kwargs, "hidden_states")
+        frames, per_frame, grid = self.adapter.rope_frames(module, tuple(hs.shape))
+        cols = self.cols(frames, per_frame, emb[0].device, grid)
+        if cols is None:
+            return args, kwargs
+        new = tuple(_replace(x, c, self.col) for x, c in zip(emb, cols))
+        if site in kwargs:
+            kwargs = {**kwargs, site: new}
+        else:
+            i = Adapter._params[type(module)][site]
+            args = (*args[:i], new, *args[i + 1 :])
+        return args, kwargs

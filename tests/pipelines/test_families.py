@@ -138,7 +138,7 @@ _STILL_NAMING = {
     "attn_pipelines/world/evaluate.py": "the world's model is a Wan pipeline",
     "diffusion_attn/variants/radial.py": "official table keyed by family",
     "diffusion_attn/variants/ultravico.py": "official table keyed by family",
-    "diffusion_attn/variants/riflex.py": "official table keyed by family; rope_axis reads each family's RoPE",
+    "diffusion_attn/variants/riflex.py": "official table keyed by family (the RoPE is read from the adapters)",
     "diffusion_attn/variants/regional.py": "families it supports; per-family entity encoding",
     "diffusion_attn/variants/boundary.py": "families it supports; per-family phrase tokens",
     "diffusion_attn/variants/agentsd.py": "families it supports; UNet / DiT token layouts",
@@ -207,3 +207,15 @@ def test_a_variant_registered_by_its_own_file_is_in_attn_presets_and_list(capsys
     finally:
         for key in ("echo_test", "echo_alias"):
             VARIANTS.pop(key, None)
+
+
+def test_riflex_reads_the_temporal_rope_from_the_adapters():
+    """Where a family's temporal RoPE lives is a fact of its adapter: the families RIFLEx supports are exactly those
+    whose adapter declares one, and any other family is refused by name (never read as another family's)."""
+    from diffusion_attn.variants.riflex import rope_axis
+
+    with_rope = {name for name, a in ADAPTERS.items() if getattr(a, "temporal_rope", None) is not None}
+    assert with_rope == set(da.RIFLEx.families)
+    assert {ADAPTERS[name].rope_site for name in with_rope} == {"module", "image_rotary_emb"}
+    with pytest.raises(ValueError, match=r"RIFLEx supports .*; got model family 'flux'"):
+        rope_axis("flux", None)
