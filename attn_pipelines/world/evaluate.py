@@ -214,7 +214,9 @@ def _summary(rows: list[dict]) -> dict[str, Any]:
 
 
 def _length_metrics(video: np.ndarray, caption: str, train_frames: int) -> dict[str, float | None]:
-    """Centroid error along the caption's straight path beyond the training length, and lost / drifting frames."""
+    """Centroid error along the caption's straight path beyond the training length, and lost / drifting frames
+    (`lost_inside_frac`: lost while the straight path is still inside the frame, so a shape that correctly
+    left the frame does not count)."""
     from .data import DIRECTIONS, parse_caption
     from .score import track
 
@@ -224,28 +226,31 @@ def _length_metrics(video: np.ndarray, caption: str, train_frames: int) -> dict[
     head = c[:train_frames]
     ok = ~np.isnan(head[:, 0])
     if ok.sum() < 2:
-        return {"centroid_error": None, "lost_frac": 1.0, "drift_frac": None}  # nothing tracked: no error to give
+        return {"centroid_error": None, "lost_frac": 1.0, "lost_inside_frac": None,
+                "drift_frac": None}  # nothing tracked: no error to give  # fmt: skip
     t = np.arange(train_frames)[ok]
     along = head[ok] @ np.array([ux, uy], dtype=np.float32)
     speed, start = np.polyfit(t, along, 1)
     speed = max(float(speed), 0.0)
     c0 = head[ok][0] - np.array([ux, uy]) * speed * t[0]
-    errs, lost, drift = [], 0, 0
+    errs, lost, lost_inside, drift = [], 0, 0, 0
     size = video.shape[1]
     prev = head[ok][-1]
     for k in range(train_frames, len(video)):
         expect = c0 + np.array([ux, uy]) * speed * k
+        inside = 2 <= expect[0] <= size - 2 and 2 <= expect[1] <= size - 2  # the shape is still in the frame
         if np.isnan(c[k, 0]):
             lost += 1
+            lost_inside += inside
             continue
-        if 2 <= expect[0] <= size - 2 and 2 <= expect[1] <= size - 2:  # the shape is still in the frame
+        if inside:
             errs.append(float(np.linalg.norm(c[k] - expect)))
         if float((c[k] - prev) @ np.array([ux, uy])) < -0.5:
             drift += 1
         prev = c[k]
     n = max(1, len(video) - train_frames)
     return {"centroid_error": float(np.mean(errs)) if errs else None, "lost_frac": lost / n,
-            "drift_frac": drift / n}  # fmt: skip
+            "lost_inside_frac": lost_inside / n, "drift_frac": drift / n}  # fmt: skip
 
 
 def load_world_pipeline(folder: str | Path | None = None) -> Any:
