@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .backends import BACKEND_NAMES, NoBackendError, backends_for, choose_backend, define_op, register_backend
+from .backends import BACKEND_NAMES, Inputs, backends_for, choose_backend, define_op, register_backend
 from .layout import BlockLayout, KernelLayout, owner_of
 from .modifiers import LogitDecay, OutputMix, TileStats, check_modifiers, prepare_modifiers
 from .reference import reference_attention
@@ -55,18 +55,13 @@ def triton_available() -> bool:
 
 
 def _triton_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
-    """Why the Triton kernel cannot run these tensors (None when it can): every reason, joined."""
-    try:
-        choose_backend("attention", "triton", q.device.type, q.dtype, (q.shape[-1], v.shape[-1]))
-    except NoBackendError:
-        table = backends_for("attention")
-        if "triton" not in table:
-            return "the Triton kernels could not be imported (is triton installed?)"
-        from .backends import _inputs
-
-        facts = _inputs("attention", q.device.type, q.dtype, (q.shape[-1], v.shape[-1]), 0, _interpret())
-        return "; ".join(table["triton"].not_supported_reasons(facts))
-    return None
+    """Why the Triton kernel cannot run these tensors (None when it can): every reason, joined.
+    For tests and tools; calls go through the cached chooser."""
+    triton = backends_for("attention").get("triton")
+    if triton is None:
+        return "the Triton kernels could not be imported (is triton installed?)"
+    facts = Inputs(q.device.type, q.dtype, (q.shape[-1], v.shape[-1]), interpret=_interpret())
+    return "; ".join(triton.not_supported_reasons(facts)) or None
 
 
 def _validate(q, k, v, layout, scale, backend) -> None:
@@ -171,7 +166,7 @@ def attention(
         flags |= 32
     if need_bwd:
         flags |= 64
-    chosen = _choose(backend, q, v, flags)
+    chosen = _choose(backend, q.device.type, q.dtype, d, v.shape[3], flags)
     scale_f = d**-0.5 if scale is None else float(scale)
     if tile_stats is not None:  # inference-only side output, through its own op (no autograd)
         layout = (layout if layout is not None else BlockLayout.dense(nq, nk, device=q.device)).to(q.device)
@@ -242,14 +237,10 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _choose(backend: str, q: torch.Tensor, v: torch.Tensor, flags: int) -> str:
+@torch.compiler.assume_constant_result  # torch.compile: decided once at trace time, never traced into
+def _choose(backend: str, device: str, dtype: torch.dtype, d: int, dv: int, flags: int) -> str:
     """The backend name for this call: `choose_backend`'s decision, cached per (device type, dtype,
     head dims, feature flags); its error lists every backend with every reason."""
-    return _choose_name(backend, q.device.type, q.dtype, q.shape[-1], v.shape[-1], flags)
-
-
-@torch.compiler.assume_constant_result  # torch.compile: decided once at trace time, never traced into
-def _choose_name(backend: str, device: str, dtype: torch.dtype, d: int, dv: int, flags: int) -> str:
     return choose_backend("attention", backend, device, dtype, (d, dv), flags).name
 
 
