@@ -187,6 +187,8 @@ FUNCTION_LEVEL_ALLOWED: dict[str, str] = {
     "attn_pipelines.world.lora_length": "world script (in progress by another engineer)",
     "attn_pipelines.world.t2i": "world script",
     "attn_pipelines.world.eval_t2i": "world script",
+    "attn_pipelines.world.publish_t2i": "world script",
+    "attn_pipelines.world.large_grid": "world script",
     "diffusion_attn.lora": "the LoRA trainer loads the package's apply() only when training",
     "vision_attn.calibrate": "script: loads the fine-tuning stack only when run",
 }
