@@ -1,0 +1,151 @@
+"""The world's text-to-image model: its scoring, its training-time attention, its saved folder, the shipped weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attn_pipelines.world import t2i
+from attn_pipelines.world.data import CLASSES, COLORS, PLACES, parse_caption, scene_sample
+from attn_pipelines.world.models import world_dir
+from attn_pipelines.world.score import AttributeScorer
+from attn_pipelines.world.train_t2i import check_zero_token_weighting, clip_embeddings
+
+ROOT = world_dir()
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return AttributeScorer(ROOT / "classifier")
+
+
+def test_train_eval_prompts_cover_every_class_and_place():
+    objs = [parse_caption(p)[0] for p in t2i.TRAIN_EVAL_PROMPTS]
+    assert {f"{o['color']}_{o['shape']}" for o in objs} == set(CLASSES)
+    assert {o["place"] for o in objs} == set(PLACES)
+    assert len(t2i.one_object_prompts()) == 72 == len(set(t2i.one_object_prompts()))
+
+
+def test_quadrant_crops_of_real_scenes_read_right_and_a_wrong_caption_reads_wrong(scorer):
+    """Ground-truth scenes: every object read right on its quadrant's crop; the same image under a caption
+    with another colour or another place fails, so the score measures the image."""
+    ok = n = 0
+    for i in range(40):
+        s = scene_sample(3, i)
+        for r in t2i.score_image(scorer, s.image, s.caption):
+            n += 1
+            ok += r["attr_ok"] and r["place_ok"]
+    assert ok == n
+    s = next(s for s in (scene_sample(3, i) for i in range(40)) if len(s.objects) == 1)
+    o = s.objects[0]
+    other_color = next(c for c in COLORS if c != o["color"])
+    other_place = next(p for p in PLACES if p != o["place"])
+    wrong = t2i.score_image(scorer, s.image, f"a {other_color} {o['shape']} at the {o['place']}")[0]
+    assert not wrong["color_ok"] and not wrong["place_ok"]
+    moved = t2i.score_image(scorer, s.image, f"a {o['color']} {o['shape']} at the {other_place}")[0]
+    assert not moved["place_ok"] and not moved["attr_ok"]  # an empty quadrant holds no shape
+
+
+def test_quadrant_box_refuses_unknown_places():
+    assert t2i.quadrant_box("bottom right", 32) == (16.0, 16.0, 32.0, 32.0)
+    with pytest.raises(ValueError, match="place must be one of"):
+        t2i.quadrant_box("middle")
+
+
+def test_one_weighted_zero_position_equals_the_pipelines_256():
+    """Training's joint attention (24 CLIP positions + one zero position weighted log 256) equals diffusers'
+    processor on the 256 zeros StableDiffusion3Pipeline appends without a T5; without the weight it does not."""
+    torch.manual_seed(0)
+    tok = t2i.t2i_tokenizer()
+    tr = t2i.build_t2i_transformer().eval()
+    encs = [t2i.build_t2i_text_encoder(tok).eval() for _ in range(2)]
+    caps = ["a red circle at the top left", ""]
+    lat = torch.randn(2, 4, 32, 32)
+    assert check_zero_token_weighting(tr, tok, encs, lat, caps) < 1e-4
+    # the same forward with the zero position unweighted differs: the weight is what makes them equal
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    with torch.no_grad():
+        emb, pooled = clip_embeddings(tok, encs, caps)
+        for b in tr.transformer_blocks:
+            b.attn.set_processor(JointAttnProcessor2_0())
+        kw = {"hidden_states": lat, "timestep": torch.full((2,), 500.0), "pooled_projections": pooled}
+        ref = tr(encoder_hidden_states=torch.nn.functional.pad(emb, (0, 0, 0, 256)), **kw).sample
+        one = tr(encoder_hidden_states=torch.nn.functional.pad(emb, (0, 0, 0, 1)), **kw).sample
+    assert (ref - one).abs().max() > 1e-3
+
+
+def test_training_embeddings_equal_the_pipelines():
+    torch.manual_seed(0)
+    tok = t2i.t2i_tokenizer()
+    encs = [t2i.build_t2i_text_encoder(tok).eval() for _ in range(2)]
+    pipe = t2i.build_t2i_pipeline(t2i.build_t2i_vae(), t2i.build_t2i_transformer(), *encs)
+    caps = ["a red circle at the top left and a blue square at the bottom right", ""]
+    with torch.no_grad():
+        emb, pooled = clip_embeddings(tok, encs, caps)
+        pe, _, ppe, _ = pipe.encode_prompt(caps, caps, caps, do_classifier_free_guidance=False)
+    assert torch.allclose(pe[:, :24], emb, atol=1e-6) and torch.count_nonzero(pe[:, 24:]) == 0
+    assert pe.shape[1] == 24 + 256 and torch.allclose(ppe, pooled, atol=1e-6)
+
+
+def test_saved_folder_loads_through_the_cli_loader(tmp_path):
+    """`save_t2i_pipeline` + attnplug's loader: diffusers refuses an SD3 folder without a T5 unless told."""
+    from attn_pipelines.loading import load_pipeline
+
+    tok = t2i.t2i_tokenizer()
+    pipe = t2i.build_t2i_pipeline(t2i.build_t2i_vae(), t2i.build_t2i_transformer(),
+                                  t2i.build_t2i_text_encoder(tok), t2i.build_t2i_text_encoder(tok))  # fmt: skip
+    t2i.save_t2i_pipeline(pipe, tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "model_index.json").read_text())["text_encoder_3"] == [None, None]
+    got = load_pipeline(str(tmp_path / "p"), torch.float32)
+    assert type(got).__name__ == "StableDiffusion3Pipeline" and got.text_encoder_3 is None
+
+
+def test_train_t2i_refuses_bad_arguments(tmp_path):
+    from attn_pipelines.world.train_t2i import main
+
+    with pytest.raises(SystemExit, match="--eval-prompts must be in 0..24"):
+        main(["--out", str(tmp_path), "--eval-prompts", "25"])
+    with pytest.raises(SystemExit, match="--batch-size must be >= 1"):
+        main(["--out", str(tmp_path), "--batch-size", "0"])
+
+
+@pytest.mark.slow
+def test_train_t2i_smoke_resumes_and_keeps_the_best(tmp_path):
+    from attn_pipelines.world.train_t2i import main
+
+    args = ["--out", str(tmp_path), "--vae-steps", "2", "--steps", "2", "--scenes", "16", "--eval-every", "1",
+            "--eval-prompts", "1", "--eval-steps", "2", "--batch-size", "2", "--vae-batch-size", "2"]  # fmt: skip
+    assert main(args) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert [e["step"] for e in m["evals"]] == [1, 2] and m["best"]["step"] in (1, 2)
+    assert (tmp_path / "best" / "model_index.json").is_file()
+    more = list(args)
+    more[more.index("--steps") + 1] = "3"
+    assert main(more) == 0  # the same command with more steps resumes from state.pt
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["steps"] == 3 and [e["step"] for e in m["evals"]] == [1, 2, 3]
+
+
+SHIPPED = t2i.world_t2i_dir()
+
+
+@pytest.mark.skipif(SHIPPED is None, reason=f"no trained world text-to-image model in {ROOT}")
+def test_shipped_t2i_is_small_carded_and_draws_what_it_is_asked(scorer):
+    """Six one-object prompts (seed 0, the CLI's defaults): at least 5 drawn with the right colour and shape
+    in the right quadrant (the model card reports all 72)."""
+    files = list(SHIPPED.rglob("*.safetensors"))
+    assert files and sum(f.stat().st_size for f in files) <= 20 * 2**20
+    assert (SHIPPED / "MODEL_CARD.md").is_file()
+    pipe = t2i.load_t2i_pipeline(SHIPPED)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = list(t2i.TRAIN_EVAL_PROMPTS[::4])
+    res = t2i.t2i_accuracy(pipe, scorer, prompts)
+    good = sum(r["attr_ok"] and r["place_ok"] for r in res["rows"])
+    assert good >= 5, [(r["prompt"], r["pred_color"], r["pred_shape"], r["place_ok"]) for r in res["rows"]]
+    # an image is not drawn the same under another prompt: the text conditions it
+    other = t2i.generate(pipe, ["a blue square at the bottom right"])[0]
+    assert np.abs(other - res["images"][0]).mean() > 0.02
