@@ -55,8 +55,9 @@ def agent_grid(num_agents: int, grid: tuple[int, int]) -> tuple[int, int]:
 
 class AgentAttention(nn.Module):
     """Drop-in replacement of `timm.layers.Attention` (and Swin's `WindowAttention`) computing agent
-    attention. `backend`: "auto" (fused Triton kernel on CUDA, eager elsewhere), "triton", "eager";
-    TorchScript, FX and torch.compile run the eager formula."""
+    attention. `backend`: "auto" (fused Triton kernel on CUDA when it fits, the eager formula
+    elsewhere), "triton", "reference" ("eager": deprecated alias); TorchScript, FX and torch.compile
+    run the eager formula."""
 
     def __init__(
         self, attn: nn.Module, grid: tuple[int, int], num_prefix_tokens: int, num_agents: int, dwc_kernel: int = 3
@@ -191,7 +192,9 @@ class AgentAttention(nn.Module):
         out = torch.empty(0)
         fused = False
         if not torch.jit.is_scripting():
-            if use_fused(q, self.backend) and not (self.training and self.attn_drop.p > 0):
+            if not (self.training and self.attn_drop.p > 0) and use_fused(
+                q, self.backend, "agent_attention", (self.head_dim, self.num_agents)
+            ):
                 out = self._fused(q, k, v, agents, b1, b2)
                 fused = True
         if not fused:

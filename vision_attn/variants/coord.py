@@ -26,7 +26,8 @@ __all__ = ["CoordAttention", "make_coord"]
 class FusedCoordAttn(CoordAttn):
     """timm's `CoordAttn` (same parameters) that runs attnplug's fused Triton kernels on CUDA.
 
-    `backend`: "auto" (Triton on CUDA for maps up to the kernel's width limit), "triton", "eager".
+    `backend`: "auto" (Triton on CUDA for maps up to the kernel's width limit, else the eager formula),
+    "triton", "reference" ("eager": deprecated alias).
     TorchScript, FX and torch.compile get the eager formula (timm's forward).
     """
 
@@ -34,10 +35,8 @@ class FusedCoordAttn(CoordAttn):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if not self.has_skip and use_fused(x, self.backend):
-                out = self._fused(x)
-                if out is not None:
-                    return out
+            if not self.has_skip and use_fused(x, self.backend, "coord", (x.shape[-1],)):
+                return self._fused(x)
         identity = x  # timm's CoordAttn.forward
         N, C, H, W = x.size()
         x_h = x.mean(3, keepdim=True)
@@ -57,11 +56,9 @@ class FusedCoordAttn(CoordAttn):
         return out
 
     @torch.jit.unused
-    def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
-        from attn_kernels.channel_attn import MAX_W, coord_fused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        from attn_kernels.channel_attn import coord_fused
 
-        if x.shape[-1] > MAX_W and self.backend == "auto":
-            return None
         return coord_fused(x, self, backend="triton")
 
 

@@ -38,15 +38,16 @@ _SIGMOIDS = (nn.Sigmoid, _TimmSigmoid)  # timm's create_act_layer("sigmoid") giv
 class FusedEcaModule(EcaModule):
     """timm's `EcaModule` (same parameters) that runs attnplug's fused Triton kernel on CUDA.
 
-    `backend`: "auto" (Triton on CUDA, eager elsewhere), "triton" (always; the kernel raises where it
-    cannot run), "eager". TorchScript, FX and torch.compile get the eager formula (timm's forward).
+    `backend`: "auto" (Triton on CUDA, the eager formula elsewhere), "triton" (always; raises where it
+    cannot run), "reference" ("eager": deprecated alias). TorchScript, FX and torch.compile get the
+    eager formula (timm's forward).
     """
 
     backend: str = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self.conv2 is None and use_fused(x, self.backend):
+            if self.conv2 is None and use_fused(x, self.backend, "eca"):
                 scale = 2.0 if isinstance(self.gate, TwoSigmoid) else 1.0 if isinstance(self.gate, _SIGMOIDS) else 0.0
                 if scale > 0:
                     return self._fused(x, scale)
