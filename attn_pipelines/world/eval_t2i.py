@@ -34,7 +34,7 @@ from .common import environment, setup_threads, write_json
 from .data import COLORS, PLACES, SHAPES
 from .t2i import IMAGE_SIZE, T2I_DEFAULTS, load_t2i_pipeline, one_object_prompts, quadrant_box, score_image
 
-__all__ = ["layout_jobs", "object_box", "mass_inside", "main"]
+__all__ = ["layout_jobs", "object_box", "mass_inside", "markdown", "main"]
 
 BOX_SIDE = 12  # px: a drawn shape spans 9-12 px (radius 0.28-0.36 of a 16 px quadrant)
 SOFTPAG = {"scale": 1.0, "u": 0.5, "layers": (2,)}
@@ -162,6 +162,33 @@ def _single(pipe: Any, scorer: Any, a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def markdown(res: dict[str, Any]) -> str:
+    """The tables of docs/world.md from a result of this module (missing parts are left out)."""
+
+    def f(v: Any, pct: bool = False) -> str:
+        return "n/a" if v is None else f"{v:.0%}" if pct else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+
+    out = []
+    lay = [k for k in ("regional", "boundary") if k in res]
+    if lay:
+        out += ["| variant | objects | IoU with the box: plain | variant | colour mass in the box: plain | variant |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
+        for k in lay:
+            m = res[k]["summary"]
+            out.append(f"| {k} | {m['objects']} | {f(m['iou_plain'])} | {f(m['iou'])} | {f(m['inside_plain'])} "
+                       f"| {f(m['inside'])} |")  # fmt: skip
+        out.append("")
+    if "dense" in res:
+        out += ["| case | images | CPU s / image | PSNR vs dense (dB) | SSIM vs dense | colour+shape | in its quadrant "
+                "| crispness | colour error |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for k in ("dense", "agentsd", "softpag"):
+            m = res[k]["summary"]
+            out.append(f"| {k} | {m['images']} | {f(m['cpu_s'])} | {f(m.get('psnr'))} | {f(m.get('ssim'))} "
+                       f"| {f(m['attr_ok'], True)} | {f(m['place_ok'], True)} | {f(m['crispness'])} "
+                       f"| {f(m['color_error'])} |")  # fmt: skip
+    return "\n".join(out)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m attn_pipelines.world.eval_t2i", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=None, help="pipeline folder (default: the shipped assets/world/t2i)")
@@ -210,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res.update(environment())
     write_json(a.out, res)
+    print(markdown(res))
     print(f"wrote {a.out} ({res['seconds']} s)")
     return 0
 
