@@ -17,9 +17,11 @@ says so when it is replaced. Writes `model.safetensors`, `config.json` (typed: w
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,53 @@ import torch.nn as nn
 
 from .spec import SpecError, parse_variant, variant_spec
 
-__all__ = ["UsageError", "build_model", "evaluate", "load_finetuned", "main", "parser", "train"]
+__all__ = [
+    "UsageError", "build_model", "cosine_multiplier", "cosine_schedule", "evaluate", "load_finetuned", "main",
+    "parser", "train",
+]  # fmt: skip
 
 TRANSFORMS = ("auto", "timm", "simple")
 
 
 class UsageError(ValueError):
     """A bad command line / data folder: reported as `error: ...` with exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+@functools.lru_cache(maxsize=32)
+def _diffusers_cosine(total: int, warmup: int) -> Callable[[int], float]:
+    """diffusers' cosine-with-warmup multiplier (`get_cosine_schedule_with_warmup`), taken from the LambdaLR it
+    builds on a throw-away optimizer (diffusers does not expose the function itself)."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return get_cosine_schedule_with_warmup(dummy, warmup, total).lr_lambdas[0]
+
+
+def cosine_multiplier(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` of `total`: linear warm-up (step + 1) /
+    (warmup + 1), then a half cosine down to `min_ratio`, held there past `total`.
+
+    diffusers' cosine-with-warmup schedule, one step ahead (its warm-up starts at 0, ours at 1 / (warmup + 1):
+    the first step already learns), with the floor applied on top; the curve of every attnplug run so far, so
+    a resumed run keeps it."""
+    span = max(1, total - warmup)
+    f = _diffusers_cosine(total + 1, warmup + 1)(min(step, warmup + span) + 1)
+    return f if step < warmup else min_ratio + (1 - min_ratio) * f
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total: int, warmup: int, min_ratio: float = 0.0
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LambdaLR of `cosine_multiplier` on `optimizer` (its state_dict is a plain LambdaLR's, so states saved
+    before this helper existed load into it)."""
+
+    def lr_lambda(step: int) -> float:
+        return cosine_multiplier(step, total, warmup, min_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -280,15 +322,7 @@ def train(args: argparse.Namespace) -> dict:
 
     batches = args.max_steps * args.grad_accum if args.max_steps else args.epochs * len(train_dl)
     total = max(1, math.ceil(batches / args.grad_accum))  # optimizer steps: the schedule steps once per each
-    warmup = min(args.warmup_steps, total - 1)
-
-    def lr_lambda(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / (warmup + 1)
-        t = min(s - warmup, total - warmup) / max(1, total - warmup)
-        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    sched = cosine_schedule(opt, total, min(args.warmup_steps, total - 1), args.min_lr_ratio)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     say(f"model {args.model} variant {args.variant}: {n_train:,} of {n_total:,} parameters trained; "
         f"{len(classes)} classes; {batches} batches ({total} optimizer steps) on {accelerator.device}")  # fmt: skip

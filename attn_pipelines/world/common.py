@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess
@@ -13,7 +12,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["setup_threads", "cosine_lr", "environment", "git_commit", "write_json", "model_card", "Timer"]
+from vision_attn.finetune import cosine_multiplier
+from vision_attn.finetune import cosine_schedule as finetune_cosine_schedule
+
+__all__ = [
+    "setup_threads", "cosine_lr", "cosine_schedule", "environment", "git_commit", "write_json", "model_card", "Timer",
+]  # fmt: skip
 
 
 def setup_threads(threads: int | None) -> int:
@@ -25,11 +29,16 @@ def setup_threads(threads: int | None) -> int:
 
 
 def cosine_lr(step: int, total: int, warmup: int, min_ratio: float = 0.05) -> float:
-    """Multiplier of the base learning rate: linear warm-up, then cosine decay to `min_ratio`."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    t = min(step - warmup, max(1, total - warmup)) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    """Multiplier of the base learning rate: linear warm-up, then cosine decay to `min_ratio` (5 %: the world's
+    scripts never let the rate reach zero); `vision_attn.finetune.cosine_multiplier`, diffusers' schedule."""
+    return cosine_multiplier(step, total, warmup, min_ratio)
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total: int, warmup: int, min_ratio: float = 0.05
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LambdaLR of `cosine_lr` on `optimizer` (the world's training scripts' schedule)."""
+    return finetune_cosine_schedule(optimizer, total, warmup, min_ratio)
 
 
 def git_commit(where: Path | None = None) -> str | None:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import Timer, cosine_lr, environment, setup_threads, write_json
+from .common import Timer, cosine_lr, cosine_schedule, environment, setup_threads, write_json
 from .data import scene_sample
 from .models import world_dir
 from .t2i import (
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         e.train()
     params = list(transformer.parameters()) + [p for e in encoders for p in e.parameters()]
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, a.steps, a.warmup))
+    sched = cosine_schedule(opt, a.steps, a.warmup)
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     ema_t = copy.deepcopy(transformer).eval()

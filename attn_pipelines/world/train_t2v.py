@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .accuracy import TRAIN_EVAL_PROMPTS, accuracy, selection_score
-from .common import Timer, cosine_lr, environment, setup_threads, write_json
+from .common import Timer, cosine_schedule, environment, setup_threads, write_json
 from .data import video_sample
 from .models import (
     SCHEDULER_CONFIG,
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     text_encoder.train()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, a.steps, a.warmup))
+    sched = cosine_schedule(opt, a.steps, a.warmup)
     ema_t, ema_e = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()  # diffusers' processors
     probe = latents[:3]
     diff = check_pad_weighting(transformer, tokenizer, text_encoder, probe, captions[:2] + [""], a.text_len)

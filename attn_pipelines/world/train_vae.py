@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import Timer, cosine_lr, environment, setup_threads, write_json
+from .common import Timer, cosine_schedule, environment, setup_threads, write_json
 from .data import BACKGROUND, video_sample
 from .models import VAE_CONFIG, VIDEO, build_vae, world_dir
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         vae = build_vae()
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, a.steps, a.warmup))
+    sched = cosine_schedule(opt, a.steps, a.warmup)
     vae, opt = accelerator.prepare(vae, opt)
     raw = accelerator.unwrap_model(vae)
     encoder = [*raw.encoder.parameters(), *raw.quant_conv.parameters()]
