@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.training_utils import EMAModel
 
 from vision_attn.finetune import cosine_multiplier
 from vision_attn.finetune import cosine_schedule as finetune_cosine_schedule
 
 __all__ = [
     "setup_threads", "cosine_lr", "cosine_schedule", "environment", "git_commit", "write_json", "model_card", "Timer",
+    "ModuleEMA",
 ]  # fmt: skip
 
 
@@ -39,6 +41,50 @@ def cosine_schedule(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The LambdaLR of `cosine_lr` on `optimizer` (the world's training scripts' schedule)."""
     return finetune_cosine_schedule(optimizer, total, warmup, min_ratio)
+
+
+class _WorldEMAModel(EMAModel):
+    """diffusers' EMAModel with its (1 + step) / (10 + step) warm-up from the first update on (EMAModel's own
+    returns 0 there); `optimization_step` counts the updates including this one."""
+
+    def get_decay(self, optimization_step: int) -> float:
+        step = max(0, optimization_step - self.update_after_step - 1)
+        return max(self.min_decay, min(self.decay, (1 + step) / (10 + step)))
+
+
+class ModuleEMA:
+    """Exponential moving average of a module's parameters, kept by diffusers' `EMAModel` and mirrored into
+    `module` (the copy that is evaluated and saved, e.g. with its own attention processors).
+
+    The decay at optimizer step `step` (0-based) is min(decay, (1 + step) / (10 + step)): EMAModel's own warm-up
+    without `use_ema_warmup`, except that EMAModel returns 0 at the first update (a plain copy) where the world's
+    runs always used 0.1 (`_WorldEMAModel`). `state_dict()` is the module's state dict, the format of the `ema_*`
+    entries of every world `state.pt`, so old and new states load alike."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, step: int = 0) -> None:
+        self.module = module
+        self.decay = decay
+        self.ema = _WorldEMAModel(module.parameters(), decay=decay, min_decay=0.0, update_after_step=0,
+                            use_ema_warmup=False)  # fmt: skip
+        self.ema.optimization_step = step
+
+    def update(self, model: torch.nn.Module) -> None:
+        """One EMA step toward `model`'s parameters (same architecture as `module`)."""
+        self.ema.step(model.parameters())
+
+    @property
+    def current(self) -> torch.nn.Module:
+        """`module` holding the averaged parameters now."""
+        self.ema.copy_to(self.module.parameters())
+        return self.module
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.current.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+        """Resume from a module state dict saved after `step` optimizer steps (the decay warm-up goes on)."""
+        self.module.load_state_dict(state)
+        self.__init__(self.module, self.decay, step)
 
 
 def git_commit(where: Path | None = None) -> str | None:

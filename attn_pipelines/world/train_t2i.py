@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import Timer, cosine_lr, cosine_schedule, environment, setup_threads, write_json
+from .common import ModuleEMA, Timer, cosine_lr, cosine_schedule, environment, setup_threads, write_json
 from .data import scene_sample
 from .models import world_dir
 from .t2i import (
@@ -218,12 +218,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - decay)
-
-
 def _check_args(a: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "scenes", "vae_batch_size"):
         if getattr(a, name) < 1:
@@ -274,19 +268,20 @@ def main(argv: list[str] | None = None) -> int:
     sched = cosine_schedule(opt, a.steps, a.warmup)
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
-    ema_t = copy.deepcopy(transformer).eval()
-    for block in ema_t.transformer_blocks:  # the EMA copy runs diffusers' own processor
+    ema_copy = copy.deepcopy(transformer).eval()
+    for block in ema_copy.transformer_blocks:  # the EMA copy runs diffusers' own processor
         block.attn.set_processor(JointAttnProcessor2_0())
-    ema_e = [copy.deepcopy(e).eval() for e in encoders]
+    ema_t = ModuleEMA(ema_copy, a.ema)
+    ema_e = [ModuleEMA(copy.deepcopy(e).eval(), a.ema) for e in encoders]
     start, history, before, evals, best = 0, [], 0.0, [], {}
     state_file = out / "state.pt"
     if state_file.is_file():
         st = torch.load(state_file, weights_only=False)
         transformer.load_state_dict(st["transformer"])
-        ema_t.load_state_dict(st["ema_transformer"])
+        ema_t.load_state_dict(st["ema_transformer"], st["step"])
         for i in range(2):
             encoders[i].load_state_dict(st["text_encoders"][i])
-            ema_e[i].load_state_dict(st["ema_text_encoders"][i])
+            ema_e[i].load_state_dict(st["ema_text_encoders"][i], st["step"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         start, history, before = st["step"], st["history"], st.get("seconds", 0.0)
@@ -325,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if scorer is None or any(e["step"] == step for e in evals):
             return
         t0 = timer.elapsed
-        pipe = build_t2i_pipeline(vae, ema_t, ema_e[0], ema_e[1])
+        pipe = build_t2i_pipeline(vae, ema_t.current, ema_e[0].current, ema_e[1].current)
         pipe.set_progress_bar_config(disable=True)
         res = t2i_accuracy(pipe, scorer, TRAIN_EVAL_PROMPTS[: a.eval_prompts], steps=a.eval_steps)
         row = {"step": step, **{k: round(res[k], 4) for k in ("color", "shape", "color_shape", "place")},
@@ -358,10 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         sched.step()
         opt.zero_grad()
-        decay = min(a.ema, (1 + step) / (10 + step))
-        _ema_update(ema_t, transformer, decay)
+        ema_t.update(transformer)
         for e, m in zip(ema_e, encoders):
-            _ema_update(e, m, decay)
+            e.update(m)
         run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
         if step % 25 == 0 or step == a.steps - 1:
             row = {"step": step, "loss": round(loss.item(), 4), "loss_avg": round(run_loss, 4),
@@ -380,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.eval_every:
         evaluate(done)
     save_state(done)
-    pipe = build_t2i_pipeline(vae, ema_t, ema_e[0], ema_e[1])
+    pipe = build_t2i_pipeline(vae, ema_t.current, ema_e[0].current, ema_e[1].current)
     save_t2i_pipeline(pipe, out / "pipeline")
     write_records(done)
     say(f"t2i: step {done} of {a.steps}, {timer.elapsed:.0f} s this run -> {out / 'pipeline'}")

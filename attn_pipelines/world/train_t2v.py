@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .accuracy import TRAIN_EVAL_PROMPTS, accuracy, selection_score
-from .common import Timer, cosine_schedule, environment, setup_threads, write_json
+from .common import ModuleEMA, Timer, cosine_schedule, environment, setup_threads, write_json
 from .data import video_sample
 from .models import (
     SCHEDULER_CONFIG,
@@ -233,12 +233,6 @@ class _DecoderVae:
         return self.vae, self.name
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - decay)
-
-
 def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -285,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay)
     sched = cosine_schedule(opt, a.steps, a.warmup)
-    ema_t, ema_e = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()  # diffusers' processors
+    # the EMA copies keep diffusers' processors
+    ema_t, ema_e = (ModuleEMA(copy.deepcopy(m).eval(), a.ema) for m in (transformer, text_encoder))
     probe = latents[:3]
     diff = check_pad_weighting(transformer, tokenizer, text_encoder, probe, captions[:2] + [""], a.text_len)
     say(f"pad-weighted cross-attention vs diffusers' WanAttnProcessor on 512 positions: max abs diff {diff:.2e}")
@@ -300,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         st = torch.load(state_file)
         transformer.load_state_dict(st["transformer"])
         text_encoder.load_state_dict(st["text_encoder"])
-        ema_t.load_state_dict(st["ema_transformer"])
-        ema_e.load_state_dict(st["ema_text_encoder"])
+        ema_t.load_state_dict(st["ema_transformer"], st["step"])
+        ema_e.load_state_dict(st["ema_text_encoder"], st["step"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
         start, history, before = st["step"], st["history"], st.get("seconds", 0.0)
@@ -346,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         t0 = timer.elapsed
         eval_vae, vae_name = decoder.get()
-        pipe = build_pipeline(eval_vae, ema_t, ema_e, tokenizer)
+        pipe = build_pipeline(eval_vae, ema_t.current, ema_e.current, tokenizer)
         pipe.set_progress_bar_config(disable=True)
         res = accuracy(pipe, scorer, TRAIN_EVAL_PROMPTS[: a.eval_prompts], steps=a.eval_steps)
         row = {"step": step, **{k: round(v, 4) for k, v in res["one_object"].items() if k != "videos"},
@@ -380,9 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         sched.step()
         opt.zero_grad()
-        decay = min(a.ema, (1 + step) / (10 + step))
-        _ema_update(ema_t, accelerator.unwrap_model(transformer), decay)
-        _ema_update(ema_e, accelerator.unwrap_model(text_encoder), decay)
+        ema_t.update(accelerator.unwrap_model(transformer))
+        ema_e.update(accelerator.unwrap_model(text_encoder))
         run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
         if step % 25 == 0 or step == a.steps - 1:
             row = {"step": step, "loss": round(loss.item(), 4), "loss_avg": round(run_loss, 4),
@@ -400,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             break
     evaluate(done)
     save_state(done)
-    pipe = build_pipeline(decoder.get()[0], ema_t, ema_e, tokenizer)
+    pipe = build_pipeline(decoder.get()[0], ema_t.current, ema_e.current, tokenizer)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
     write_records(done)
     say(f"t2v: step {done} of {a.steps}, {timer.elapsed:.0f} s this run -> {out / 'pipeline'}")
