@@ -44,23 +44,40 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .registry import ADAPTERS
+
 __all__ = ["FAMILIES", "VIDEO_EXTENSIONS", "TrainLoRAConfig", "find_clips", "train_lora", "lora_loss"]
 
-FAMILIES = ("wan", "hunyuan_video", "cogvideox", "ltx_video")
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
-#: attention projections of each family's transformer (the default `target_modules`)
-TARGET_MODULES = {
-    "wan": ("to_q", "to_k", "to_v", "to_out.0"),
-    "hunyuan_video": ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
-    "cogvideox": ("to_q", "to_k", "to_v", "to_out.0"),
-    "ltx_video": ("to_q", "to_k", "to_v", "to_out.0"),
-}
+
+
+class _LoRATargets(Mapping):
+    """family -> the attention projections of its transformer (the default `target_modules`): each adapter's
+    `lora_targets`, read on access, so the trainable families are those whose adapter declares them."""
+
+    def __getitem__(self, family: str) -> tuple[str, ...]:
+        targets = getattr(ADAPTERS.get(family), "lora_targets", ())
+        if not targets:
+            raise KeyError(family)
+        return tuple(targets)
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, cls in ADAPTERS.items() if cls.lora_targets)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+TARGET_MODULES: Mapping[str, tuple[str, ...]] = _LoRATargets()
+#: the families `train_lora` trains (a live view of `TARGET_MODULES`' keys)
+FAMILIES = TARGET_MODULES.keys()
 _REFUSED = {
     "lite": "LiteAttention's tile statistics run without gradients (inference only)",
 }
@@ -188,7 +205,9 @@ def _family(pipe: Any) -> str:
 
     name = find_adapter(pipe.transformer).name
     if name not in FAMILIES:
-        raise ValueError(f"train_lora: {type(pipe.transformer).__name__} ({name}) is not a video family {FAMILIES}")
+        raise ValueError(
+            f"train_lora: {type(pipe.transformer).__name__} ({name}) is not a video family {tuple(FAMILIES)}"
+        )
     return name
 
 
@@ -206,37 +225,7 @@ def encode_clip(pipe: Any, family: str, video: torch.Tensor, caption: str, text_
     dev = pipe.vae.device if device is None else torch.device(device)
     vae = pipe.vae
     x = video[None].to(dev, vae.dtype)
-    out: dict[str, Any] = {}
-    if family == "wan":
-        z = vae.encode(x).latent_dist.mode()
-        mean = torch.tensor(vae.config.latents_mean, device=dev).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, device=dev).view(1, -1, 1, 1, 1)
-        out["latents"] = ((z.float() - mean) / std)[0]
-        emb, _ = pipe.encode_prompt(
-            caption, do_classifier_free_guidance=False, max_sequence_length=text_len, device=dev
-        )
-        out["encoder_hidden_states"] = emb[0]
-    elif family == "hunyuan_video":
-        z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
-        out["latents"] = z.float()[0]
-        emb, pooled, mask = pipe.encode_prompt(caption, device=dev, max_sequence_length=text_len)
-        out.update(encoder_hidden_states=emb[0], pooled_projections=pooled[0], encoder_attention_mask=mask[0])
-    elif family == "ltx_video":
-        z = vae.encode(x).latent_dist.mode()
-        z = pipe._normalize_latents(z, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
-        out["latents"] = z.float()[0]
-        emb, mask, _, _ = pipe.encode_prompt(
-            caption, do_classifier_free_guidance=False, max_sequence_length=text_len, device=dev
-        )
-        out.update(encoder_hidden_states=emb[0], encoder_attention_mask=mask[0])
-    else:  # cogvideox: latents [F, C, H, W] as the pipeline's
-        z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
-        out["latents"] = z.float()[0].permute(1, 0, 2, 3)
-        emb, _ = pipe.encode_prompt(
-            caption, do_classifier_free_guidance=False, max_sequence_length=text_len, device=dev
-        )
-        out["encoder_hidden_states"] = emb[0]
-        out["pixel_size"] = torch.tensor(video.shape[-2:])
+    out = ADAPTERS[family].lora_inputs(pipe, x, caption, text_len, dev)
     return {k: v.detach().cpu() for k, v in out.items()}
 
 
@@ -259,20 +248,13 @@ def lora_loss(
     B, dev = x0.shape[0], x0.device
     config = getattr(transformer, "module", transformer).config  # under DDP: the wrapped model's
     noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(dev, x0.dtype)
-    if family == "cogvideox":
+    adapter = ADAPTERS[family]
+    if adapter.lora_objective == "ddpm":
         sched = pipe.scheduler
         T = sched.config.num_train_timesteps
         t = torch.randint(0, T, (B,), generator=gen, device=gen.device).to(dev)
         noisy = sched.add_noise(x0, noise, t)
-        kw = {}
-        if config.use_rotary_positional_embeddings:
-            h, w = (int(v) for v in batch["pixel_size"][0])
-            frames = x0.shape[1]
-            kw["image_rotary_emb"] = pipe._prepare_rotary_positional_embeddings(h, w, frames, dev)
-        out = transformer(
-            hidden_states=noisy, encoder_hidden_states=batch["encoder_hidden_states"], timestep=t, return_dict=False,
-            **kw,
-        )[0]  # fmt: skip
+        out = adapter.lora_forward(pipe, transformer, config, noisy, t, batch)
         alphas = sched.alphas_cumprod.to(dev)[t].float()
         weights = (1 / (1 - alphas)).view(B, *([1] * (x0.dim() - 1)))
         if sched.config.prediction_type == "v_prediction":
@@ -284,33 +266,7 @@ def lora_loss(
     s = shift * u / (1 + (shift - 1) * u)
     sv = s.view(B, *([1] * (x0.dim() - 1)))
     xt = ((1 - sv) * x0.float() + sv * noise.float()).to(x0.dtype)
-    t = s * 1000
-    if family == "wan":
-        pred = transformer(
-            hidden_states=xt, timestep=t, encoder_hidden_states=batch["encoder_hidden_states"], return_dict=False
-        )[0]
-    elif family == "hunyuan_video":
-        guidance = torch.full((B,), 6000.0, device=dev) if config.guidance_embeds else None
-        pred = transformer(
-            hidden_states=xt, timestep=t, encoder_hidden_states=batch["encoder_hidden_states"],
-            encoder_attention_mask=batch["encoder_attention_mask"], pooled_projections=batch["pooled_projections"],
-            guidance=guidance, return_dict=False,
-        )[0]  # fmt: skip
-    else:  # ltx_video: packed tokens
-        _, _, f, h, w = xt.shape
-        p, pt = pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size
-        packed = pipe._pack_latents(xt, p, pt)
-        rope = (
-            pipe.vae_temporal_compression_ratio / 25.0,
-            pipe.vae_spatial_compression_ratio,
-            pipe.vae_spatial_compression_ratio,
-        )
-        out = transformer(
-            hidden_states=packed, encoder_hidden_states=batch["encoder_hidden_states"], timestep=t,
-            encoder_attention_mask=batch["encoder_attention_mask"], num_frames=f // pt, height=h // p, width=w // p,
-            rope_interpolation_scale=rope, return_dict=False,
-        )[0]  # fmt: skip
-        pred = pipe._unpack_latents(out, f // pt, h // p, w // p, p, pt)
+    pred = adapter.lora_forward(pipe, transformer, config, xt, s * 1000, batch)
     return torch.nn.functional.mse_loss(pred.float(), (noise - x0).float())
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..clock import STEP_SOURCES
+from ..registry import ADAPTERS
 from ..runtime import AttnRuntime
 from ..runtime.planner import logger
 from ..variants.base import AttnPlan, Variant
@@ -38,9 +39,6 @@ __all__ = [
     "register_adapter",
     "logger",
 ]
-
-
-ADAPTERS: dict[str, type[Adapter]] = {}
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -188,6 +186,24 @@ class Adapter:
     default_fps: ClassVar[int | None] = None
     #: joint self-attention sequences are [text, visual] (True) or [visual, text] (False)
     text_first: ClassVar[bool] = False
+    #: a UNet: attention runs at several resolutions (`TokenLayout.downsample`), self- and cross-attention in
+    #: separate calls; False: one token grid per call (DiTs). AgentSD and Boundary pick levels on it.
+    multilevel: ClassVar[bool] = False
+    #: each variant's official defaults on this family, by variant name ({"radial": {"decay_factor": ...}}), with
+    #: the source of each number next to it; `Variant.family_defaults` reads them (absent: the family has none)
+    official_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # -- prompts (the layout-control variants Regional / Boundary drive the pipeline's own encoders) ---------
+    #: diffusers pipeline classes whose text encoders `encode_prompt` drives (empty: prompts are not encoded)
+    pipelines: ClassVar[tuple[str, ...]] = ()
+    #: `phrase_tokens(pipe, prompt, phrase, where) -> positions` of a phrase in the denoiser's text tokens, as a
+    #: classmethod on families whose text-token layout is known (Boundary's families); None: not known
+    phrase_tokens: ClassVar[Callable[..., list[int]] | None] = None
+    # -- LoRA training (diffusion_attn.lora; families with `lora_targets` can be trained) ------------------
+    #: attention projections a LoRA adapts by default (empty: the family cannot be trained by `train_lora`)
+    lora_targets: ClassVar[tuple[str, ...]] = ()
+    #: the training objective of the family's scheduler: "flow" (flow matching, target noise - x0) or "ddpm"
+    #: (noise / v prediction on the scheduler's own timesteps, CogVideoX)
+    lora_objective: ClassVar[str] = "flow"
 
     @classmethod
     def latent_rule(cls, model_dir: Any = None) -> LatentRule | None:
@@ -209,6 +225,71 @@ class Adapter:
         """`variant`'s official defaults for this family (`Variant.family_defaults`); ValueError when the
         variant has a table and this family is not in it (never another family's values)."""
         return variant.defaults_for(cls.name)
+
+    @classmethod
+    def encode_prompt(cls, pipe: Any, prompt: str, device: torch.device, max_sequence_length: int | None) -> Any:
+        """The conditional prompt embeddings [1, L, D] of `prompt` as the family's pipeline encodes them (the text
+        tokens the denoiser sees); ValueError on a family whose encoder call is not written."""
+        raise ValueError(f"no prompt encoder for family {cls.name!r}")
+
+    @classmethod
+    def reencode_length(cls, pipe: Any, embeds_len: int) -> int | None:
+        """The `max_sequence_length` that makes `encode_prompt` give `embeds_len` tokens again (None: the
+        encoder's default does)."""
+        return None
+
+    @classmethod
+    def pixels_per_token(cls, pipe: Any, model: nn.Module) -> int:
+        """Image pixels per token side of the loaded pipeline: VAE downsampling x patch size."""
+        raise ValueError(f"no pixels-per-token rule for family {cls.name!r}")
+
+    @classmethod
+    def extra_text_refused(cls, pipe: Any, model: nn.Module) -> str | None:
+        """Why the denoiser cannot take text tokens added to its `encoder_hidden_states` (Regional's entity
+        prompts) in this pipeline, or None when it can."""
+        return None
+
+    @classmethod
+    def prepend_text(cls, model: nn.Module, args: tuple, kwargs: dict, n: int) -> tuple:
+        """After `n` text tokens were put before `encoder_hidden_states`: extend the forward's other per-text-token
+        inputs to match (FLUX's `txt_ids`); returns the new args (kwargs is updated in place)."""
+        return args
+
+    @classmethod
+    def set_denoiser_input(
+        cls, pipe: Any, model: nn.Module, args: tuple, kwargs: dict, z: torch.Tensor, t: Any, batch: int
+    ) -> tuple:
+        """Put latents `z` at timestep `t` into a recorded forward call of the denoiser as its pipeline does
+        (DiTs: `hidden_states`, the timestep per sample); returns the new args (kwargs is updated in place)."""
+        args = cls.set_forward_arg(model, args, kwargs, "hidden_states", z)
+        return cls.set_forward_arg(model, args, kwargs, "timestep", t.expand(batch).to(z.device))
+
+    @classmethod
+    def lora_inputs(cls, pipe: Any, x: torch.Tensor, caption: str, text_len: int, device: Any) -> dict:
+        """One training clip's cached inputs: normalised latents of video `x` [1, C, F, H, W] and the caption's
+        conditioning, as the family's pipeline builds them (LoRA training)."""
+        raise ValueError(f"train_lora: no LoRA training inputs for family {cls.name!r}")
+
+    @classmethod
+    def lora_forward(cls, pipe: Any, transformer: nn.Module, config: Any, x: torch.Tensor, t: Any, batch: dict) -> Any:
+        """The transformer's prediction on noisy latents `x` at timesteps `t` with a batch of cached inputs, in the
+        latents' layout (LoRA training)."""
+        raise ValueError(f"train_lora: no LoRA forward for family {cls.name!r}")
+
+    @staticmethod
+    def set_forward_arg(model: nn.Module, args: tuple, kwargs: dict, name: str, value: Any) -> tuple:
+        """Replace forward argument `name` (keyword, or positional per the signature); returns the new args
+        (kwargs is updated in place)."""
+        if name in kwargs:
+            kwargs[name] = value
+            return args
+        Adapter.forward_arg(model, args, kwargs, name)  # fills the signature index
+        index = Adapter._params[type(model)].get(name)
+        if index is not None and index < len(args):
+            args = args[:index] + (value,) + args[index + 1 :]
+        else:
+            kwargs[name] = value
+        return args
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

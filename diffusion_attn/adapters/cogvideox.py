@@ -55,8 +55,42 @@ class CogVideoXAdapter(Adapter):
     model_classes = ("CogVideoXTransformer3DModel",)
     latent = LatentRule(video=True, vae_t=4, vae_s=8, patch_t=1, patch=2)
     default_fps = 8
+    official_defaults = {
+        # UltraViCo: CogVideoX-2b/5b's 49 frames -> 13 latent frames, no beta band
+        "ultravico": {"train_frames": 13, "beta": None, "harmonic_period": None},
+        # RIFLEx: intrinsic temporal frequency k (1-based), official value
+        "riflex": {"k": 2},
+    }
     text_first = True
     processors = {"CogVideoXAttnProcessor2_0": CogVideoXSparseProcessor}
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_objective = "ddpm"
+
+    @classmethod
+    def lora_inputs(cls, pipe, x, caption, text_len, device):
+        """Latents [F, C, H, W] as the pipeline's (x the VAE's scaling_factor); the T5 embeddings; the pixel
+        size (the RoPE is built from it)."""
+        vae = pipe.vae
+        z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        emb, _ = pipe.encode_prompt(
+            caption, do_classifier_free_guidance=False, max_sequence_length=text_len, device=device
+        )
+        return {
+            "latents": z.float()[0].permute(1, 0, 2, 3), "encoder_hidden_states": emb[0],
+            "pixel_size": torch.tensor(x.shape[-2:]),
+        }  # fmt: skip
+
+    @classmethod
+    def lora_forward(cls, pipe, transformer, config, x, t, batch):
+        """With the pipeline's rotary embeddings on checkpoints that use them (CogVideoX-5b)."""
+        kw = {}
+        if config.use_rotary_positional_embeddings:
+            h, w = (int(v) for v in batch["pixel_size"][0])
+            kw["image_rotary_emb"] = pipe._prepare_rotary_positional_embeddings(h, w, x.shape[1], x.device)
+        return transformer(
+            hidden_states=x, encoder_hidden_states=batch["encoder_hidden_states"], timestep=t, return_dict=False,
+            **kw,
+        )[0]  # fmt: skip
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.transformer_blocks)]

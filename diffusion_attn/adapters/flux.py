@@ -151,6 +151,28 @@ class FluxAdapter(Adapter):
     text_first = True
     processors = {"FluxAttnProcessor": FluxSparseProcessor, "FluxIPAdapterAttnProcessor": FluxIPSparseProcessor}
     grid_inputs = ("hidden_states", "img_ids")
+    pipelines = ("FluxPipeline",)
+
+    @classmethod
+    def encode_prompt(cls, pipe, prompt, device, max_sequence_length):
+        """FluxPipeline's T5 embeddings (the joint text tokens; CLIP only pools)."""
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        embeds, _, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1, **kw)
+        return embeds
+
+    @classmethod
+    def pixels_per_token(cls, pipe, model):
+        """VAE factor x the 2 x 2 latent packing."""
+        return 2 * int(pipe.vae_scale_factor)
+
+    @classmethod
+    def prepend_text(cls, model, args, kwargs, n):
+        """`txt_ids` gets `n` zero rows in front (FLUX's text positions are all zero)."""
+        ids = cls.forward_arg(model, args, kwargs, "txt_ids")
+        if isinstance(ids, torch.Tensor):
+            zeros = ids.new_zeros(*ids.shape[:-2], n, ids.shape[-1])
+            args = cls.set_forward_arg(model, args, kwargs, "txt_ids", torch.cat([zeros, ids], dim=-2))
+        return args
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         mods = [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(model.transformer_blocks)]

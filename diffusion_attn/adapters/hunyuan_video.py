@@ -93,7 +93,37 @@ class HunyuanVideoAdapter(Adapter):
     model_classes = ("HunyuanVideoTransformer3DModel",)
     latent = LatentRule(video=True, vae_t=4, vae_s=8, patch_t=1, patch=2)
     default_fps = 24
+    official_defaults = {
+        # Radial attention: HunyuanVideo 117f, scripts/hunyuan_t2v_inference.sh
+        "radial": {"dense_layers": 0, "dense_steps": 12, "decay_factor": 0.95, "attention_sink": False},
+        # UltraViCo: 129 frames -> 33 latent frames; official beta 0.6 on frame distances 50k +- 4
+        "ultravico": {"train_frames": 33, "beta": 0.6, "harmonic_period": 50},
+        # RIFLEx: intrinsic temporal frequency k (1-based), official value
+        "riflex": {"k": 4},
+    }
     processors = {"HunyuanVideoAttnProcessor2_0": HunyuanVideoSparseProcessor}
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    @classmethod
+    def lora_inputs(cls, pipe, x, caption, text_len, device):
+        """Latents x the VAE's scaling_factor; the text embeddings, pooled projection and attention mask."""
+        vae = pipe.vae
+        z = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        emb, pooled, mask = pipe.encode_prompt(caption, device=device, max_sequence_length=text_len)
+        return {
+            "latents": z.float()[0], "encoder_hidden_states": emb[0], "pooled_projections": pooled[0],
+            "encoder_attention_mask": mask[0],
+        }  # fmt: skip
+
+    @classmethod
+    def lora_forward(cls, pipe, transformer, config, x, t, batch):
+        """Guidance-distilled checkpoints get the pipeline's default guidance 6.0 (x 1000)."""
+        guidance = torch.full((x.shape[0],), 6000.0, device=x.device) if config.guidance_embeds else None
+        return transformer(
+            hidden_states=x, timestep=t, encoder_hidden_states=batch["encoder_hidden_states"],
+            encoder_attention_mask=batch["encoder_attention_mask"], pooled_projections=batch["pooled_projections"],
+            guidance=guidance, return_dict=False,
+        )[0]  # fmt: skip
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         mods = [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(model.transformer_blocks)]

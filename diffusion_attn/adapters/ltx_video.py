@@ -45,8 +45,42 @@ class LTXVideoAdapter(Adapter):
     model_classes = ("LTXVideoTransformer3DModel",)
     latent = LatentRule(video=True, vae_t=8, vae_s=32, patch_t=1, patch=1)
     default_fps = 24
+    official_defaults = {
+        # UltraViCo: the LTX-Video pipeline's default 161 frames -> 21 latent frames, no beta band
+        "ultravico": {"train_frames": 21, "beta": None, "harmonic_period": None},
+    }
     processors = {"LTXVideoAttnProcessor": LTXVideoSparseProcessor}
     grid_inputs = ("hidden_states", "num_frames", "height", "width")
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    @classmethod
+    def lora_inputs(cls, pipe, x, caption, text_len, device):
+        """Latents normalised as the pipeline's `_normalize_latents`; the T5 embeddings and attention mask."""
+        vae = pipe.vae
+        z = vae.encode(x).latent_dist.mode()
+        z = pipe._normalize_latents(z, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+        emb, mask, _, _ = pipe.encode_prompt(
+            caption, do_classifier_free_guidance=False, max_sequence_length=text_len, device=device
+        )
+        return {"latents": z.float()[0], "encoder_hidden_states": emb[0], "encoder_attention_mask": mask[0]}
+
+    @classmethod
+    def lora_forward(cls, pipe, transformer, config, x, t, batch):
+        """On packed tokens with the pipeline's RoPE interpolation scale, unpacked back to latents."""
+        _, _, f, h, w = x.shape
+        p, pt = pipe.transformer_spatial_patch_size, pipe.transformer_temporal_patch_size
+        packed = pipe._pack_latents(x, p, pt)
+        rope = (
+            pipe.vae_temporal_compression_ratio / 25.0,
+            pipe.vae_spatial_compression_ratio,
+            pipe.vae_spatial_compression_ratio,
+        )
+        out = transformer(
+            hidden_states=packed, encoder_hidden_states=batch["encoder_hidden_states"], timestep=t,
+            encoder_attention_mask=batch["encoder_attention_mask"], num_frames=f // pt, height=h // p, width=w // p,
+            rope_interpolation_scale=rope, return_dict=False,
+        )[0]  # fmt: skip
+        return pipe._unpack_latents(out, f // pt, h // p, w // p, p, pt)
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.transformer_blocks)]

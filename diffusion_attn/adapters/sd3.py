@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..variants._pipes import phrase_token_indices
 from .base import Adapter, SparseProcessor, WrappedModuleProcessor, hidden_states_arg, register_adapter
 from .latent import LatentRule
 
@@ -108,10 +109,38 @@ class SD3Adapter(Adapter):
     name = "sd3"
     model_classes = ("SD3Transformer2DModel",)
     latent = LatentRule(video=False, vae_t=1, vae_s=8, patch_t=1, patch=2)
+    pipelines = ("StableDiffusion3Pipeline",)
     processors = {
         "JointAttnProcessor2_0": SD3SparseProcessor,
         "SD3IPAdapterJointAttnProcessor2_0": SD3IPSparseProcessor,
     }
+
+    @classmethod
+    def encode_prompt(cls, pipe, prompt, device, max_sequence_length):
+        """StableDiffusion3Pipeline's joint text tokens: the two CLIPs' (padded to the T5 width), then T5's."""
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        embeds = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, **kw,
+        )[0]  # fmt: skip
+        return embeds
+
+    @classmethod
+    def reencode_length(cls, pipe, embeds_len):
+        """The T5 tokens: what follows the CLIP tokens."""
+        return embeds_len - pipe.tokenizer_max_length
+
+    @classmethod
+    def pixels_per_token(cls, pipe, model):
+        return int(pipe.vae_scale_factor) * int(model.config.patch_size)
+
+    @classmethod
+    def phrase_tokens(cls, pipe, prompt, phrase, where):
+        """The phrase in the CLIP tokens (after BOS), and in the T5 tokens that follow them when T5 is loaded."""
+        idx = phrase_token_indices(pipe.tokenizer, prompt, phrase, 1, where)
+        if getattr(pipe, "tokenizer_3", None) is not None:
+            idx += phrase_token_indices(pipe.tokenizer_3, prompt, phrase, pipe.tokenizer_max_length, where)
+        return idx
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         mods = []

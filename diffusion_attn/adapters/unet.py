@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 from diffusers.hooks import ModelHook
 
+from ..variants._pipes import phrase_token_indices
 from ..variants.base import TokenLayout
 from .base import Adapter, AttnRuntime, SparseProcessor, register_adapter
 
@@ -157,6 +158,32 @@ class UNetAdapter(Adapter):
     processors = {"AttnProcessor2_0": UNetSelfProcessor}
     cross_processors = {"AttnProcessor2_0": UNetCrossProcessor}
     grid_inputs = ("sample",)
+    multilevel = True
+    pipelines = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+    @classmethod
+    def encode_prompt(cls, pipe, prompt, device, max_sequence_length):
+        """The pipeline's CLIP token embeddings (SDXL: both encoders' concatenated); no length option."""
+        if type(pipe).__name__ == "StableDiffusionXLPipeline":
+            return pipe.encode_prompt(prompt=prompt, device=device, num_images_per_prompt=1,
+                                      do_classifier_free_guidance=False)[0]  # fmt: skip
+        return pipe.encode_prompt(prompt, device, 1, False)[0]
+
+    @classmethod
+    def pixels_per_token(cls, pipe, model):
+        return int(pipe.vae_scale_factor)
+
+    @classmethod
+    def phrase_tokens(cls, pipe, prompt, phrase, where):
+        """The phrase in the CLIP tokens, after BOS."""
+        return phrase_token_indices(pipe.tokenizer, prompt, phrase, 1, where)
+
+    @classmethod
+    def set_denoiser_input(cls, pipe, model, args, kwargs, z, t, batch):
+        """`sample` scaled as the scheduler's `scale_model_input`, the timestep as the pipeline passes it."""
+        sample = pipe.scheduler.scale_model_input(z, t) if hasattr(pipe.scheduler, "scale_model_input") else z
+        args = cls.set_forward_arg(model, args, kwargs, "sample", sample)
+        return cls.set_forward_arg(model, args, kwargs, "timestep", t)
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         levels = _levels(model)

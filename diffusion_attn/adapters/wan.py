@@ -111,9 +111,57 @@ class WanAdapter(Adapter):
     model_classes = ("WanTransformer3DModel",)
     latent = LatentRule(video=True, vae_t=4, vae_s=8, patch_t=1, patch=2)
     vae_from_config = True  # AutoencoderKLWan's config has scale_factor_temporal / _spatial (WanPipeline reads them)
-    default_fps = 16
+    pipelines = ("WanPipeline",)
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     processors = {"WanAttnProcessor": WanSparseProcessor}
     cross_processors = {"WanAttnProcessor": WanCrossProcessor}
+    default_fps = 16
+    official_defaults = {
+        # Radial attention: Wan2.1-14B 768x1280x69f, scripts/wan_t2v_inference.sh
+        "radial": {"dense_layers": 1, "dense_steps": 12, "decay_factor": 0.2, "attention_sink": True},
+        # UltraViCo: Wan2.1's 81 frames -> 21 latent frames (official: 1560 tokens/frame x 21 / 2), no beta band
+        "ultravico": {"train_frames": 21, "beta": None, "harmonic_period": None},
+        # RIFLEx: intrinsic temporal frequency k (1-based), official value
+        "riflex": {"k": 6},
+    }
+
+    @classmethod
+    def lora_inputs(cls, pipe, x, caption, text_len, device):
+        """Latents normalised by the VAE config's latents_mean / latents_std; the UMT5 embeddings."""
+        vae = pipe.vae
+        z = vae.encode(x).latent_dist.mode()
+        mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
+        emb, _ = pipe.encode_prompt(
+            caption, do_classifier_free_guidance=False, max_sequence_length=text_len, device=device
+        )
+        return {"latents": ((z.float() - mean) / std)[0], "encoder_hidden_states": emb[0]}
+
+    @classmethod
+    def lora_forward(cls, pipe, transformer, config, x, t, batch):
+        return transformer(
+            hidden_states=x, timestep=t, encoder_hidden_states=batch["encoder_hidden_states"], return_dict=False
+        )[0]
+
+    @classmethod
+    def encode_prompt(cls, pipe, prompt, device, max_sequence_length):
+        """WanPipeline's UMT5 embeddings (the cross-attention's text tokens)."""
+        kw = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
+        embeds, _ = pipe.encode_prompt(
+            prompt=prompt, do_classifier_free_guidance=False, num_videos_per_prompt=1, device=device, **kw
+        )
+        return embeds
+
+    @classmethod
+    def pixels_per_token(cls, pipe, model):
+        return int(pipe.vae_scale_factor_spatial) * int(model.config.patch_size[1])
+
+    @classmethod
+    def extra_text_refused(cls, pipe, model):
+        """Image-to-video: the cross-attention splits its text at a fixed 512 tokens."""
+        if model.config.image_dim is not None or "ImageToVideo" in type(pipe).__name__:
+            return "Wan image-to-video (its cross-attention hard-codes 512 text tokens)"
+        return None
 
     def attention_modules(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(f"blocks.{i}.attn1", b.attn1) for i, b in enumerate(model.blocks)]

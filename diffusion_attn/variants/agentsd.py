@@ -57,7 +57,7 @@ import torch
 
 from attn_spec import OneOf, Range
 
-from .base import AttnContext, AttnPlan, Variant, check_options, register_variant
+from .base import AttnContext, AttnPlan, FamiliesWhere, Variant, adapter_of, check_options, register_variant
 
 __all__ = ["AgentSD", "ToMeMerge", "agent_formula"]
 
@@ -252,7 +252,8 @@ class AgentSD(Variant):
 
     name: ClassVar[str] = "agentsd"
     role: ClassVar[str] = "sparsity"
-    families: ClassVar[tuple[str, ...] | None] = ("unet", "flux", "sd3")
+    # the image families (an adapter without `default_fps`): UNets, and DiTs with `dit=True`
+    families: ClassVar[tuple[str, ...] | None] = FamiliesWhere(lambda a: a.default_fps is None, "images")
 
     merge_ratio: _MergeRatio = 0.4
     agent_ratio: _AgentRatio = 0.95
@@ -287,7 +288,7 @@ class AgentSD(Variant):
 
     # -- apply-time checks ------------------------------------------------------------------
     def check_apply(self, family: str, modules: list, variants: tuple) -> None:
-        if family in ("flux", "sd3") and not self.dit:
+        if not adapter_of(family).multilevel and not self.dit:
             raise ValueError(
                 f"AgentSD on {family} (a DiT) is an option with its own choices (image tokens only, text queries "
                 "exact; see diffusion_attn/variants/agentsd.py): pass AgentSD(dit=True)"
@@ -333,7 +334,7 @@ class AgentSD(Variant):
 
     def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
         lay = ctx.layout
-        if lay.family == "unet":
+        if adapter_of(lay.family).multilevel:  # a UNet: only its highest-resolution levels
             if ctx.layer == 0:
                 self._top_downsample = lay.downsample
             top = self.max_downsample if self.max_downsample is not None else self._top_downsample

@@ -15,8 +15,10 @@ import torch
 
 from attn_spec import OneOf, check_options, check_range
 
+from ..registry import ADAPTERS
+
 __all__ = ["TokenLayout", "AttnContext", "AttnPlan", "Variant", "VARIANTS", "check_range", "register_variant"]
-__all__ += ["BLOCK_SIZES", "BlockSize", "check_options"]
+__all__ += ["BLOCK_SIZES", "BlockSize", "FamiliesWhere", "adapter_of", "check_options"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class TokenLayout:
     text_len: text tokens in the joint sequence (0 for pure visual self-attention).
     text_first: True for [text, visual] (CogVideoX, FLUX), False for [visual, text]
         (HunyuanVideo, SD3).
-    family: the adapter's name ("wan", "hunyuan_video", "cogvideox", "ltx_video", "flux", "sd3", "unet").
+    family: the adapter's name (a key of `ADAPTERS`; `adapter_of(family)` gives its facts).
     cross_len: keys of a cross-attention call (its text tokens; the queries are the visual tokens);
         0 for self and joint attention. Only variants with `Variant.cross_attention` see such calls.
     downsample: spatial downsampling of this call's grid relative to the model input's (UNet levels:
@@ -147,11 +149,45 @@ BLOCK_SIZES = (16, 32, 64, 128)
 BlockSize = Annotated[int, OneOf(*BLOCK_SIZES)]
 
 
+def adapter_of(family: str) -> Any:
+    """The adapter class of `family` (everything known about the family lives on it); ValueError listing the
+    registered families for an unknown name."""
+    cls = ADAPTERS.get(family)
+    if cls is None:
+        raise ValueError(f"unknown model family {family!r}; registered adapters: {', '.join(ADAPTERS)}")
+    return cls
+
+
+class FamiliesWhere:
+    """`Variant.families` read from the adapters: the registered families whose adapter class passes `test`
+    (a capability the variant needs, e.g. a temporal RoPE), so a new adapter file with it is supported."""
+
+    def __init__(self, test: Callable[[Any], bool], what: str) -> None:
+        self.test, self.what = test, what
+
+    def __get__(self, obj: Any, owner: type) -> tuple[str, ...]:
+        return tuple(name for name, cls in ADAPTERS.items() if self.test(cls))
+
+
+class _OfficialDefaults:
+    """`Variant.family_defaults` read from the adapters: {family: the adapter's `official_defaults[variant name]`},
+    so each family's official values (and their sources) live in its adapter file."""
+
+    def __get__(self, obj: Any, owner: type) -> dict[str, dict[str, Any]]:
+        key = owner.name
+        return {
+            name: dict(cls.official_defaults[key])
+            for name, cls in ADAPTERS.items()
+            if key and key in getattr(cls, "official_defaults", {})
+        }
+
+
 class Variant:
     """Base class of diffusion variants (subclasses are dataclasses validated in __post_init__).
 
     role: "sparsity" (at most one per `apply`), "modifier" (fused score/output modifiers) or
-    "guidance" (adds a perturbed pass). families: adapter names it supports (None = all).
+    "guidance" (adds a perturbed pass). families: adapter names it supports (None = all; `FamiliesWhere`: those
+    whose adapter has what the variant needs).
     aliases: further registry names (`VARIANTS`) of the class.
     """
 
@@ -160,8 +196,9 @@ class Variant:
     role: ClassVar[str] = "modifier"
     families: ClassVar[tuple[str, ...] | None] = None
     #: official values, per adapter family, of options left None: {family: {option: value}} (Radial's decay,
-    #: RIFLEx's k, ...); a family absent from a non-empty table is refused, never given another family's values
-    family_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: RIFLEx's k, ...), read from each adapter's `official_defaults[name]`; a family absent from a non-empty
+    #: table is refused, never given another family's values
+    family_defaults: ClassVar[dict[str, dict[str, Any]]] = _OfficialDefaults()  # type: ignore[assignment]
     #: options of `family_defaults` whose None is itself a setting ("off"): on a family without defaults they stay
     #: None instead of being refused (UltraViCo's beta band)
     family_optional: ClassVar[tuple[str, ...]] = ()

@@ -58,8 +58,17 @@ from diffusers.hooks import ModelHook
 
 from attn_spec import Range, require
 
-from ._pipes import check_pipeline, encode_prompt, phrase_token_indices
-from .base import AttnContext, AttnPlan, Variant, check_options, check_range, register_variant
+from ._pipes import check_pipeline
+from .base import (
+    AttnContext,
+    AttnPlan,
+    FamiliesWhere,
+    Variant,
+    adapter_of,
+    check_options,
+    check_range,
+    register_variant,
+)
 
 __all__ = ["Boundary", "box_cells", "boundary_losses"]
 
@@ -114,7 +123,8 @@ class Boundary(Variant):
 
     name: ClassVar[str] = "boundary"
     role: ClassVar[str] = "guidance"
-    families: ClassVar[tuple[str, ...] | None] = ("unet", "sd3")
+    # families whose adapter knows where a phrase's tokens sit in the denoiser's text (`Adapter.phrase_tokens`)
+    families: ClassVar[tuple[str, ...] | None] = FamiliesWhere(lambda a: a.phrase_tokens is not None, "phrase tokens")
     cross_attention: ClassVar[bool] = True
 
     prompt: str = ""
@@ -220,14 +230,10 @@ class Boundary(Variant):
         family = runtime.family
         check_pipeline(pipe, family, "Boundary")
         model = getattr(pipe, runtime.model_name)
-        token_sets: list[list[int]] = []
-        for i, ph in enumerate(self.phrases):
-            where = f"Boundary.phrases[{i}]"
-            idx = phrase_token_indices(pipe.tokenizer, self.prompt, ph, 1, where)  # CLIP: after BOS
-            if family == "sd3" and getattr(pipe, "tokenizer_3", None) is not None:
-                clip_len = pipe.tokenizer_max_length
-                idx += phrase_token_indices(pipe.tokenizer_3, self.prompt, ph, clip_len, where)
-            token_sets.append(idx)
+        adapter = adapter_of(family)
+        token_sets = [
+            adapter.phrase_tokens(pipe, self.prompt, ph, f"Boundary.phrases[{i}]") for i, ph in enumerate(self.phrases)
+        ]
         for i in range(len(token_sets)):
             for j in range(i):
                 common = set(token_sets[i]) & set(token_sets[j])
@@ -236,7 +242,7 @@ class Boundary(Variant):
                         f"Boundary.phrases[{i}] {self.phrases[i]!r} and phrases[{j}] {self.phrases[j]!r} overlap in "
                         f"the prompt's tokens (positions {sorted(common)}): each token belongs to one phrase"
                     )
-        self._bound = {"pipe": pipe, "model": model, "runtime": runtime, "family": family, "tokens": token_sets}
+        self._bound = {"pipe": pipe, "model": model, "runtime": runtime, "adapter": adapter, "tokens": token_sets}
         return BoundaryHook(self, runtime)
 
     def reset(self) -> None:
@@ -250,7 +256,7 @@ class Boundary(Variant):
             return plan
         lay = ctx.layout
         tokens = self._bound["tokens"]
-        if lay.family == "unet":
+        if adapter_of(lay.family).multilevel:  # a UNet: the cross-attention maps of one level
             if lay.downsample != self.downsample:
                 return plan
             if lay.cross_len == 0:
@@ -327,8 +333,9 @@ class Boundary(Variant):
         if self._checked_prompt == gen:
             return
         b = self._bound
-        n_t5 = cond.shape[1] - b["pipe"].tokenizer_max_length if b["family"] == "sd3" else None
-        ours = encode_prompt(b["pipe"], b["family"], self.prompt, cond.device, n_t5).to(cond.dtype)
+        adapter, pipe = b["adapter"], b["pipe"]
+        n_text = adapter.reencode_length(pipe, cond.shape[1])
+        ours = adapter.encode_prompt(pipe, self.prompt, cond.device, n_text).to(cond.dtype)
         if ours.shape[1:] != cond.shape[1:] or not torch.allclose(ours[0], cond[0], rtol=1e-3, atol=1e-4):
             raise ValueError(
                 f"Boundary(prompt={self.prompt!r}) is not the prompt the pipeline encodes (its conditional embeddings "
@@ -379,26 +386,15 @@ class Boundary(Variant):
     def _loss(self, z: torch.Tensor, t: Any, rec: tuple, batch: int, gen: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One guidance forward on z (conditional inputs) and the weighted loss, with the inside mass per phrase."""
         b = self._bound
-        model, family, pipe = b["model"], b["family"], b["pipe"]
+        model, adapter, pipe = b["model"], b["adapter"], b["pipe"]
         args, kwargs, in_batch = rec
         half = in_batch == 2 * batch
         cond = lambda x: _cond_half(x, in_batch) if half else x  # noqa: E731
         args = tuple(cond(a) for a in args)
         kwargs = {k: cond(v) for k, v in kwargs.items()}
-        from ..adapters.base import Adapter
-        from .regional import _set_arg
-
-        ehs = Adapter.forward_arg(model, args, kwargs, "encoder_hidden_states")
+        ehs = adapter.forward_arg(model, args, kwargs, "encoder_hidden_states")
         self._check_prompt(ehs, gen)
-        sample = z
-        if family == "unet":
-            if hasattr(pipe.scheduler, "scale_model_input"):
-                sample = pipe.scheduler.scale_model_input(z, t)
-            args = _set_arg(model, args, kwargs, "sample", sample)
-            args = _set_arg(model, args, kwargs, "timestep", t)
-        else:
-            args = _set_arg(model, args, kwargs, "hidden_states", sample)
-            args = _set_arg(model, args, kwargs, "timestep", t.expand(batch).to(z.device))
+        args = adapter.set_denoiser_input(pipe, model, args, kwargs, z, t, batch)
         kwargs["return_dict"] = False
         self._maps, self._qk, self._grids = [], {}, set()
         self._capturing = True

@@ -52,13 +52,7 @@ from attn_spec import Range
 
 from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
 
-__all__ = ["Radial", "radial_block_mask", "RADIAL_DEFAULTS"]
-
-#: Official settings per adapter family: (dense_layers, dense_steps, decay_factor, attention_sink).
-RADIAL_DEFAULTS: dict[str, tuple[int, int, float, bool]] = {
-    "wan": (1, 12, 0.2, True),  # Wan2.1-14B 768x1280x69f, scripts/wan_t2v_inference.sh
-    "hunyuan_video": (0, 12, 0.95, False),  # HunyuanVideo 117f, scripts/hunyuan_t2v_inference.sh
-}
+__all__ = ["Radial", "radial_block_mask"]
 
 
 def _pair_rule(i: int, j: int, s: int, decay: float, block: int, sink: bool) -> float | None:
@@ -186,17 +180,14 @@ class Radial(Variant):
     decay_factor: band width multiplier (> 0); dense_steps: first denoising steps run dense;
     dense_layers: first hooked layers run dense; dense_last_steps: last steps run dense (needs
     `num_steps`, the generation's number of denoising steps); attention_sink: every query sees
-    frame 0 (Wan). None picks the family default (see RADIAL_DEFAULTS).
+    frame 0 (Wan). None picks the family default (`official_defaults["radial"]` of the family's adapter).
     """
 
     name: ClassVar[str] = "radial"
     approximates_dense: ClassVar[bool] = True
     role: ClassVar[str] = "sparsity"
     families: ClassVar[tuple[str, ...] | None] = None
-    family_defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        family: dict(zip(("dense_layers", "dense_steps", "decay_factor", "attention_sink"), values))
-        for family, values in RADIAL_DEFAULTS.items()
-    }  # other families: give the four options (refused when one is None)
+    # family_defaults: the adapters' official_defaults["radial"]; other families: give the four options
 
     decay_factor: Annotated[float | None, Range(1e-6, None)] = None
     dense_steps: Annotated[int | None, Range(0, None)] = None

@@ -52,8 +52,18 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from attn_spec import Range
 
-from ._pipes import check_pipeline, encode_prompt, pixels_per_token
-from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
+from ._pipes import check_pipeline
+from .base import (
+    AttnContext,
+    AttnPlan,
+    BlockSize,
+    FamiliesWhere,
+    TokenLayout,
+    Variant,
+    adapter_of,
+    check_options,
+    register_variant,
+)
 
 __all__ = ["Entity", "Regional", "mask_to_pixels", "token_membership"]
 
@@ -145,7 +155,10 @@ class Regional(Variant):
 
     name: ClassVar[str] = "regional"
     role: ClassVar[str] = "sparsity"
-    families: ClassVar[tuple[str, ...] | None] = ("flux", "sd3", "wan")
+    # families whose adapter encodes prompts (`Adapter.pipelines`) on one token grid per call (not a UNet)
+    families: ClassVar[tuple[str, ...] | None] = FamiliesWhere(
+        lambda a: bool(a.pipelines) and not a.multilevel, "prompt encoding, one grid"
+    )
     cross_attention: ClassVar[bool] = True
 
     entities: tuple = ()
@@ -238,11 +251,11 @@ class Regional(Variant):
         model = getattr(pipe, runtime.model_name, None) if isinstance(runtime.model_name, str) else None
         if model is None:
             model = pipe.transformer
-        if family == "wan" and (model.config.image_dim is not None or "ImageToVideo" in type(pipe).__name__):
-            raise ValueError(
-                "Regional does not support Wan image-to-video (its cross-attention hard-codes 512 text tokens)"
-            )
-        ppt = pixels_per_token(pipe, family, model)
+        adapter = adapter_of(family)
+        refused = adapter.extra_text_refused(pipe, model)
+        if refused is not None:
+            raise ValueError(f"Regional does not support {refused}")
+        ppt = adapter.pixels_per_token(pipe, model)
         H, W = self._size
         if H % ppt or W % ppt:
             raise ValueError(
@@ -259,7 +272,7 @@ class Regional(Variant):
         hit = self._embeds.get(key)
         if hit is None:
             hit = [
-                encode_prompt(pipe, family, e.prompt, device, self.max_sequence_length).to(device, dtype)
+                adapter_of(family).encode_prompt(pipe, e.prompt, device, self.max_sequence_length).to(device, dtype)
                 for e in self.entities
             ]
             self._embeds[key] = hit
@@ -380,6 +393,7 @@ class RegionalHook(ModelHook):
     def __init__(self, variant: Regional, runtime: Any, pipe: Any, family: str) -> None:
         super().__init__()
         self.variant, self.runtime, self.pipe, self.family = variant, runtime, pipe, family
+        self.adapter = adapter_of(family)
         self.branches = StateManager(_NoState)
 
     def pre_forward(self, module, *args, **kwargs):
@@ -398,12 +412,8 @@ class RegionalHook(ModelHook):
         B = ehs.shape[0]
         ent = torch.cat(embeds, dim=1).expand(B, -1, -1)
         kwargs = dict(kwargs)
-        args = _set_arg(module, args, kwargs, "encoder_hidden_states", torch.cat([ent, ehs], dim=1))
-        if self.family == "flux":
-            ids = Adapter.forward_arg(module, args, kwargs, "txt_ids")
-            if isinstance(ids, torch.Tensor):
-                zeros = ids.new_zeros(*ids.shape[:-2], ent.shape[1], ids.shape[-1])
-                args = _set_arg(module, args, kwargs, "txt_ids", torch.cat([zeros, ids], dim=-2))
+        args = Adapter.set_forward_arg(module, args, kwargs, "encoder_hidden_states", torch.cat([ent, ehs], dim=1))
+        args = self.adapter.prepend_text(module, args, kwargs, ent.shape[1])  # e.g. FLUX's txt_ids
         cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
         v._current = {"lens": tuple(e.shape[1] for e in embeds), "cfg": cfg, "ppt": v._ppt[id(self.runtime)]}
         return args, kwargs
@@ -414,20 +424,3 @@ class RegionalHook(ModelHook):
 
     def reset_state(self, module):
         return module
-
-
-def _set_arg(module: Any, args: tuple, kwargs: dict, name: str, value: Any) -> tuple:
-    """Replace forward argument `name` (keyword, or positional per the signature); returns the new args
-    (kwargs is updated in place)."""
-    from ..adapters.base import Adapter
-
-    if name in kwargs:
-        kwargs[name] = value
-        return args
-    Adapter.forward_arg(module, args, kwargs, name)  # fills the signature index
-    index = Adapter._params[type(module)].get(name)
-    if index is not None and index < len(args):
-        args = args[:index] + (value,) + args[index + 1 :]
-    else:
-        kwargs[name] = value
-    return args

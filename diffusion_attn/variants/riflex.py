@@ -28,12 +28,9 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from attn_spec import Range
 
-from .base import AttnContext, AttnPlan, Variant, check_options, register_variant
+from .base import AttnContext, AttnPlan, FamiliesWhere, Variant, check_options, register_variant
 
-__all__ = ["RIFLEx", "RIFLEX_DEFAULTS", "rope_axis"]
-
-#: family -> intrinsic frequency index k (1-based), official values
-RIFLEX_DEFAULTS: dict[str, int] = {"wan": 6, "hunyuan_video": 4, "cogvideox": 2}
+__all__ = ["RIFLEx", "rope_axis"]
 
 
 def _rope_adapter(family: str) -> Any:
@@ -65,8 +62,11 @@ class RIFLEx(Variant):
 
     name: ClassVar[str] = "riflex"
     role: ClassVar[str] = "modifier"
-    families: ClassVar[tuple[str, ...] | None] = tuple(RIFLEX_DEFAULTS)
-    family_defaults: ClassVar[dict[str, dict[str, Any]]] = {f: {"k": k} for f, k in RIFLEX_DEFAULTS.items()}
+    # the families whose adapter declares a temporal RoPE; their official k is the adapters'
+    # official_defaults["riflex"] (a family without one must be given k=)
+    families: ClassVar[tuple[str, ...] | None] = FamiliesWhere(
+        lambda a: getattr(a, "temporal_rope", None) is not None, "temporal RoPE"
+    )
 
     k: Annotated[int | None, Range(1, None, words=True, note="(1-based frequency index)")] = None
     factor: Annotated[float, Range(0, 1, lo_open=True, words=True)] = 0.9

@@ -40,17 +40,18 @@ import torch
 
 from attn_spec import Range, require
 
-from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
+from .base import (
+    AttnContext,
+    AttnPlan,
+    BlockSize,
+    FamiliesWhere,
+    TokenLayout,
+    Variant,
+    check_options,
+    register_variant,
+)
 
-__all__ = ["UltraViCo", "ULTRAVICO_DEFAULTS", "ultravico_positions", "harmonic_bands"]
-
-#: family -> (train_frames in token frames, beta or None, harmonic period in frames or None)
-ULTRAVICO_DEFAULTS: dict[str, tuple[int, float | None, int | None]] = {
-    "wan": (21, None, None),  # Wan2.1: 81 frames -> 21 latent frames (official: 1560 tokens/frame x 21 / 2)
-    "hunyuan_video": (33, 0.6, 50),  # 129 frames -> 33; official beta 0.6 on frame distances 50k +- 4
-    "cogvideox": (13, None, None),  # CogVideoX-2b/5b: 49 frames -> 13 latent frames
-    "ltx_video": (21, None, None),  # LTX-Video pipeline default 161 frames -> 21 latent frames
-}
+__all__ = ["UltraViCo", "ultravico_positions", "harmonic_bands"]
 
 
 #: a factor applied to positive logits: in (0, 1]
@@ -163,11 +164,9 @@ class UltraViCo(Variant):
 
     name: ClassVar[str] = "ultravico"
     role: ClassVar[str] = "modifier"
-    families: ClassVar[tuple[str, ...] | None] = tuple(ULTRAVICO_DEFAULTS)
-    family_defaults: ClassVar[dict[str, dict[str, Any]]] = {
-        family: dict(zip(("train_frames", "beta", "harmonic_period"), values))
-        for family, values in ULTRAVICO_DEFAULTS.items()
-    }
+    # the video families (an adapter with `default_fps`); their official train_frames (token frames), beta and
+    # harmonic_period are the adapters' official_defaults["ultravico"]
+    families: ClassVar[tuple[str, ...] | None] = FamiliesWhere(lambda a: a.default_fps is not None, "video")
     family_optional: ClassVar[tuple[str, ...]] = ("beta", "harmonic_period")  # None: no beta band
 
     alpha: Annotated[float, _Factor] = 0.9
