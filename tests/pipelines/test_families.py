@@ -71,6 +71,37 @@ def test_a_family_added_by_one_adapter_file_is_known_to_the_cli(tmp_path, capsys
         ADAPTERS.pop("newfam", None)
 
 
+def test_a_new_adapter_file_brings_its_official_defaults_and_capabilities():
+    """A variant's official per-family values and its supported families are read from the adapters: one new adapter
+    file with a temporal RoPE and an official RIFLEx k is supported by RIFLEx with that k, by UltraViCo (a video
+    family) only with train_frames given, and by none of the prompt-encoding variants (it encodes no prompts)."""
+    try:
+
+        @register_adapter
+        class RopeFam(Adapter):
+            name = "ropefam"
+            model_classes = ("RopeFamTransformer3DModel",)
+            default_fps = 12
+            official_defaults = {"riflex": {"k": 3}}
+            rope_site = "module"
+            temporal_rope = staticmethod(lambda model: (16, 10000.0, torch.float64))
+
+        assert "ropefam" in da.RIFLEx.families and da.RIFLEx.family_defaults["ropefam"] == {"k": 3}
+        assert RopeFam.variant_defaults(da.RIFLEx) == {"k": 3} and da.RIFLEx().resolved("ropefam")["k"] == 3
+        assert "ropefam" in da.UltraViCo.families and "ropefam" not in da.UltraViCo.family_defaults
+        with pytest.raises(ValueError, match=r"UltraViCo has no official train_frames for the 'ropefam' model family"):
+            da.UltraViCo().resolved("ropefam")
+        for v in (da.Regional, da.Boundary, da.AgentSD):
+            assert "ropefam" not in v.families
+        with pytest.raises(ValueError, match=r"Radial has no official defaults for the 'ropefam' model family"):
+            RopeFam.variant_defaults(da.Radial)
+    finally:
+        ADAPTERS.pop("ropefam", None)
+    assert "ropefam" not in da.RIFLEx.families and "ropefam" not in da.RIFLEx.family_defaults
+    assert set(da.Regional.families) == {"flux", "sd3", "wan"} and set(da.Boundary.families) == {"sd3", "unet"}
+    assert set(da.AgentSD.families) == {"unet", "flux", "sd3"}
+
+
 def test_variant_defaults_are_reachable_from_the_adapter_and_never_borrowed():
     wan, flux = ADAPTERS["wan"], ADAPTERS["flux"]
     official = {"dense_layers": 1, "dense_steps": 12, "decay_factor": 0.2, "attention_sink": True}
