@@ -1,15 +1,17 @@
 """Write generated images/videos with the run's settings embedded, and read them back.
 
 PNG: a tEXt chunk "attnplug" holding JSON. GIF: the comment extension (JSON). MP4: the
-container's `comment` tag, written by the ffmpeg binary of imageio-ffmpeg (the `video` extra),
-bit-exact flags on so the same frames give the same bytes. `OutputTarget` checks a destination
-before any work and writes through a temporary file renamed into place.
+container's `comment` tag, written through imageio-ffmpeg's `write_frames` (the `video` extra) and
+read back with its ffmpeg binary, bit-exact flags on so the same frames give the same bytes.
+`OutputTarget` checks a destination before any work and writes through a temporary file renamed
+into place.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -125,24 +127,28 @@ class OutputTarget:
 
 
 def _write_mp4(arr: np.ndarray, path: Path, text: str, fps: int) -> None:
-    """H.264 MP4 through ffmpeg (imageio-ffmpeg's binary); raises when ffmpeg does not exit 0."""
-    exe = require_ffmpeg().get_ffmpeg_exe()
+    """H.264 MP4 through `imageio_ffmpeg.write_frames`, then read back: RuntimeError unless the file holds every
+    frame (write_frames does not look at ffmpeg's exit status, so a truncated file is caught here)."""
+    iio = require_ffmpeg()
     h, w = arr.shape[1:3]
-    cmd = [
-        exe, "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps),
-        "-i", "-", "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "10", "-threads", "1",
-        "-fflags", "+bitexact", "-flags:v", "+bitexact", "-metadata", f"comment={text}", "-f", "mp4", str(path),
-    ]  # fmt: skip
-    res = subprocess.run(cmd, input=np.ascontiguousarray(arr).tobytes(), capture_output=True)
-    if res.returncode != 0:
-        lines = res.stderr.decode("utf-8", "replace").strip().splitlines()
-        if res.returncode < 0:
-            import signal
-
-            why = f"ffmpeg was killed by {signal.Signals(-res.returncode).name}"
-        else:
-            why = f"ffmpeg exited with status {res.returncode}"
-        raise RuntimeError(why + (f": {lines[-1]}" if lines else ""))
+    params = ["-crf", "10", "-threads", "1", "-fflags", "+bitexact", "-flags:v", "+bitexact",
+              "-metadata", f"comment={text}", "-f", "mp4"]  # fmt: skip
+    writer = iio.write_frames(str(path), (w, h), fps=fps, codec="libx264", quality=None, macro_block_size=1,
+                              ffmpeg_log_level="error", output_params=params)  # fmt: skip
+    try:
+        writer.send(None)
+        for frame in arr:
+            writer.send(np.ascontiguousarray(frame))
+    except OSError as e:  # ffmpeg stopped reading: its own message went to stderr
+        raise RuntimeError(f"ffmpeg stopped reading frames ({str(e).splitlines()[0]})") from None
+    finally:
+        writer.close()
+    try:
+        frames = iio.count_frames_and_secs(str(path))[0]
+    except RuntimeError as e:
+        raise RuntimeError(f"ffmpeg wrote no readable MP4 ({str(e).strip().splitlines()[-1]})") from None
+    if frames != len(arr):
+        raise RuntimeError(f"ffmpeg wrote {frames} of {len(arr)} frames")
 
 
 def save_output(frames: Any, path: str | Path, metadata: dict[str, Any], fps: int = 16) -> Path:
@@ -185,35 +191,13 @@ def save_output(frames: Any, path: str | Path, metadata: dict[str, Any], fps: in
     return path
 
 
-def _parse_ffmetadata(text: str) -> dict[str, str]:
-    """Parse ffmpeg's FFMETADATA1 output (backslash escapes for = ; # \\ and newline)."""
-    out: dict[str, str] = {}
-    lines = text.split("\n")
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        i += 1
-        if not line or line.startswith(";") or line.startswith("["):
-            continue
-        # join escaped newlines
-        while line.endswith("\\") and not line.endswith("\\\\") and i < len(lines):
-            line = line[:-1] + "\n" + lines[i]
-            i += 1
-        key, val, esc, cur, seen_eq = "", [], False, [], False
-        for ch in line:
-            if esc:
-                cur.append(ch)
-                esc = False
-            elif ch == "\\":
-                esc = True
-            elif ch == "=" and not seen_eq:
-                key, cur, seen_eq = "".join(cur), [], True
-            else:
-                cur.append(ch)
-        val = "".join(cur)
-        if seen_eq:
-            out[key] = val
-    return out
+def _ffmetadata_comment(text: str) -> str | None:
+    """The `comment` entry of ffmpeg's FFMETADATA1 output: one line (our JSON holds no newline), with a
+    backslash before each = ; # \\ it contains."""
+    for line in text.splitlines():
+        if line.startswith("comment="):
+            return re.sub(r"\\(.)", r"\1", line[len("comment=") :])
+    return None
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -237,7 +221,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             text=True,
             check=True,
         )
-        text = _parse_ffmetadata(res.stdout).get("comment")
+        text = _ffmetadata_comment(res.stdout)
     else:
         raise ValueError(f"path must end in one of {', '.join(OUTPUT_FORMATS)}, got {str(path)!r}")
     if not text:

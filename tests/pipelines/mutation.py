@@ -117,7 +117,12 @@ MUTATIONS: list[tuple[str, str, str, str]] = [
         "            pass\n",
         GEN + " -k failed_write",
     ),
-    ("attn_pipelines/io.py", "    if res.returncode != 0:\n", "    if False:\n", GEN + " -k failed_write"),
+    (
+        "attn_pipelines/io.py",
+        "        frames = iio.count_frames_and_secs(str(path))[0]\n",
+        "        frames = len(arr)\n",
+        GEN + " -k failed_write",
+    ),
     ("attn_pipelines/io.py", "            fn(tmp)\n", "            fn(self.path)\n", GEN + " -k failed_write"),
     # (dropping ffmpeg's +bitexact flags is an equivalent mutant with one ffmpeg build: output stays identical)
     # tiny, callbacks
