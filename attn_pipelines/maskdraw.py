@@ -1,5 +1,12 @@
-"""Draw the attention mask a diffusion variant plans for a token layout, in bounded memory.
+"""Draw the attention mask a diffusion variant plans for a token layout: attnplug's one mask renderer.
 
+Two ways, one look (dark = visited, rows are queries, columns keys, original token order):
+
+* `render_plan` (`attnplug show-mask`): bounded memory, for any layout size (below).
+* `draw_layout` / `render_variant_mask` / `variant_token_mask`: build the N x N token mask, for small
+  layouts (`benchmarks/draw_masks.py`, and the reference the tests compare `render_plan` with).
+
+`render_plan` in detail:
 The variant plans one call (`Variant.plan`: a BlockLayout on a possibly permuted sequence); the
 picture evaluates that plan at (query, key) token pairs in the ORIGINAL token order by looking
 each pair up in the layout's CSR block lists and bit-packed element masks
@@ -18,7 +25,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-__all__ = ["MAX_TOKENS", "plan_call", "find_sparse_call", "PairMask", "render_plan", "add_title"]
+from diffusion_attn.variants.base import AttnContext, AttnPlan, TokenLayout, Variant
+
+__all__ = ["MAX_TOKENS", "plan_call", "find_sparse_call", "PairMask", "render_plan", "add_title", "draw_layout"]
+__all__ += ["variant_token_mask", "render_variant_mask"]
 
 #: Sequences longer than this are refused: a variant's block layout alone grows with N^2 / 128^2.
 MAX_TOKENS = 1 << 20
@@ -28,18 +38,26 @@ _SAMPLES = 4  # per pixel and axis
 _BAND_PAIRS = 1 << 21  # pairs evaluated at once
 
 
-def plan_call(variant: Any, layout: Any, step: int, layer: int, state: dict | None = None) -> Any:
-    """The variant's AttnPlan for one attention call (batch 1, one head, CPU) at (step, layer)."""
-    from diffusion_attn.variants.base import AttnContext, AttnPlan
-
+def plan_call(
+    variant: Any,
+    layout: Any,
+    step: int,
+    layer: int,
+    state: dict | None = None,
+    *,
+    num_layers: int | None = None,
+    batch: int = 1,
+    heads: int = 1,
+) -> Any:
+    """The variant's AttnPlan for one attention call (default batch 1, one head; CPU) at (step, layer)."""
     ctx = AttnContext(
         layer=layer,
-        num_layers=layer + 1,
+        num_layers=num_layers if num_layers is not None else layer + 1,
         step=step,
         timestep=None,
         layout=layout,
-        batch=1,
-        heads=1,
+        batch=batch,
+        heads=heads,
         head_dim=64,
         device=torch.device("cpu"),
         dtype=torch.float32,
@@ -167,3 +185,117 @@ def add_title(img: Image.Image, title: str) -> Image.Image:
     out.paste(img, (0, 16))
     ImageDraw.Draw(out).text((2, 2), title, fill=(0, 0, 0))
     return out
+
+
+# -- the N x N token-mask path (small layouts) -------------------------------------------------------------------------
+def _as_token_mask(obj: Any, b: int, h: int) -> torch.Tensor:
+    if isinstance(obj, np.ndarray):
+        obj = torch.from_numpy(obj)
+    if isinstance(obj, torch.Tensor):
+        m = obj
+        if m.dim() == 4:
+            m = m[min(b, m.shape[0] - 1), min(h, m.shape[1] - 1)]
+        if m.dim() != 2:
+            raise ValueError(f"token mask must be [Nq, Nk] or [B, H, Nq, Nk], got shape {tuple(obj.shape)}")
+        return m.bool().cpu()
+    if hasattr(obj, "to_token_mask"):
+        bl, hl = obj.to_block_mask().shape[:2]
+        return obj.to_token_mask(min(b, bl - 1), min(h, hl - 1)).bool().cpu()
+    raise TypeError(f"draw_layout needs a BlockLayout or a bool tensor, got {type(obj).__name__}")
+
+
+def draw_layout(
+    layout_or_mask: Any,
+    *,
+    b: int = 0,
+    h: int = 0,
+    max_size: int = 768,
+    grid_every: int | None = None,
+    grid_color: tuple[int, int, int] = (220, 60, 60),
+    title: str | None = None,
+) -> Image.Image:
+    """Render a BlockLayout (batch b, head h) or a bool token mask as an RGB image.
+
+    Each token pair becomes `max_size // N` pixels (at least 1); larger masks are average-pooled
+    (grey = partly visited). grid_every draws lines every that many tokens (e.g. tokens per frame
+    or the block size); title adds a caption strip on top.
+    """
+    m = _as_token_mask(layout_or_mask, b, h).float()
+    nq, nk = m.shape
+    if max(nq, nk) > max_size:
+        f = -(-max(nq, nk) // max_size)
+        pq, pk = (-nq) % f, (-nk) % f
+        m = torch.nn.functional.pad(m, (0, pk, 0, pq))
+        m = m.view(m.shape[0] // f, f, m.shape[1] // f, f).mean((1, 3))
+        cell, step = 1, f
+    else:
+        cell, step = max(1, max_size // max(nq, nk)), 1
+    frac = m.numpy()[..., None]
+    rgb = (_OFF * (1 - frac) + _ON * frac).astype(np.uint8)
+    img = Image.fromarray(rgb, "RGB")
+    if cell > 1:
+        img = img.resize((img.width * cell, img.height * cell), Image.NEAREST)
+    if grid_every:
+        d = ImageDraw.Draw(img)
+        px = cell / step
+        for t in range(grid_every, max(nq, nk), grid_every):
+            x = int(round(t * px))
+            if t < nk:
+                d.line([(x, 0), (x, img.height)], fill=grid_color, width=1)
+            if t < nq:
+                d.line([(0, x), (img.width, x)], fill=grid_color, width=1)
+    return add_title(img, title) if title else img
+
+
+def variant_token_mask(
+    variant: Variant,
+    layout: TokenLayout,
+    *,
+    step: int = 0,
+    layer: int = 0,
+    num_layers: int | None = None,
+    batch: int = 1,
+    heads: int = 1,
+    state: dict | None = None,
+    b: int = 0,
+    h: int = 0,
+) -> torch.Tensor:
+    """bool [N, N] token mask the variant plans for one call, in the ORIGINAL token order (N x N memory: small
+    layouts only; `render_plan` draws any size)."""
+    plan = plan_call(variant, layout, step, layer, state, num_layers=num_layers, batch=batch, heads=heads)
+    n = layout.seq_len
+    if plan.layout is None:
+        m = torch.ones(n, n, dtype=torch.bool)
+    else:
+        m = _as_token_mask(plan.layout, b, h)
+    if plan.perm is not None:
+        perm = plan.perm.cpu()
+        out = torch.zeros_like(m)
+        out[perm[:, None], perm[None, :]] = m
+        m = out
+    return m
+
+
+def render_variant_mask(
+    variant: Variant,
+    layout: TokenLayout,
+    step: int = 0,
+    layer: int = 0,
+    *,
+    state: dict | None = None,
+    heads: int = 1,
+    batch: int = 1,
+    head: int = 0,
+    max_size: int = 768,
+    title: str | None = None,
+    **plan_kw: Any,
+) -> Image.Image:
+    """Draw the mask `variant` plans at (step, layer) for `layout`, frame boundaries in red."""
+    m = variant_token_mask(
+        variant, layout, step=step, layer=layer, state=state, heads=heads, batch=batch, h=head, **plan_kw
+    )
+    if title is None:
+        dens = m.float().mean().item()
+        title = f"{variant.name} grid={layout.grid} text={layout.text_len} step={step} layer={layer} density={dens:.2f}"
+    every = layout.tokens_per_frame if layout.frames > 1 and layout.text_len == 0 else None
+    return draw_layout(m, max_size=max_size, grid_every=every, title=title)

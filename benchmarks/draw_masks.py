@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from attn_pipelines.maskdraw import draw_layout, render_variant_mask  # noqa: E402
 from diffusion_attn.variants import (  # noqa: E402
     AttnContext,
     AttnPlan,
@@ -31,7 +32,6 @@ from diffusion_attn.variants import (  # noqa: E402
     Radial,
     TokenLayout,
 )
-from diffusion_attn.variants.draw import draw_layout, render_variant_mask  # noqa: E402
 
 
 def lite_state(layout: TokenLayout, steps: int = 5, heads: int = 2, seed: int = 0) -> tuple[LiteAttention, dict]:

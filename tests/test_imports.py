@@ -175,7 +175,6 @@ FUNCTION_LEVEL_ALLOWED: dict[str, str] = {
     "attn_pipelines.commands.show_mask": "CLI command: loads the variants only when run",
     "attn_pipelines.commands.train_lora": "CLI command: loads peft / the trainer only when run",
     "attn_pipelines.config": "presets are read without loading diffusers",
-    "attn_pipelines.maskdraw": "loaded by show-mask only",
     # world scripts: each loads the classifiers / trainers it needs only on its path
     "attn_pipelines.world.publish": "world script",
     "attn_pipelines.world.score": "world script",

@@ -277,8 +277,8 @@ def test_draw_layout_and_variant_mask():
     import numpy as np
     import torch
 
+    from attn_pipelines.maskdraw import draw_layout, render_variant_mask, variant_token_mask
     from diffusion_attn.variants import Neighborhood, Radial, TokenLayout
-    from diffusion_attn.variants.draw import draw_layout, render_variant_mask, variant_token_mask
 
     m = torch.eye(10, dtype=torch.bool)
     img = np.asarray(draw_layout(m, max_size=100))

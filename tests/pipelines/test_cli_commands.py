@@ -236,8 +236,8 @@ def test_show_mask_matches_the_variants_token_mask_with_permutation(tmp_path, ca
     import torch
 
     import diffusion_attn as da
+    from attn_pipelines.maskdraw import variant_token_mask
     from diffusion_attn.variants.base import TokenLayout
-    from diffusion_attn.variants.draw import variant_token_mask
 
     out = tmp_path / "c.png"
     opts = "block_size=16,dense_steps=0,dense_layers=0,decay_factor=0.95,attention_sink=False"  # no CogVideoX defaults
@@ -376,9 +376,8 @@ def test_pair_mask_reads_multi_word_element_masks():
     import torch
 
     import diffusion_attn as da
-    from attn_pipelines.maskdraw import PairMask, plan_call
+    from attn_pipelines.maskdraw import PairMask, plan_call, variant_token_mask
     from diffusion_attn.variants.base import TokenLayout
-    from diffusion_attn.variants.draw import variant_token_mask
 
     for v in (da.Neighborhood(kernel_size=3, block_size=64, permute=False), da.Neighborhood(kernel_size=(1, 3, 5))):
         layout = TokenLayout(grid=(4, 8, 10), text_len=3, family="wan")
@@ -394,9 +393,8 @@ def test_render_averages_every_pair_of_a_pixel():
     import torch
 
     import diffusion_attn as da
-    from attn_pipelines.maskdraw import _OFF, _ON, plan_call, render_plan
+    from attn_pipelines.maskdraw import _OFF, _ON, plan_call, render_plan, variant_token_mask
     from diffusion_attn.variants.base import TokenLayout
-    from diffusion_attn.variants.draw import variant_token_mask
 
     v = da.Radial(block_size=16, dense_steps=0, dense_layers=0)
     layout = TokenLayout(grid=(16, 10, 10), text_len=1, family="hunyuan_video")  # text: no frame lines drawn
