@@ -105,12 +105,11 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 #: Cycles not yet restructured, each listed so none can be added unseen (remove the entry with the fix): the
-#: diffusion_attn package <-> hooks / guidance / headhunter / softpag, vision_attn <-> finetune, and the world's
-#: tiny <-> models and accuracy <-> evaluate; each is closed by a function-level import that breaks the load order.
+#: diffusion_attn package <-> hooks / guidance / headhunter / softpag, and the world's tiny <-> models and
+#: accuracy <-> evaluate; each is closed by a function-level import that breaks the load order.
 KNOWN_CYCLES = [
     ["diffusion_attn", "diffusion_attn.guidance", "diffusion_attn.headhunter", "diffusion_attn.hooks",
      "diffusion_attn.variants", "diffusion_attn.variants.softpag"],
-    ["vision_attn", "vision_attn.finetune"],
     ["attn_pipelines.tiny", "attn_pipelines.world.models"],
     ["attn_pipelines.world.accuracy", "attn_pipelines.world.evaluate"],
 ]  # fmt: skip
@@ -146,8 +145,6 @@ FUNCTION_LEVEL_ALLOWED: dict[str, str] = {
     "diffusion_attn.headhunter": "cycle with diffusion_attn.hooks (KNOWN_CYCLES)",
     "diffusion_attn.hooks": "cycle with the diffusion_attn package (KNOWN_CYCLES)",
     "diffusion_attn.variants.softpag": "cycle with diffusion_attn.hooks (KNOWN_CYCLES)",
-    "vision_attn": "load_finetuned: cycle with vision_attn.finetune (KNOWN_CYCLES)",
-    "vision_attn.finetune": "cycle with the vision_attn package (KNOWN_CYCLES)",
     "attn_pipelines.tiny": "cycle with attn_pipelines.world.models (KNOWN_CYCLES)",
     "attn_pipelines.world.models": "cycle with attn_pipelines.tiny (KNOWN_CYCLES)",
     "attn_pipelines.world.accuracy": "cycle with attn_pipelines.world.evaluate (KNOWN_CYCLES)",

@@ -4,20 +4,13 @@ agent / coordinate-attention / ECA model names with timm on import."""
 from __future__ import annotations
 
 from . import models  # noqa: F401  (registers the timm model names)
+from .build import load_finetuned
 from .checkpoint import load_checkpoint
 from .inject import InjectionHandle, inject
 from .spec import VARIANTS, parse_variant, variant_spec
 from .variants.agent import Agent
 from .variants.coord import CoordAttention
 from .variants.eca import ECA
-
-
-def load_finetuned(run_dir, device="cpu"):
-    """Rebuild a model saved by `python -m vision_attn.finetune` / `vision_attn.calibrate` (see there)."""
-    from .finetune import load_finetuned as _load
-
-    return _load(run_dir, device)
-
 
 __all__ = [
     "VARIANTS",
