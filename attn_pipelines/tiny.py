@@ -11,9 +11,11 @@ kinds: "wan" (text-to-video, `WanPipeline`) and "flux" (text-to-image, `FluxPipe
 
 The embedded default of `attnplug generate` for video is NOT the tiny Wan pipeline when the world's
 trained text-to-video model is present (`world_t2v_dir()`: the repository's `assets/world/t2v`, installed
-as package data `attn_pipelines.assets`, or `$ATTNPLUG_WORLD_DIR/t2v`): a `WanPipeline` trained on procedural videos of coloured shapes
-(`attn_pipelines/world/`), whose output is recognisable. Images (`--frames 1`, `--out x.png`) still
-use the untrained tiny FLUX pipeline: no trained text-to-image model ships yet.
+as package data `attn_pipelines.assets`, or `$ATTNPLUG_WORLD_DIR/t2v`): a `WanPipeline` trained on
+procedural videos of coloured shapes (`attn_pipelines/world/`), whose output is recognisable. Images
+(`--frames 1`, `--out x.png`) use the world's trained text-to-image model (`world.t2i.world_t2i_dir()`: a
+`StableDiffusion3Pipeline` drawing shapes in named quadrants) when present, else the untrained tiny FLUX
+pipeline.
 """
 
 from __future__ import annotations
@@ -56,8 +58,8 @@ WORLD_NOTICE = (
     "directory> for a real checkpoint (see `attnplug list` for presets)."
 )
 NO_TRAINED_IMAGE_MODEL = (
-    "note: attnplug ships no trained text-to-image model yet, so image outputs use the untrained tiny FLUX "
-    "pipeline; for a recognisable result ask for a video (--out x.gif or .mp4: the trained world model)"
+    "note: the world's trained text-to-image model (t2i/ beside the world's t2v/) is not installed, so image "
+    "outputs use the untrained tiny FLUX pipeline; for a recognisable result ask for a video (--out x.gif or .mp4)"
 )
 
 

@@ -455,6 +455,7 @@ def run(args: argparse.Namespace) -> int:
 
     embedded = None
     world_label = None
+    world_image = None
     if model is None:
         from ..tiny import (
             NO_TRAINED_IMAGE_MODEL,
@@ -464,27 +465,36 @@ def run(args: argparse.Namespace) -> int:
             WORLD_NOTICE,
             world_t2v_dir,
         )
+        from ..world.t2i import T2I_DEFAULTS, T2I_NOTICE, world_t2i_dir
 
         png = args.out is not None and Path(args.out).suffix.lower() == ".png"
         embedded = "flux" if args.frames == 1 or (png and args.frames is None) else "wan"
         world = world_t2v_dir() if embedded == "wan" else None
+        world_image = world_t2i_dir() if embedded == "flux" else None
         if world is not None:  # the trained world model: a real pipeline directory, loaded like --model
             embedded, model, world_label = None, str(world), f"<embedded world t2v, trained: {world}>"
             pcfg = {**WORLD_DEFAULTS, **pcfg}
             print(WORLD_NOTICE.format(path=world), file=sys.stderr)
+        elif world_image is not None:  # the trained world text-to-image model (StableDiffusion3Pipeline)
+            embedded, model = None, str(world_image)
+            world_label = f"<embedded world t2i, trained: {world_image}>"
+            pcfg = {**T2I_DEFAULTS, **pcfg}
+            print(T2I_NOTICE.format(path=world_image), file=sys.stderr)
         else:
             pcfg = {**TINY_DEFAULTS[embedded], **pcfg}
             print(UNTRAINED_NOTICE.format(kind=embedded), file=sys.stderr)
             if embedded == "flux":
                 print(NO_TRAINED_IMAGE_MODEL, file=sys.stderr)
-        if png and args.frames is None:
+        if png and args.frames is None and world_image is None:
             print(
                 f"note: --out {args.out} is an image, so the embedded default is the tiny FLUX text-to-image "
                 "pipeline instead of the video one (--out .gif/.mp4 for video)",
                 file=sys.stderr,
             )
     if args.prompt is None:
-        args.prompt = WORLD_PROMPT if world_label else DEFAULT_PROMPT
+        from ..world.t2i import T2I_PROMPT
+
+        args.prompt = (T2I_PROMPT if world_image is not None else WORLD_PROMPT) if world_label else DEFAULT_PROMPT
     if embedded is not None:
         info = ModelInfo(pipeline=_EMBEDDED_PIPELINES[embedded], family=embedded)
     else:
