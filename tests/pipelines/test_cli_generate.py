@@ -102,7 +102,8 @@ def test_gif_output_has_frames_size_and_metadata(tiny_wan_dir, tmp_path, capsys)
     assert meta["negative_prompt"] == "blurry" and meta["frames"] == 5 and meta["dtype"] == "float32"
 
 
-def test_embedded_default_says_it_is_untrained(tmp_path, capsys):
+def test_embedded_default_says_it_is_untrained(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ATTNPLUG_WORLD_DIR", str(tmp_path / "no_world"))  # no trained model: the tiny FLUX fallback
     out = tmp_path / "default.png"
     assert main(["generate", "--frames", "1", "--steps", "2", "--out", str(out)]) == 0
     err = capsys.readouterr().err
@@ -110,6 +111,24 @@ def test_embedded_default_says_it_is_untrained(tmp_path, capsys):
     meta = read_metadata(out)
     assert meta["model"].startswith("<embedded tiny flux")
     assert _png(out).shape == (64, 64, 3)
+
+
+def test_embedded_default_image_is_the_world_t2i_model(tmp_path, capsys):
+    """An image without --model: the world's TRAINED text-to-image model (assets/world/t2i), said so; it draws
+    in the default prompt's colour (red: more red pixels than of any other world colour). Where it draws is
+    not checked: the shipped model rarely follows the place (docs/world.md)."""
+    out = tmp_path / "default.png"
+    assert main(["generate", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "EMBEDDED DEFAULT is attnplug's world text-to-image model" in err and "untrained" not in err
+    meta = read_metadata(out)
+    assert meta["model"].startswith("<embedded world t2i, trained") and meta["prompt"] == "a red circle at the top left"
+    img = _png(out).astype(np.float32) / 255
+    assert img.shape == (32, 32, 3)
+    from attn_pipelines.world.data import COLORS
+
+    counts = {c: int((np.linalg.norm(img - np.array(rgb), axis=-1) < 0.3).sum()) for c, rgb in COLORS.items()}
+    assert counts["red"] >= 20 and counts["red"] == max(counts.values()), counts
 
 
 def test_embedded_default_video(tmp_path, capsys):
@@ -380,7 +399,8 @@ def test_a_failed_write_leaves_no_file_and_exits_1(ext, tiny_wan_dir, tmp_path, 
     assert list(d.iterdir()) == []  # no partial file, no temporary file
 
 
-def test_png_out_switching_the_embedded_default_to_flux_is_said(tmp_path, capsys):
+def test_png_out_switching_the_embedded_default_to_flux_is_said(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ATTNPLUG_WORLD_DIR", str(tmp_path / "no_world"))  # no trained model: the tiny FLUX fallback
     assert main(["generate", "--steps", "1", "--out", str(tmp_path / "x.png")]) == 0
     err = capsys.readouterr().err
     assert "--out " in err and "is an image, so the embedded default is the tiny FLUX text-to-image pipeline" in err
