@@ -133,6 +133,7 @@ class _Density:
 
     def __init__(self, handle: Any) -> None:
         self.values: list[float] = []
+        self.sparse_values: list[float] = []  # the calls that ran sparse: the layouts the kernel saw
         # density walks every block row on the host: once per layout object (the runtimes cache their layouts),
         # not once per attention call inside the timed generation; the layout is kept so its id stays unique
         self._seen: dict[int, tuple[Any, float]] = {}
@@ -149,7 +150,10 @@ class _Density:
         def plan(layer: int, layout: Any, *args: Any, **kwargs: Any) -> Any:
             p = plan_fn(layer, layout, *args, **kwargs)
             if not getattr(layout, "cross_len", 0):
-                self.values.append(1.0 if p.is_dense or p.layout is None else self._density(p.layout))
+                sparse = not (p.is_dense or p.layout is None)
+                self.values.append(self._density(p.layout) if sparse else 1.0)
+                if sparse:
+                    self.sparse_values.append(self.values[-1])
             return p
 
         return plan
@@ -158,14 +162,22 @@ class _Density:
     def mean(self) -> float:
         return float(np.mean(self.values)) if self.values else 1.0
 
+    @property
+    def sparse_mean(self) -> float | None:
+        """Mean density of the calls that ran sparse (None when every call ran dense)."""
+        return float(np.mean(self.sparse_values)) if self.sparse_values else None
+
 
 def generate(pipe: Any, prompt: str, seed: int, s: EvalSettings, variants: list | None = None,
-             frames: int | None = None) -> tuple[np.ndarray, float, float]:  # fmt: skip
-    """One video [F, H, W, 3] in [0, 1], its seconds and attention density, with `variants` applied."""
+             frames: int | None = None, record: list | None = None) -> tuple[np.ndarray, float, float]:  # fmt: skip
+    """One video [F, H, W, 3] in [0, 1], its seconds and attention density, with `variants` applied
+    (`record`: a list the call's `_Density` is appended to, for its per-call and sparse-call densities)."""
     import diffusion_attn as da
 
     handle = da.apply(pipe, *variants, num_steps=s.steps) if variants else None
     dens = _Density(handle) if handle is not None else None
+    if record is not None and dens is not None:
+        record.append(dens)
     t0 = time.perf_counter()
     try:
         out = pipe(prompt=prompt, num_inference_steps=s.steps, num_frames=frames or s.frames, height=s.size,
