@@ -3,6 +3,7 @@
     attnplug eval                      # everything -> benchmarks/results/world_eval.{json,png}
     attnplug eval --part diffusion --cases radial,gna --prompts 24
     attnplug eval --smoke              # a minute: 2 prompts, 2 steps, tiny fine-tunes, into a temp dir
+    attnplug eval --part large         # the sparse variants at 2,112 tokens -> world_large_grid.{json,png}
 
 What is measured, and how a new variant joins: `attn_pipelines/world/evaluate.py` and docs/world.md.
 Smoke runs never write into benchmarks/results/ (their numbers are not results).
@@ -24,7 +25,12 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Any) -> None:
     e = sub.add_parser("eval", help="measure the variants on the synthetic world's trained models (JSON + plot)")
-    e.add_argument("--part", choices=("all", "diffusion", "vision"), default="all")
+    e.add_argument(
+        "--part",
+        choices=("all", "diffusion", "vision", "large"),
+        default="all",
+        help="large: radial / GNA / LiteAttention at 2,112 tokens (world/large_grid.py; not in all)",
+    )
     e.add_argument("--cases", default=None, help="comma-separated diffusion cases (default: all; see docs/world.md)")
     e.add_argument("--vision-models", default=None, help="comma-separated vision checkpoints (default: all)")
     e.add_argument("--prompts", type=int, default=None, help="one-object prompts per case (default 72: all)")
@@ -85,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     except WorldAssetsMissing as e:
         raise CLIError(str(e)) from None
     need = []
-    if args.part in ("all", "diffusion"):
+    if args.part in ("all", "diffusion", "large"):
         need += [root / T2V_DIR / "model_index.json", root / "classifier" / "model.safetensors"]
     missing = [str(p) for p in need if not p.is_file()]
     if missing:
@@ -116,6 +122,13 @@ def run(args: argparse.Namespace) -> int:
                                "checkpoints": {"t2v": str(root / T2V_DIR), "vision": sorted(CLASSIFIERS)}}  # fmt: skip
     log = lambda msg: print(f"attnplug eval: {msg}", flush=True)  # noqa: E731
     try:
+        if args.part == "large":  # its own file: a different grid, prompts and cases
+            from ..world import large_grid
+
+            res = large_grid.run_large(s, prompts=min(args.prompts or 8, 72), log=log)
+            js, png = large_grid.write(results | res, out)
+            print(f"attnplug: wrote {js} and {png}")
+            return 0
         if args.part in ("all", "diffusion"):
             results["diffusion"] = ev.run_diffusion(s, cases, log=log)
         if args.part in ("all", "vision"):

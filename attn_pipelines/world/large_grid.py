@@ -42,7 +42,7 @@ from .evaluate import load_world_pipeline as _load
 from .models import VIDEO, world_dir
 from .score import AttributeScorer
 
-__all__ = ["LARGE_LATENT_FRAMES", "LARGE_SUITE", "large_frames", "run_large", "main"]
+__all__ = ["LARGE_LATENT_FRAMES", "LARGE_SUITE", "large_frames", "run_large", "write", "main"]
 
 #: latent frames generated (x 8 x 8 tokens each): 33 -> 2,112 tokens (the training clip has 5)
 LARGE_LATENT_FRAMES = 33
@@ -183,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
            "threads": threads, "steps": a.steps, "seeds": list(seeds), "guidance": s.guidance,
            "dense_engine_block_density": os.environ.get("ATTNPLUG_DENSE_ENGINE_DENSITY"), **environment(),
            **res}  # fmt: skip
-    out = Path(a.out)
-    js = write_json(out / "world_large_grid.json", res)
-    png = plot(res, out / "world_large_grid.png")
+    js, png = write(res, Path(a.out))
     for name, e in res["cases"].items():
         print(f"{name:>11}: {json.dumps(e['summary'])}")
     print(f"wrote {js} and {png}")
     return 0
+
+
+def write(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """world_large_grid.json and its plot in `out`."""
+    return write_json(out / "world_large_grid.json", results), plot(results, out / "world_large_grid.png")
 
 
 if __name__ == "__main__":
