@@ -20,14 +20,17 @@ pipeline.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .unigram import unigram_tokenizer
+from .world.models import T2V_DIR, WorldAssetsMissing, world_dir
+
 __all__ = ["TINY_KINDS", "TINY_DEFAULTS", "UNTRAINED_NOTICE", "build_tiny_pipeline", "save_tiny_pipeline"]
 __all__ += ["WORLD_DEFAULTS", "WORLD_PROMPT", "WORLD_NOTICE", "NO_TRAINED_IMAGE_MODEL", "world_t2v_dir"]
+__all__ += ["unigram_tokenizer"]  # re-exported from attn_pipelines.unigram
 
 TINY_KINDS = ("wan", "flux")
 
@@ -65,61 +68,11 @@ NO_TRAINED_IMAGE_MODEL = (
 
 def world_t2v_dir() -> Path | None:
     """The world's trained text-to-video pipeline folder when it is present (a diffusers directory), else None."""
-    from .world.models import T2V_DIR, WorldAssetsMissing, world_dir
-
     try:
         d = world_dir() / T2V_DIR
     except WorldAssetsMissing:
         return None
     return d if (d / "model_index.json").is_file() and (d / "transformer").is_dir() else None
-
-
-_WORDS = (
-    "a an the of in on at with and to from by over under near fox cat dog bird fish horse car boat "
-    "tree forest river lake sea ocean mountain snow rain sun moon sky cloud city street night day "
-    "red green blue white black golden running flying walking jumping swimming sitting slow fast "
-    "camera shot close up wide view cinematic photo portrait painting style high quality detailed "
-    "blurry low worst bad ugly"
-).split()
-
-
-def unigram_tokenizer(model_max_length: int, *, bos: bool, words: Sequence[str] | None = None) -> Any:
-    """A small Unigram tokenizer (T5-style ids: <pad>=0, </s>=1, <unk>=2) wrapped for transformers.
-
-    `words` become whole-word pieces (default: a generic prompt vocabulary); anything else is
-    spelled out in single characters, so no prompt is ever out of vocabulary."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import Unigram
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "</s>", "<unk>"] + (["<s>"] if bos else [])
-    vocab = [(t, 0.0) for t in specials]
-    vocab += [("\u2581" + w, -2.0) for w in (_WORDS if words is None else words)]
-    vocab += [("\u2581", -4.0)]
-    vocab += [(c, -6.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"]
-    tok = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    eos_id = 1
-    if bos:
-        bos_id = specials.index("<s>")
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", bos_id), ("</s>", eos_id)]
-        )
-    else:
-        tok.post_processor = processors.TemplateProcessing(
-            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos_id)]
-        )
-    kw = {"bos_token": "<s>"} if bos else {}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        model_max_length=model_max_length,
-        **kw,
-    )
 
 
 def _build_wan() -> Any:

@@ -110,7 +110,6 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 KNOWN_CYCLES = [
     ["diffusion_attn", "diffusion_attn.guidance", "diffusion_attn.headhunter", "diffusion_attn.hooks",
      "diffusion_attn.variants", "diffusion_attn.variants.softpag"],
-    ["attn_pipelines.tiny", "attn_pipelines.world.models"],
     ["attn_pipelines.world.accuracy", "attn_pipelines.world.evaluate"],
 ]  # fmt: skip
 
@@ -145,8 +144,6 @@ FUNCTION_LEVEL_ALLOWED: dict[str, str] = {
     "diffusion_attn.headhunter": "cycle with diffusion_attn.hooks (KNOWN_CYCLES)",
     "diffusion_attn.hooks": "cycle with the diffusion_attn package (KNOWN_CYCLES)",
     "diffusion_attn.variants.softpag": "cycle with diffusion_attn.hooks (KNOWN_CYCLES)",
-    "attn_pipelines.tiny": "cycle with attn_pipelines.world.models (KNOWN_CYCLES)",
-    "attn_pipelines.world.models": "cycle with attn_pipelines.tiny (KNOWN_CYCLES)",
     "attn_pipelines.world.accuracy": "cycle with attn_pipelines.world.evaluate (KNOWN_CYCLES)",
     "attn_pipelines.world.evaluate": "cycle with attn_pipelines.world.accuracy (KNOWN_CYCLES)",
     "attn_kernels.triton_attention": "modifiers inside the launch functions (kernels rework by another engineer)",
@@ -184,7 +181,6 @@ FUNCTION_LEVEL_ALLOWED: dict[str, str] = {
     "attn_pipelines.world.t2i": "world script",
     "attn_pipelines.world.eval_t2i": "world script",
     "attn_pipelines.world.publish_t2i": "world script",
-    "attn_pipelines.world.large_grid": "world script",
     "diffusion_attn.lora": "the LoRA trainer loads the package's apply() only when training",
     "vision_attn.calibrate": "script: loads the fine-tuning stack only when run",
 }

@@ -20,6 +20,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..unigram import unigram_tokenizer
+from .data import VOCABULARY
+
 __all__ = [
     "ASSETS_PACKAGE",
     "WORLD_DIR_ENV",
@@ -151,9 +154,6 @@ def world_dir() -> Path:
 
 def world_tokenizer() -> Any:
     """The world's tokenizer (a `PreTrainedTokenizerFast` over `tokenizers`' Unigram, T5-style ids, 512 tokens)."""
-    from ..tiny import unigram_tokenizer
-    from .data import VOCABULARY
-
     return unigram_tokenizer(512, bos=False, words=VOCABULARY)
 
 
