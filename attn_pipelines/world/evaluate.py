@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,15 +136,17 @@ class _Density:
         self.values: list[float] = []
         self.sparse_values: list[float] = []  # the calls that ran sparse: the layouts the kernel saw
         # density walks every block row on the host: once per layout object (the runtimes cache their layouts),
-        # not once per attention call inside the timed generation; the layout is kept so its id stays unique
-        self._seen: dict[int, tuple[Any, float]] = {}
+        # not once per attention call inside the timed generation. Only a weak reference is kept: a variant that
+        # builds a layout per call (LiteAttention) must not have every layout, and the kernel plans cached on it,
+        # kept alive by the recorder (at 2,112 tokens that grew one eval process to 20 GB)
+        self._seen: dict[int, tuple[weakref.ref, float]] = {}
         for rt in getattr(handle, "runtimes", []):
             rt.plan = self._wrap(rt.plan)
 
     def _density(self, layout: Any) -> float:
         hit = self._seen.get(id(layout))
-        if hit is None:
-            hit = self._seen[id(layout)] = (layout, float(layout.density))
+        if hit is None or hit[0]() is not layout:  # new, or a dead layout's id reused
+            hit = self._seen[id(layout)] = (weakref.ref(layout), float(layout.density))
         return hit[1]
 
     def _wrap(self, plan_fn: Any) -> Any:
