@@ -81,7 +81,7 @@ class LengthSettings:
     clips: int = 200  # training clips per length
     data_seed: int = 22
     two_object_prob: float = 0.2  # as the base model's training data
-    steps: int = 1200
+    steps: int = 1000
     lr: float = 2e-4
     warmup: int = 50
     rank: int = 16
