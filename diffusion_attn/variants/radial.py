@@ -200,6 +200,7 @@ class Radial(Variant):
     def __post_init__(self) -> None:
         check_options(self)  # the ranges declared on the fields above
         self._cache: dict = {}  # static plans per (layout, device); not a dataclass field
+        self._resolved: dict[str, dict[str, Any]] = {}  # family -> settings (see resolved)
         if self.attention_sink is not None and not isinstance(self.attention_sink, bool):
             raise TypeError(f"Radial.attention_sink must be bool or None, got {self.attention_sink!r}")
 
@@ -207,7 +208,10 @@ class Radial(Variant):
     def resolved(self, family: str) -> dict[str, Any]:
         """The effective settings for an adapter family (None options replaced by its official defaults;
         ValueError when the family has none and an option is None)."""
-        return self.family_values(family)
+        hit = self._resolved.get(family)
+        if hit is None:  # once per family: the adapters' tables are read on the host, never per (compiled) call
+            hit = self._resolved[family] = self.family_values(family)
+        return hit
 
     def is_dense(self, ctx: AttnContext) -> bool:
         """True when this call runs dense (warm-up step, dense layer or dense last step)."""
