@@ -11,7 +11,11 @@ from attn_pipelines.cli import main
 SMALL = ["--steps", "1", "--height", "32", "--width", "32", "--no-progress"]
 
 
-def test_headhunt_resumes_and_its_result_drives_generate(tmp_path, capsys):
+def test_headhunt_resumes_and_its_result_drives_generate(tmp_path, capsys, monkeypatch):
+    # headhunt's embedded default is the tiny FLUX; generate's image default is the world's text-to-image model
+    # when installed: point the world at an empty folder so both use the tiny FLUX (the fallback)
+    (tmp_path / "no_world").mkdir()
+    monkeypatch.setenv("ATTNPLUG_WORLD_DIR", str(tmp_path / "no_world"))
     out = tmp_path / "hh.json"
     args = ["headhunt", "--prompt", "a fox", "--prompt", "a cat", "--out", str(out), *SMALL]
     assert main([*args, "--max-evaluations", "2"]) == 0
