@@ -57,12 +57,17 @@ def world_generate(steps: int = 20, guidance: float = 5.0) -> Callable[[Any, str
     return generate
 
 
-def _video_score(scorer: Any, video: np.ndarray, prompt: str) -> dict[str, float]:
-    """p: the classifier's mean probability of the requested class; direction_ok: tracked motion as captioned."""
+def _p_requested(scorer: Any, video: np.ndarray, prompt: str) -> float:
+    """The classifier's probability of the requested colour-and-shape class, averaged over the frames."""
     want = parse_caption(prompt)[0]
-    idx = scorer.classes.index(f"{want['color']}_{want['shape']}")
-    p = float(scorer.probs(video).mean(0)[idx])
-    return {"p": p, "direction_ok": float(direction_of(track(video)) == want["direction"])}
+    return float(scorer.probs(video).mean(0)[scorer.classes.index(f"{want['color']}_{want['shape']}")])
+
+
+def _video_score(scorer: Any, video: np.ndarray, prompt: str) -> dict[str, float]:
+    """p: `_p_requested`; direction_ok: the tracked motion goes the captioned way."""
+    want = parse_caption(prompt)[0]
+    return {"p": _p_requested(scorer, video, prompt),
+            "direction_ok": float(direction_of(track(video)) == want["direction"])}  # fmt: skip
 
 
 def attribute_objective(scorer: Any) -> Callable[[list[Any], list[tuple[str, int]]], float]:
@@ -117,7 +122,7 @@ def compare(pipe: Any, scorer: Any, configs: dict[str, dict | None], *, scale: f
             finally:
                 if handle is not None:
                     handle.remove()
-            rows.append({"prompt": prompt, **scorer.score(video, prompt), **_video_score(scorer, video, prompt),
+            rows.append({"prompt": prompt, **scorer.score(video, prompt), "p": _p_requested(scorer, video, prompt),
                          "crispness": crispness(video)})  # fmt: skip
         summary = {k: float(np.mean([float(r[k]) for r in rows]))
                    for k in ("attr_ok", "color_ok", "shape_ok", "direction_ok", "p", "crispness")}  # fmt: skip
