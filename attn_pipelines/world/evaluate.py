@@ -16,9 +16,9 @@ syntax and a kind, which decides what is measured:
 
 A case whose variant is not in `diffusion_attn.VARIANTS` when the eval runs is reported as
 `not available` (it is picked up by the next run once it lands); one whose variant does not apply
-to the Wan family (UNet-only or FLUX/SD3-only variants such as AgentSD and boundary attention, which
-need a text-to-image model the world does not have yet) as `not applicable`. Adding a variant is one
-`Case(...)` line in `SUITE` with an existing kind (see docs/world.md).
+to the Wan family (UNet-only or FLUX/SD3-only variants such as AgentSD and boundary attention, measured
+on the world's text-to-image model by `attn_pipelines.world.eval_t2i` instead) as `not applicable`.
+Adding a variant is one `Case(...)` line in `SUITE` with an existing kind (see docs/world.md).
 
 Vision: the shipped classifiers (a resnet10t CNN and a 6-block ViT, each trained on the world's
 18-class shapes and on scikit-learn's digits): top-1 of the original, of the model right after
@@ -28,10 +28,12 @@ injected model, and after the same fine-tune of the original (the control).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,11 +41,33 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffusion_attn.runtime import planner
+
 from .common import Timer, environment, write_json
 from .data import single_prompts
 from .models import CLASSIFIERS, T2V_DIR, VIDEO, world_dir
 
 __all__ = ["Case", "SUITE", "VISION_SUITE", "EvalSettings", "case_status", "run_diffusion", "run_vision", "plot"]
+
+
+#: where the image-only variants (AgentSD, boundary attention) are measured instead
+T2I_EVAL = "python -m attn_pipelines.world.eval_t2i -> benchmarks/results/world_t2i_eval.json"
+
+#: The eval measures what each layout does to the output, so a nearly dense layout runs through the sparse
+#: kernel too: the planner would otherwise hand it to the dense engine (`planner.DENSE_ENGINE_BLOCK_DENSITY`,
+#: 0.78 of the blocks), and radial at the world's 320 tokens (density 0.92) would read identical to dense.
+EVAL_DENSE_ENGINE_BLOCK_DENSITY = 1.01
+
+
+@contextlib.contextmanager
+def layouts_always_sparse(threshold: float = EVAL_DENSE_ENGINE_BLOCK_DENSITY) -> Iterator[None]:
+    """Within the block, the planner's dense-engine crossover is `threshold` (> 1: never), then restored."""
+    old = planner.DENSE_ENGINE_BLOCK_DENSITY
+    planner.DENSE_ENGINE_BLOCK_DENSITY = threshold
+    try:
+        yield
+    finally:
+        planner.DENSE_ENGINE_BLOCK_DENSITY = old
 
 
 @dataclass(frozen=True)
@@ -111,7 +135,7 @@ def case_status(case: Case, family: str = "wan") -> tuple[str, list | None]:
             return f"not available: diffusion_attn.{cls} does not exist yet", None
         if case.name == "boundary":
             why = "boundary attention guides UNet (SD 1.x/XL) and SD3 pipelines, the world's model is"
-            return f"not applicable: {why} {family} (no trained world text-to-image model yet)", None
+            return f"not applicable: {why} {family} (measured on the world's text-to-image model: {T2I_EVAL})", None
         return "ok", []
     variants = []
     for spec in case.attn:
@@ -124,7 +148,8 @@ def case_status(case: Case, family: str = "wan") -> tuple[str, list | None]:
             return f"error: {e}", None
         fams = getattr(v, "families", None)
         if fams is not None and family not in fams:
-            return f"not applicable: {name} supports {', '.join(fams)}, the world's video model is {family}", None
+            why = f"{name} supports {', '.join(fams)}, the world's video model is {family}"
+            return f"not applicable: {why} (image variants: {T2I_EVAL})", None
         variants.append(v)
     return "ok", variants
 
@@ -279,7 +304,14 @@ def load_world_pipeline(folder: str | Path | None = None) -> Any:
 
 
 def run_diffusion(s: EvalSettings, cases: tuple[Case, ...] = SUITE, log: Any = print) -> dict[str, Any]:
-    """Every case of `cases` against the plain model on the same prompts and seeds; returns the results dict."""
+    """Every case of `cases` against the plain model on the same prompts and seeds, each layout through the
+    sparse kernel (`layouts_always_sparse`); returns the results dict."""
+    with layouts_always_sparse():
+        out = _run_diffusion(s, cases, log)
+    return {**out, "dense_engine_block_density": EVAL_DENSE_ENGINE_BLOCK_DENSITY}
+
+
+def _run_diffusion(s: EvalSettings, cases: tuple[Case, ...], log: Any) -> dict[str, Any]:
     from .accuracy import colour_check
     from .score import AttributeScorer, color_error, crispness
 
@@ -311,6 +343,7 @@ def run_diffusion(s: EvalSettings, cases: tuple[Case, ...] = SUITE, log: Any = p
                 for p, seed in jobs:
                     video, sec, dens = generate(pipe, p, seed, s, variants)
                     row = {"prompt": p, "seed": seed, "seconds": sec, "density": dens, **scorer.score(video, p),
+                           **colour_check(video, p.split()[1], p.split()[-1]),
                            **_video_metrics(video, dense[(p, seed)])}  # fmt: skip
                     if case.kind == "guidance":
                         row |= {"crispness": crispness(video), "color_error": color_error(video, p.split()[1])}

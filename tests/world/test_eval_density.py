@@ -42,3 +42,28 @@ def test_density_recorder_keeps_no_layout_alive_and_reports_sparse_calls_apart()
     assert len(rec.values) == 21 and len(rec.sparse_values) == 20
     assert rec.sparse_values[0] == 0.75 and rec.values[-1] == 1.0  # 3 of 4 blocks; the dense call counts 1
     assert abs(rec.mean - (20 * 0.75 + 1.0) / 21) < 1e-12 and rec.sparse_mean == 0.75
+
+
+def test_the_eval_runs_nearly_dense_layouts_sparse_and_restores_the_crossover(monkeypatch):
+    """Radial keeps 92% of the world's 320-token pairs: above the planner's dense-engine crossover, so without
+    `layouts_always_sparse` the eval would measure the dense processor and call it radial."""
+    import diffusion_attn as da
+    from attn_pipelines.world.evaluate import EVAL_DENSE_ENGINE_BLOCK_DENSITY, layouts_always_sparse
+    from diffusion_attn.runtime import planner
+    from diffusion_attn.variants.base import AttnPlan
+
+    monkeypatch.setattr(planner, "DENSE_ENGINE_BLOCK_DENSITY", 0.78)
+    bm = torch.ones(1, 1, 10, 10, dtype=torch.bool)
+    bm.view(-1)[:8] = False  # 92 of 100 blocks
+    plan = AttnPlan(layout=BlockLayout.from_block_mask(bm, 160, 160, 16, 16))
+    assert planner.dense_engine_if_nearly_dense(plan, [da.Radial()]).is_dense  # the default routes it dense
+    with layouts_always_sparse():
+        assert planner.DENSE_ENGINE_BLOCK_DENSITY == EVAL_DENSE_ENGINE_BLOCK_DENSITY > 1
+        assert planner.dense_engine_if_nearly_dense(plan, [da.Radial()]) is plan
+    assert planner.DENSE_ENGINE_BLOCK_DENSITY == 0.78
+    try:
+        with layouts_always_sparse():
+            raise RuntimeError("a failing case")
+    except RuntimeError:
+        pass
+    assert planner.DENSE_ENGINE_BLOCK_DENSITY == 0.78
