@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffusion_attn.adapters import family_of_class
 from diffusion_attn.runtime import planner
 
 from .common import Timer, environment, write_json
@@ -49,6 +50,9 @@ from .models import CLASSIFIERS, T2V_DIR, VIDEO, world_dir
 
 __all__ = ["Case", "SUITE", "VISION_SUITE", "EvalSettings", "case_status", "run_diffusion", "run_vision", "plot"]
 
+
+#: the family of the world's video model, read from the adapters (`models.build_transformer` builds this class)
+WORLD_FAMILY = family_of_class("WanTransformer3DModel")
 
 #: where the image-only variants (AgentSD, boundary attention) are measured instead
 T2I_EVAL = "python -m attn_pipelines.world.eval_t2i -> benchmarks/results/world_t2i_eval.json"
@@ -122,7 +126,7 @@ class EvalSettings:
 
 
 # ----------------------------------------------------------------------------------------------- diffusion
-def case_status(case: Case, family: str = "wan") -> tuple[str, list | None]:
+def case_status(case: Case, family: str = WORLD_FAMILY) -> tuple[str, list | None]:
     """("ok", variants) when every variant of `case` exists and applies to `family`, else (reason, None)."""
     import diffusion_attn
     from attn_spec import parse_spec

@@ -204,6 +204,63 @@ class Adapter:
     #: the training objective of the family's scheduler: "flow" (flow matching, target noise - x0) or "ddpm"
     #: (noise / v prediction on the scheduler's own timesteps, CogVideoX)
     lora_objective: ClassVar[str] = "flow"
+    # -- official checkpoints (`diffusion_attn.checkpoints` builds its table from these) ----------------------
+    #: the family's official hub checkpoints, each the fields of a `diffusion_attn.checkpoints.Checkpoint` but
+    #: `family` (name, repo, pipeline, config, sizes, ...), `config_source` / `size_source` naming where the
+    #: numbers come from
+    official_checkpoints: ClassVar[tuple[dict[str, Any], ...]] = ()
+
+    @classmethod
+    def config_attention(cls, config: Any) -> tuple[int, int]:
+        """(heads, head dim) of one self-attention call of the model built from `config` (its config.json)."""
+        return int(config["num_attention_heads"]), int(config["attention_head_dim"])
+
+    @classmethod
+    def config_layers(cls, config: Any) -> int:
+        """Hooked self-attention layers of the model built from `config`."""
+        return int(config["num_layers"])
+
+    @classmethod
+    def config_with_layers(cls, config: Any, num_layers: int) -> dict:
+        """`config` with `num_layers` blocks of each kind (the real class at a small size)."""
+        c = dict(config)
+        c["num_layers"] = num_layers
+        return c
+
+    @classmethod
+    def config_latent_frames(cls, config: Any, frames: int, vae_temporal: int) -> int:
+        """Latent frames of `frames` video frames as the family's pipeline makes them."""
+        return (frames - 1) // vae_temporal + 1
+
+    @classmethod
+    def config_grid(
+        cls, config: Any, latent_frames: int, height: int, width: int, vae_spatial: int
+    ) -> tuple[int, int, int]:
+        """(frames, height, width) of visual tokens of `latent_frames` latent frames of `height` x `width` pixels:
+        the transformer's patchify (`patch_size`, `patch_size_t`: 1 when absent) of the VAE's latent."""
+        p, pt, s = config["patch_size"], config.get("patch_size_t") or 1, vae_spatial
+        return (latent_frames // pt, height // s // p, width // s // p)
+
+    @classmethod
+    def attention_levels(cls, config: Any) -> list[int]:
+        """Downsampling factors of the input token grid at which attention runs, highest resolution first (one
+        grid per call: [1]; `multilevel` families read their levels from `config`)."""
+        return [1]
+
+    @classmethod
+    def tiny_inputs(
+        cls,
+        checkpoint: Any,
+        model: nn.Module,
+        grid: tuple[int, int, int],
+        *,
+        batch: int,
+        text_len: int,
+        rnd: Callable[..., torch.Tensor],
+    ) -> dict[str, Any]:
+        """Forward arguments of `model` (built from `checkpoint`'s config) for a `grid` of visual tokens, shaped
+        as the family's pipeline passes them; `rnd(*shape)` draws the random tensors."""
+        raise ValueError(f"no forward inputs written for family {cls.name!r}")
 
     @classmethod
     def latent_rule(cls, model_dir: Any = None) -> LatentRule | None:

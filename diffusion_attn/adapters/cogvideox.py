@@ -8,6 +8,9 @@ directly, so diffusers' attention backend does not apply to it, with or without 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 import torch
 import torch.nn as nn
 
@@ -49,6 +52,74 @@ class CogVideoXSparseProcessor(SparseProcessor):
         return hidden_states, encoder_hidden_states
 
 
+# -- official checkpoints (diffusion_attn.checkpoints) ------------------------------------------------------
+# configs: diffusers scripts/convert_cogvideox_to_diffusers.py get_transformer_init_kwargs and its --num_layers /
+# --num_attention_heads help (1.0: 2B 30 layers, 30 heads, no RoPE; 5B 42 layers, 48 heads, RoPE; 1.5:
+# patch_size_t 2); sizes: CogVideoXPipeline's defaults from the transformer's sample_* (x VAE 8 = 480 x 720 x 49),
+# CogVideoX1.5 the diffusers docs' 768 x 1360 x 81; VAE 8x spatial / 4x temporal
+_COG = dict(
+    attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512, text_embed_dim=4096,
+    max_text_seq_length=226, temporal_compression_ratio=4, patch_size=2, use_learned_positional_embeddings=False,
+)  # fmt: skip
+_COG_10 = dict(_COG, patch_size_t=None, patch_bias=True, sample_height=60, sample_width=90, sample_frames=49)
+_COG_CHECKPOINTS = (
+    dict(
+        name="cogvideox-2b",
+        repo="THUDM/CogVideoX-2b",
+        pipeline="CogVideoXPipeline",
+        config=dict(_COG_10, num_layers=30, num_attention_heads=30, use_rotary_positional_embeddings=False),
+        config_source="diffusers scripts/convert_cogvideox_to_diffusers.py --version 1.0 (2B: 30 layers, "
+        "30 heads, no RoPE)",
+        sizes={"default": (480, 720, 49), "81f": (480, 720, 81)},
+        size_source="CogVideoXPipeline: sample_height/width x 8 = 480 x 720, sample_frames 49",
+        text_len=226,
+        notes="sincos position table for exactly 226 text tokens",
+    ),
+    dict(
+        name="cogvideox-5b",
+        repo="THUDM/CogVideoX-5b",
+        pipeline="CogVideoXPipeline",
+        config=dict(_COG_10, num_layers=42, num_attention_heads=48, use_rotary_positional_embeddings=True),
+        config_source="diffusers scripts/convert_cogvideox_to_diffusers.py --version 1.0 (5B: 42 layers, "
+        "48 heads, RoPE)",
+        sizes={"default": (480, 720, 49), "81f": (480, 720, 81)},
+        size_source="CogVideoXPipeline: sample_height/width x 8 = 480 x 720, sample_frames 49",
+        text_len=226,
+    ),
+    dict(
+        name="cogvideox1.5-5b",
+        repo="THUDM/CogVideoX1.5-5B",
+        pipeline="CogVideoXPipeline",
+        config=dict(
+            _COG,
+            num_layers=42,
+            num_attention_heads=48,
+            use_rotary_positional_embeddings=True,
+            patch_size_t=2,
+            patch_bias=False,
+            sample_height=300,
+            sample_width=300,
+            sample_frames=81,
+        ),
+        config_source="diffusers scripts/convert_cogvideox_to_diffusers.py --version 1.5 (patch_size_t 2)",
+        sizes={"default": (768, 1360, 81), "161f": (768, 1360, 161)},
+        size_source="diffusers cogvideox docs: T2V best at 1360 x 768, 81 or 161 frames (the pipeline's own "
+        "default, sample 300 x 8, is 2400 x 2400)",
+        text_len=226,
+        notes="latent frames padded to a multiple of patch_size_t=2 by the pipeline",
+    ),
+)
+
+
+def _pipeline_rope(config: Any, height: int, width: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary embedding `CogVideoXPipeline._prepare_rotary_positional_embeddings` passes (pixels in,
+    `frames` latent frames before the temporal patchify)."""
+    from diffusers import CogVideoXPipeline
+
+    fake = SimpleNamespace(transformer=SimpleNamespace(config=config), vae_scale_factor_spatial=8)
+    return CogVideoXPipeline._prepare_rotary_positional_embeddings(fake, height, width, frames, torch.device("cpu"))
+
+
 @register_adapter
 class CogVideoXAdapter(Adapter):
     name = "cogvideox"
@@ -65,6 +136,35 @@ class CogVideoXAdapter(Adapter):
     processors = {"CogVideoXAttnProcessor2_0": CogVideoXSparseProcessor}
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     lora_objective = "ddpm"
+    official_checkpoints = _COG_CHECKPOINTS
+
+    @classmethod
+    def config_latent_frames(cls, config, frames, vae_temporal):
+        """CogVideoX1.5's pipeline pads the latent frames to a multiple of patch_size_t."""
+        lf = (frames - 1) // vae_temporal + 1
+        pt = config.get("patch_size_t")
+        if pt:
+            lf = -(-lf // pt) * pt
+        return lf
+
+    @classmethod
+    def tiny_inputs(cls, checkpoint, model, grid, *, batch, text_len, rnd):
+        """Latents [B, F, C, H, W] and the T5 text (CogVideoX-2b's sincos position table covers exactly
+        `max_text_seq_length` text tokens: it always gets 226), the pipeline's RoPE where the model uses one."""
+        c = model.config
+        f, h, w = grid
+        pt = c.patch_size_t or 1
+        n_txt = c.max_text_seq_length if not c.use_rotary_positional_embeddings else text_len
+        kw = dict(
+            hidden_states=rnd(batch, f * pt, c.in_channels, h * c.patch_size, w * c.patch_size),
+            encoder_hidden_states=rnd(batch, n_txt, c.text_embed_dim),
+            timestep=torch.full((batch,), 900, dtype=torch.long),
+        )
+        if c.use_rotary_positional_embeddings:
+            kw["image_rotary_emb"] = _pipeline_rope(c, h * c.patch_size * 8, w * c.patch_size * 8, f * pt)
+        if c.ofs_embed_dim is not None:
+            kw["ofs"] = torch.full((batch,), 2.0)
+        return kw
 
     @classmethod
     def lora_inputs(cls, pipe, x, caption, text_len, device):

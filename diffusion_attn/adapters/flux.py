@@ -142,6 +142,63 @@ class FluxIPSparseProcessor(WrappedModuleProcessor, FluxSparseProcessor):
         return hidden_states, encoder_hidden_states, ip_attn_output
 
 
+# -- official checkpoints (diffusion_attn.checkpoints) ------------------------------------------------------
+# configs: the hub repo's transformer/config.json (no conversion script holds the numbers); sizes: FluxPipeline's
+# default_sample_size 128 x VAE 8 = 1024 (2048 / 4096 for high resolution: the GNA paper's 256 x 256 tokens);
+# VAE 8x, latents packed 2 x 2; text (T5, max_sequence_length) first in the joint attention
+_FLUX = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+_FLUX_CHECKPOINTS = (
+    dict(
+        name="flux.1-dev",
+        repo="black-forest-labs/FLUX.1-dev",
+        pipeline="FluxPipeline",
+        config=_FLUX,
+        config_source="hub transformer/config.json (= FluxTransformer2DModel defaults, guidance_embeds true)",
+        sizes={"default": (1024, 1024, 1), "2048": (2048, 2048, 1), "4096": (4096, 4096, 1)},
+        size_source="FluxPipeline default_sample_size 128 x 8 = 1024; 2048 / 4096 for high resolution (GNA "
+        "paper: 256 x 256 tokens)",
+        text_len=512,
+        notes="guidance-distilled: no CFG, guidance as an embedding",
+    ),
+    dict(
+        name="flux.1-schnell",
+        repo="black-forest-labs/FLUX.1-schnell",
+        pipeline="FluxPipeline",
+        config=dict(_FLUX, guidance_embeds=False),
+        config_source="hub transformer/config.json (guidance_embeds false: timestep-distilled)",
+        sizes={"default": (1024, 1024, 1)},
+        size_source="FluxPipeline default 1024; max_sequence_length 256",
+        text_len=256,
+    ),
+    dict(
+        name="flux.1-fill-dev",
+        repo="black-forest-labs/FLUX.1-Fill-dev",
+        pipeline="FluxFillPipeline",
+        config=dict(_FLUX, in_channels=384, out_channels=64),
+        config_source="hub transformer/config.json (in_channels 384 = 64 latent + 64 masked image + 256 mask)",
+        sizes={"default": (1024, 1024, 1)},
+        size_source="FluxFillPipeline default 1024 (guidance 30)",
+        text_len=512,
+    ),
+    dict(
+        name="flux.1-kontext-dev",
+        repo="black-forest-labs/FLUX.1-Kontext-dev",
+        pipeline="FluxKontextPipeline",
+        config=_FLUX,
+        config_source="hub transformer/config.json (same transformer config as FLUX.1-dev)",
+        sizes={"default": (1024, 1024, 1)},
+        size_source="FluxKontextPipeline max_area 1024 ** 2",
+        text_len=512,
+        extra_tokens=4096,
+        notes="the reference image's 4096 tokens are appended after the generated image's (img_ids[..., 0] = 1): "
+        "attnplug refuses them at the first forward",
+    ),
+)
+
+
 @register_adapter
 class FluxAdapter(Adapter):
     name = "flux"
@@ -152,6 +209,44 @@ class FluxAdapter(Adapter):
     processors = {"FluxAttnProcessor": FluxSparseProcessor, "FluxIPAdapterAttnProcessor": FluxIPSparseProcessor}
     grid_inputs = ("hidden_states", "img_ids")
     pipelines = ("FluxPipeline",)
+    official_checkpoints = _FLUX_CHECKPOINTS
+
+    @classmethod
+    def config_layers(cls, config):
+        """Dual- plus single-stream blocks."""
+        return int(config["num_layers"]) + int(config["num_single_layers"])
+
+    @classmethod
+    def config_with_layers(cls, config, num_layers):
+        """`num_layers` dual- and single-stream blocks."""
+        c = dict(config)
+        c.update(num_layers=num_layers, num_single_layers=num_layers)
+        return c
+
+    @classmethod
+    def config_grid(cls, config, latent_frames, height, width, vae_spatial):
+        """Latents rounded down to a multiple of 2, then packed 2 x 2 (the config's patch_size 1 applies after)."""
+        return (1, (height // vae_spatial) // 2, (width // vae_spatial) // 2)
+
+    @classmethod
+    def tiny_inputs(cls, checkpoint, model, grid, *, batch, text_len, rnd):
+        """Packed latents [B, H x W, C] with their position ids, T5 text, pooled CLIP, guidance 3.5 when embedded."""
+        c = model.config
+        _, h, w = grid
+        img_ids = torch.zeros(h * w, 3)
+        img_ids[:, 1] = torch.arange(h).repeat_interleave(w)
+        img_ids[:, 2] = torch.arange(w).repeat(h)
+        kw = dict(
+            hidden_states=rnd(batch, h * w, c.in_channels),
+            encoder_hidden_states=rnd(batch, text_len, c.joint_attention_dim),
+            pooled_projections=rnd(batch, c.pooled_projection_dim),
+            timestep=torch.full((batch,), 0.9),
+            img_ids=img_ids,
+            txt_ids=torch.zeros(text_len, 3),
+        )
+        if c.guidance_embeds:
+            kw["guidance"] = torch.full((batch,), 3.5)
+        return kw
 
     @classmethod
     def encode_prompt(cls, pipe, prompt, device, max_sequence_length):

@@ -87,6 +87,33 @@ class HunyuanVideoSparseProcessor(SparseProcessor):
         return hidden_states, encoder_hidden_states
 
 
+# -- official checkpoints (diffusion_attn.checkpoints) ------------------------------------------------------
+# config: diffusers scripts/convert_hunyuan_video_to_diffusers.py TRANSFORMER_CONFIGS; size: HunyuanVideoPipeline's
+# __call__ defaults 720 x 1280 x 129, VAE 8x spatial / 4x temporal; the GNA paper's / NATTEN docs' 30 x 48 x 80 grid
+_HUNYUAN = dict(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56), image_condition_type=None,
+)  # fmt: skip
+_HUNYUAN_CHECKPOINTS = (
+    dict(
+        name="hunyuanvideo",
+        repo="hunyuanvideo-community/HunyuanVideo",
+        pipeline="HunyuanVideoPipeline",
+        config=_HUNYUAN,
+        config_source="diffusers scripts/convert_hunyuan_video_to_diffusers.py TRANSFORMER_CONFIGS"
+        "['HYVideo-T/2-cfgdistill']",
+        sizes={"default": (720, 1280, 129), "gna-paper": (768, 1280, 117), "2x": (720, 1280, 257)},
+        size_source="HunyuanVideoPipeline.__call__ defaults 720 x 1280 x 129; GNA paper / NATTEN docs grid "
+        "30 x 48 x 80 (768 x 1280 x 117)",
+        text_len=256,
+        notes="text (max_sequence_length 256) after the video, padded keys masked; "
+        "guidance-distilled (guidance embedding)",
+    ),
+)
+
+
 @register_adapter
 class HunyuanVideoAdapter(Adapter):
     name = "hunyuan_video"
@@ -103,6 +130,34 @@ class HunyuanVideoAdapter(Adapter):
     }
     processors = {"HunyuanVideoAttnProcessor2_0": HunyuanVideoSparseProcessor}
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    official_checkpoints = _HUNYUAN_CHECKPOINTS
+
+    @classmethod
+    def config_layers(cls, config):
+        """Dual- plus single-stream blocks."""
+        return int(config["num_layers"]) + int(config["num_single_layers"])
+
+    @classmethod
+    def config_with_layers(cls, config, num_layers):
+        """`num_layers` dual- and single-stream blocks, one token-refiner block."""
+        c = dict(config)
+        c.update(num_layers=num_layers, num_single_layers=num_layers)
+        c["num_refiner_layers"] = 1
+        return c
+
+    @classmethod
+    def tiny_inputs(cls, checkpoint, model, grid, *, batch, text_len, rnd):
+        """Latents [B, C, F, H, W], the text with its attention mask, the pooled projection, guidance 6.0 (x 1000)."""
+        c = model.config
+        f, h, w = grid
+        return dict(
+            hidden_states=rnd(batch, c.in_channels, f, h * c.patch_size, w * c.patch_size),
+            timestep=torch.full((batch,), 900.0),
+            encoder_hidden_states=rnd(batch, text_len, c.text_embed_dim),
+            encoder_attention_mask=torch.ones(batch, text_len, dtype=torch.long),
+            pooled_projections=rnd(batch, c.pooled_projection_dim),
+            guidance=torch.full((batch,), 6000.0),
+        )
 
     @classmethod
     def lora_inputs(cls, pipe, x, caption, text_len, device):

@@ -8,6 +8,7 @@ height, width, ...); image-to-video passes per-token timesteps [B, N] (0 on the 
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from .base import Adapter, SparseProcessor, hidden_states_arg, register_adapter
@@ -39,6 +40,45 @@ class LTXVideoSparseProcessor(SparseProcessor):
         return attn.to_out[1](attn.to_out[0](hidden_states))
 
 
+# -- official checkpoints (diffusion_attn.checkpoints) ------------------------------------------------------
+# configs: diffusers scripts/convert_ltx_to_diffusers.py get_transformer_config (the 2B transformer of 0.9.0 /
+# 0.9.1 / 0.9.5, the 13B of 0.9.7); sizes: LTXPipeline / LTXConditionPipeline __call__ defaults 512 x 704 x 161;
+# VAE 32x spatial / 8x temporal, patch 1; text enters through the cross-attention
+_LTX = dict(
+    in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32,
+    activation_fn="gelu-approximate", qk_norm="rms_norm_across_heads", norm_elementwise_affine=False, norm_eps=1e-6,
+    caption_channels=4096, attention_bias=True, attention_out_bias=True,
+)  # fmt: skip
+_LTX_CHECKPOINTS = (
+    dict(
+        name="ltx-video-0.9.x-2b",
+        repo="Lightricks/LTX-Video",
+        pipeline="LTXPipeline",
+        config=dict(_LTX, attention_head_dim=64, cross_attention_dim=2048, num_layers=28),
+        config_source="diffusers scripts/convert_ltx_to_diffusers.py get_transformer_config (0.9.0 / 0.9.1 / "
+        "0.9.5: the 2B transformer)",
+        sizes={"default": (512, 704, 161), "768x512x121": (512, 768, 121)},
+        size_source="LTXPipeline.__call__ defaults 512 x 704 x 161",
+        cross_len=128,
+        vae_spatial=32,
+        vae_temporal=8,
+        notes="0.9.1 / 0.9.5 differ in the VAE (timestep-aware decoder), not the transformer",
+    ),
+    dict(
+        name="ltx-video-0.9.7-13b",
+        repo="Lightricks/LTX-Video-0.9.7-dev",
+        pipeline="LTXConditionPipeline",
+        config=dict(_LTX, attention_head_dim=128, cross_attention_dim=4096, num_layers=48),
+        config_source="diffusers scripts/convert_ltx_to_diffusers.py get_transformer_config('0.9.7')",
+        sizes={"default": (512, 704, 161)},
+        size_source="LTXConditionPipeline.__call__ defaults 512 x 704 x 161",
+        cross_len=256,
+        vae_spatial=32,
+        vae_temporal=8,
+    ),
+)
+
+
 @register_adapter
 class LTXVideoAdapter(Adapter):
     name = "ltx_video"
@@ -52,6 +92,22 @@ class LTXVideoAdapter(Adapter):
     processors = {"LTXVideoAttnProcessor": LTXVideoSparseProcessor}
     grid_inputs = ("hidden_states", "num_frames", "height", "width")
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    official_checkpoints = _LTX_CHECKPOINTS
+
+    @classmethod
+    def tiny_inputs(cls, checkpoint, model, grid, *, batch, text_len, rnd):
+        """Packed tokens [B, F x H x W, C] with their grid, the T5 text and its attention mask."""
+        c = model.config
+        f, h, w = grid
+        return dict(
+            hidden_states=rnd(batch, f * h * w, c.in_channels),
+            encoder_hidden_states=rnd(batch, text_len, c.caption_channels),
+            timestep=torch.full((batch,), 900.0),
+            encoder_attention_mask=torch.ones(batch, text_len, dtype=torch.long),
+            num_frames=f,
+            height=h,
+            width=w,
+        )
 
     @classmethod
     def lora_inputs(cls, pipe, x, caption, text_len, device):

@@ -104,6 +104,74 @@ class SD3IPSparseProcessor(WrappedModuleProcessor, SD3SparseProcessor):
         return hidden_states
 
 
+# -- official checkpoints (diffusion_attn.checkpoints) ------------------------------------------------------
+# configs: the hub repo's transformer/config.json (diffusers scripts/convert_sd3_to_diffusers.py: heads = layers,
+# head dim 64, the position-embedding size and SD3.5's dual-attention layers read from the checkpoint); sizes:
+# StableDiffusion3Pipeline's default_sample_size 128 x VAE 8 = 1024; text (77 CLIP + 256 T5 tokens) after the image
+_SD3 = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64, joint_attention_dim=4096,
+    pooled_projection_dim=2048,
+)  # fmt: skip
+_SD3_CHECKPOINTS = (
+    dict(
+        name="sd3-medium",
+        repo="stabilityai/stable-diffusion-3-medium-diffusers",
+        pipeline="StableDiffusion3Pipeline",
+        config=dict(
+            _SD3,
+            num_layers=24,
+            num_attention_heads=24,
+            caption_projection_dim=1536,
+            pos_embed_max_size=192,
+            qk_norm=None,
+            dual_attention_layers=(),
+        ),
+        config_source="hub transformer/config.json (scripts/convert_sd3_to_diffusers.py: heads = layers)",
+        sizes={"default": (1024, 1024, 1)},
+        size_source="StableDiffusion3Pipeline default_sample_size 128 x 8",
+        text_len=333,
+        notes="text = 77 CLIP + 256 T5 tokens, after the image",
+    ),
+    dict(
+        name="sd3.5-medium",
+        repo="stabilityai/stable-diffusion-3.5-medium",
+        pipeline="StableDiffusion3Pipeline",
+        config=dict(
+            _SD3,
+            num_layers=24,
+            num_attention_heads=24,
+            caption_projection_dim=1536,
+            pos_embed_max_size=384,
+            qk_norm="rms_norm",
+            dual_attention_layers=tuple(range(13)),
+        ),
+        config_source="hub transformer/config.json (MMDiT-X: dual attention in blocks 0-12, qk rms_norm)",
+        sizes={"default": (1024, 1024, 1), "1440": (1440, 1440, 1)},
+        size_source="StableDiffusion3Pipeline default 1024 (pos_embed_max_size 384 allows up to 1536)",
+        text_len=333,
+        notes="blocks 0-12 add an image-only self-attention attn2 (dual attention)",
+    ),
+    dict(
+        name="sd3.5-large",
+        repo="stabilityai/stable-diffusion-3.5-large",
+        pipeline="StableDiffusion3Pipeline",
+        config=dict(
+            _SD3,
+            num_layers=38,
+            num_attention_heads=38,
+            caption_projection_dim=2432,
+            pos_embed_max_size=192,
+            qk_norm="rms_norm",
+            dual_attention_layers=(),
+        ),
+        config_source="hub transformer/config.json",
+        sizes={"default": (1024, 1024, 1)},
+        size_source="StableDiffusion3Pipeline default 1024",
+        text_len=333,
+    ),
+)
+
+
 @register_adapter
 class SD3Adapter(Adapter):
     name = "sd3"
@@ -114,6 +182,33 @@ class SD3Adapter(Adapter):
         "JointAttnProcessor2_0": SD3SparseProcessor,
         "SD3IPAdapterJointAttnProcessor2_0": SD3IPSparseProcessor,
     }
+    official_checkpoints = _SD3_CHECKPOINTS
+
+    @classmethod
+    def config_layers(cls, config):
+        """The joint blocks and the dual-attention blocks' image-only attn2 (SD3.5 medium)."""
+        return int(config["num_layers"]) + len(config.get("dual_attention_layers", ()))
+
+    @classmethod
+    def config_with_layers(cls, config, num_layers):
+        """`num_layers` blocks (at least 2 when the config has dual-attention layers), keeping the dual-attention
+        layers below the last block."""
+        c = dict(config)
+        c["num_layers"] = max(num_layers, 2) if c.get("dual_attention_layers") else num_layers
+        c["dual_attention_layers"] = tuple(i for i in c.get("dual_attention_layers", ()) if i < c["num_layers"] - 1)
+        return c
+
+    @classmethod
+    def tiny_inputs(cls, checkpoint, model, grid, *, batch, text_len, rnd):
+        """Latents [B, C, H, W], the joint text, pooled CLIP."""
+        c = model.config
+        _, h, w = grid
+        return dict(
+            hidden_states=rnd(batch, c.in_channels, h * c.patch_size, w * c.patch_size),
+            encoder_hidden_states=rnd(batch, text_len, c.joint_attention_dim),
+            pooled_projections=rnd(batch, c.pooled_projection_dim),
+            timestep=torch.full((batch,), 900.0),
+        )
 
     @classmethod
     def encode_prompt(cls, pipe, prompt, device, max_sequence_length):

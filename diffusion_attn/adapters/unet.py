@@ -151,6 +151,57 @@ def _levels(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
     return out
 
 
+# -- official checkpoints (diffusion_attn.checkpoints) ------------------------------------------------------
+# configs: the hub repo's unet/config.json; sizes: the pipelines' sample_size x VAE 8 (SD 1.5 64 x 8 = 512, SDXL
+# 128 x 8 = 1024); text through the cross-attention (77 CLIP tokens); the token grid is the latent, attention runs
+# at the levels of its CrossAttn blocks (SD 1.5: from the latent itself; SDXL: from 1/2 of it)
+_UNET15 = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
+)  # fmt: skip
+_UNETXL = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)  # fmt: skip
+_UNET_CHECKPOINTS = (
+    dict(
+        name="sd1.5",
+        repo="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        pipeline="StableDiffusionPipeline",
+        config=_UNET15,
+        config_source="hub unet/config.json",
+        sizes={"default": (512, 512, 1)},
+        size_source="StableDiffusionPipeline: sample_size 64 x 8 = 512",
+        cross_len=77,
+        notes="8 heads of 40..160 dims per level (attention_head_dim 8 = heads)",
+    ),
+    dict(
+        name="sdxl-base-1.0",
+        repo="stabilityai/stable-diffusion-xl-base-1.0",
+        pipeline="StableDiffusionXLPipeline",
+        config=_UNETXL,
+        config_source="hub unet/config.json",
+        sizes={"default": (1024, 1024, 1)},
+        size_source="StableDiffusionXLPipeline: sample_size 128 x 8 = 1024",
+        cross_len=77,
+        notes="micro-conditioning: text_time embedding (pooled 1280 + 6 size / crop ids x 256)",
+    ),
+)
+
+
+def _top_level(config: Any) -> tuple[int, int]:
+    """(channels, heads) of the UNet's highest-resolution attention level."""
+    i = next(i for i, t in enumerate(config["down_block_types"]) if t.startswith("CrossAttn"))
+    dims = config["attention_head_dim"]  # diffusers' UNet name for the head COUNT
+    heads = dims[i] if isinstance(dims, (tuple, list)) else dims
+    return int(config["block_out_channels"][i]), int(heads)
+
+
 @register_adapter
 class UNetAdapter(Adapter):
     name = "unet"
@@ -160,6 +211,63 @@ class UNetAdapter(Adapter):
     grid_inputs = ("sample",)
     multilevel = True
     pipelines = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+    official_checkpoints = _UNET_CHECKPOINTS
+
+    @classmethod
+    def config_attention(cls, config):
+        """At the highest-resolution attention level."""
+        ch, heads = _top_level(config)
+        return heads, ch // heads
+
+    @classmethod
+    def config_layers(cls, config):
+        """Every BasicTransformerBlock: the down levels with attention, their mirrored up levels, the mid block."""
+        types, lpb = config["down_block_types"], int(config["layers_per_block"])
+        tl = config.get("transformer_layers_per_block", 1)
+        tl = tuple(tl) if isinstance(tl, (tuple, list)) else (tl,) * len(types)
+        n = tl[-1]  # mid block
+        for i, t in enumerate(types):
+            if t.startswith("CrossAttn"):
+                n += lpb * tl[i] + (lpb + 1) * tl[i]  # down level and its mirrored up level
+        return n
+
+    @classmethod
+    def config_with_layers(cls, config, num_layers):
+        """One resnet and one transformer block per level (whatever `num_layers`)."""
+        c = dict(config)
+        c["layers_per_block"] = 1
+        if "transformer_layers_per_block" in c:
+            c["transformer_layers_per_block"] = 1
+        return c
+
+    @classmethod
+    def config_grid(cls, config, latent_frames, height, width, vae_spatial):
+        """The latent (attention levels at `attention_levels` of it)."""
+        return (1, height // vae_spatial, width // vae_spatial)
+
+    @classmethod
+    def attention_levels(cls, config):
+        """Downsampling factors of the levels that have attention (down path order)."""
+        out, ds = [], 1
+        for t in config["down_block_types"]:
+            if t.startswith("CrossAttn"):
+                out.append(ds)
+            ds *= 2
+        return out
+
+    @classmethod
+    def tiny_inputs(cls, checkpoint, model, grid, *, batch, text_len, rnd):
+        """The latent sample, 77 CLIP tokens; SDXL's micro-conditioning (pooled text + 6 size / crop ids)."""
+        c = model.config
+        _, h, w = grid
+        kw = dict(sample=rnd(batch, c.in_channels, h, w), timestep=torch.full((batch,), 900.0),
+                  encoder_hidden_states=rnd(batch, 77, c.cross_attention_dim))  # fmt: skip
+        if c.addition_embed_type == "text_time":  # SDXL micro-conditioning: pooled text + 6 size / crop ids
+            pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+            ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(batch, 1)
+            dtype = next(model.parameters()).dtype
+            kw["added_cond_kwargs"] = {"text_embeds": rnd(batch, pooled), "time_ids": ids.to(dtype)}
+        return kw
 
     @classmethod
     def encode_prompt(cls, pipe, prompt, device, max_sequence_length):

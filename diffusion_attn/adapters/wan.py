@@ -105,6 +105,99 @@ class WanCrossProcessor(SparseProcessor):
         return attn.to_out[1](attn.to_out[0](out))
 
 
+# -- official checkpoints (diffusion_attn.checkpoints) ------------------------------------------------------
+# configs: diffusers scripts/convert_wan_to_diffusers.py get_transformer_config(key) (every Wan2.1 / 2.2 model,
+# Wan2.2's boundary_ratio and TI2V's expand_timesteps); sizes: WanPipeline.__call__ defaults 480 x 832 x 81, or
+# the size the checkpoint was trained at (14B / 720P: 720 x 1280; TI2V-5B: 704 x 1280 x 121, its model card);
+# VAE 8x spatial / 4x temporal (Wan2.2 TI2V-5B: 16x / 4x); text enters through the cross-attention (512 tokens)
+_WAN_SRC = "diffusers scripts/convert_wan_to_diffusers.py get_transformer_config({!r})"
+_WAN = dict(
+    attention_head_dim=128, cross_attn_norm=True, eps=1e-6, freq_dim=256, out_channels=16, patch_size=(1, 2, 2),
+    qk_norm="rms_norm_across_heads", text_dim=4096, rope_max_seq_len=1024,
+)  # fmt: skip
+_WAN_13B = dict(_WAN, num_attention_heads=12, ffn_dim=8960, in_channels=16, num_layers=30, added_kv_proj_dim=None)
+_WAN_14B = dict(_WAN, num_attention_heads=40, ffn_dim=13824, in_channels=16, num_layers=40, added_kv_proj_dim=None)
+_WAN_I2V = dict(_WAN_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+_P480 = {"default": (480, 832, 81), "720p": (720, 1280, 81)}
+_P720 = {"default": (720, 1280, 81), "480p": (480, 832, 81)}
+_WAN_PIPE = "WanPipeline.__call__ defaults 480 x 832 x 81"
+_WAN_720 = "Wan2.1 14B / 720P checkpoints: 720 x 1280 x 81 (diffusers wan docs, max_area 720 * 1280)"
+
+
+def _wan(name, repo, key, config, sizes, size_source, **kw) -> dict:
+    """One Wan checkpoint's `Checkpoint` fields (image-to-video names load WanImageToVideoPipeline)."""
+    pipe = "WanImageToVideoPipeline" if "i2v" in name else "WanPipeline"
+    return dict(
+        name=name, repo=repo, pipeline=pipe, config=config, config_source=_WAN_SRC.format(key), sizes=sizes,
+        size_source=size_source, cross_len=512, **kw,
+    )  # fmt: skip
+
+
+_WAN_CHECKPOINTS = (
+    _wan("wan2.1-t2v-1.3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "Wan-T2V-1.3B", _WAN_13B, _P480, _WAN_PIPE),
+    _wan("wan2.1-t2v-14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-T2V-14B", _WAN_14B, _P720, _WAN_720),
+    _wan(
+        "wan2.1-i2v-14b-480p",
+        "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+        "Wan-I2V-14B-480p",
+        _WAN_I2V,
+        _P480,
+        _WAN_PIPE,
+        notes="image conditioning: 36 input channels and 257 CLIP image tokens in every attn2",
+    ),
+    _wan(
+        "wan2.1-i2v-14b-720p",
+        "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+        "Wan-I2V-14B-720p",
+        _WAN_I2V,
+        _P720,
+        _WAN_720,
+        notes="image conditioning: 36 input channels and 257 CLIP image tokens in every attn2",
+    ),
+    _wan(
+        "wan2.2-t2v-a14b",
+        "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+        "Wan2.2-T2V-A14B",
+        _WAN_14B,
+        _P720,
+        _WAN_720,
+        experts=2,
+        pipeline_kwargs={"boundary_ratio": 0.875},
+        notes="two experts (transformer, transformer_2), switched at boundary_ratio 0.875 of the timesteps",
+    ),
+    _wan(
+        "wan2.2-i2v-a14b",
+        "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+        "Wan2.2-I2V-14B-720p",
+        dict(_WAN_14B, in_channels=36),
+        _P720,
+        _WAN_720,
+        experts=2,
+        pipeline_kwargs={"boundary_ratio": 0.9},
+        notes="two experts switched at boundary_ratio 0.9; image latents as 20 extra channels, no CLIP tokens",
+    ),
+    _wan(
+        "wan2.2-ti2v-5b",
+        "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+        "Wan2.2-TI2V-5B",
+        dict(
+            _WAN,
+            num_attention_heads=24,
+            ffn_dim=14336,
+            in_channels=48,
+            out_channels=48,
+            num_layers=30,
+            added_kv_proj_dim=None,
+        ),
+        {"default": (704, 1280, 121), "pipeline": (480, 832, 81)},
+        "model card: 720P 1280 x 704 at 24 fps, 121 frames; WanPipeline defaults 480 x 832 x 81",
+        vae_spatial=16,
+        pipeline_kwargs={"expand_timesteps": True},
+        notes="Wan2.2 VAE (z_dim 48, 16x spatial); per-token timesteps (expand_timesteps=True)",
+    ),
+)
+
+
 @register_adapter
 class WanAdapter(Adapter):
     name = "wan"
@@ -124,6 +217,31 @@ class WanAdapter(Adapter):
         # RIFLEx: intrinsic temporal frequency k (1-based), official value
         "riflex": {"k": 6},
     }
+    official_checkpoints = _WAN_CHECKPOINTS
+
+    @classmethod
+    def config_grid(cls, config, latent_frames, height, width, vae_spatial):
+        """The (t, h, w) patch of `patch_size`."""
+        pt, ph, pw = config["patch_size"]
+        return (latent_frames // pt, height // vae_spatial // ph, width // vae_spatial // pw)
+
+    @classmethod
+    def tiny_inputs(cls, checkpoint, model, grid, *, batch, text_len, rnd):
+        """Latents [B, C, F, H, W], UMT5 embeddings; Wan2.1 I2V's CLIP image tokens, Wan2.2 TI2V's per-token
+        timesteps."""
+        c = model.config
+        f, h, w = grid
+        pt, ph, pw = c.patch_size
+        kw = dict(
+            hidden_states=rnd(batch, c.in_channels, f * pt, h * ph, w * pw),
+            encoder_hidden_states=rnd(batch, text_len, c.text_dim),
+            timestep=torch.full((batch,), 900.0),
+        )
+        if c.image_dim is not None:  # Wan2.1 I2V: CLIP ViT-H/14 image tokens (257)
+            kw["encoder_hidden_states_image"] = rnd(batch, 257, c.image_dim)
+        if checkpoint.pipeline_kwargs.get("expand_timesteps"):  # Wan2.2 TI2V: per-token timesteps
+            kw["timestep"] = torch.full((batch, f * h * w), 900.0)
+        return kw
 
     @classmethod
     def lora_inputs(cls, pipe, x, caption, text_len, device):
