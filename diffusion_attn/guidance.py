@@ -30,6 +30,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
+from .hooks import apply
 from .variants.softpag import SoftPAG
 
 if TYPE_CHECKING:
@@ -89,8 +90,6 @@ class SoftPAGGuidance(BaseGuidance):
         """The attnplug runtime of `denoiser` that carries a guider-driven SoftPAG (applying one if needed)."""
         handle = getattr(denoiser, "_attnplug_handle", None)
         if handle is None:
-            from .hooks import apply
-
             handle = apply(denoiser, self._variant, step_source="callback")
             self._handles[id(denoiser)] = handle
         ours = [v for v in handle.variants if isinstance(v, SoftPAG)]

@@ -42,7 +42,10 @@ from typing import Any
 
 import torch
 
+from .adapters import find_adapter
+from .caches import HOOK_NAME
 from .clock import timestep_value
+from .hooks import _transformers_of, apply
 from .variants.softpag import HEADS_FORMAT, SoftPAG
 
 __all__ = [
@@ -72,9 +75,6 @@ def _unkey(text: str) -> tuple[int, int]:
 
 def model_signature(pipe: Any) -> dict[str, Any]:
     """Family, class, hooked attention layer names and heads per layer of the (first) denoiser of `pipe`."""
-    from .adapters import find_adapter
-    from .hooks import _transformers_of
-
     models, _ = _transformers_of(pipe)
     model = models[0][1]
     adapter = find_adapter(model)
@@ -198,9 +198,6 @@ class _StepGuard:
     docstring). Reads the timestep on the host: the search's generations only, never a user's pipeline call."""
 
     def __init__(self, model: torch.nn.Module, handle: Any) -> None:
-        from .adapters import find_adapter
-        from .hooks import HOOK_NAME
-
         self.model, self.adapter, self.hook_name = model, find_adapter(model), HOOK_NAME
         self.seen: set[tuple[float | None, int]] = set()
         self._handle = model.register_forward_pre_hook(self, with_kwargs=True)
@@ -418,8 +415,6 @@ class HeadHunter:
     # -- search -------------------------------------------------------------------------------------------------
     def score(self, heads: Sequence[tuple[int, int]]) -> float:
         """The objective over the M pairs with SoftPAG on `heads` (applied for these generations only)."""
-        from .hooks import apply
-
         handle = apply(self.pipe, SoftPAG(scale=self.scale, u=self.u, heads=tuple(heads)), **self.apply_kwargs)
         guards = _one_call_per_step(handle)
         try:

@@ -49,15 +49,19 @@ import torch.nn as nn
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from attn_kernels import BACKENDS
+from attn_spec import Spec, SpecError, build, parse_spec
+
 from .adapters import find_adapter
 from .adapters.base import Adapter, SparseProcessor, logger
+from .caches import HOOK_NAME, find_caches
 from .clock import STEP_SOURCES, StepClock, timestep_value
 from .runtime import AttnRuntime
+from .variants import VARIANTS
 from .variants.base import Variant
 
 __all__ = ["AttnHandle", "apply", "apply_pretrained", "load_config", "find_caches", "CONFIG_NAME", "HOOK_NAME"]
 
-HOOK_NAME = "attnplug_step"
 _CP_INPUT = "cp_input---"
 #: file `handle.save_pretrained` (and `save_pretrained` of a model / pipeline while applied) writes
 CONFIG_NAME = "attnplug_config.json"
@@ -65,37 +69,6 @@ CONFIG_FORMAT = "attnplug-config"
 #: marks the error a traced forward raises for a (shapes, phase) never run eagerly; the compile entries
 #: attnplug installs catch it and run that call once eagerly (torch.compiler.set_stance("force_eager"))
 WARMUP_MARK = "attnplug: compile warm-up needed"
-
-#: diffusers cache hooks that skip attention calls or whole blocks: hook name -> (cache, state kept per
-#: cache context). Per-context caches give SoftPAG's perturbed pass its own state (its own context);
-#: the others keep one state per module, shared by every branch.
-CACHE_HOOKS: dict[str, tuple[str, bool]] = {
-    "pyramid_attention_broadcast": ("PyramidAttentionBroadcast", False),
-    "faster_cache_denoiser": ("FasterCache", False),
-    "faster_cache_block": ("FasterCache", False),
-    "fbc_leader_block_hook": ("FirstBlockCache", True),
-    "fbc_block_hook": ("FirstBlockCache", True),
-    "mag_cache_leader_block_hook": ("MagCache", True),
-    "mag_cache_block_hook": ("MagCache", True),
-    "sea_cache_root": ("SeaCache", True),
-    "sea_cache_leader_block": ("SeaCache", True),
-    "sea_cache_block": ("SeaCache", True),
-    "taylorseer_cache": ("TaylorSeerCache", True),
-}
-
-
-def find_caches(model: nn.Module) -> dict[str, bool]:
-    """diffusers caches enabled on `model` (its modules' hook registries): {cache name: per-context state}."""
-    out: dict[str, bool] = {}
-    for m in model.modules():
-        registry = m.__dict__.get("_diffusers_hook")
-        if registry is None:
-            continue
-        for name in registry.hooks:
-            hit = CACHE_HOOKS.get(name)
-            if hit is not None:
-                out[hit[0]] = out.get(hit[0], True) and hit[1]
-    return out
 
 
 def _cache_conflict(variant: Variant, caches: dict[str, bool]) -> str | None:
@@ -715,8 +688,6 @@ def apply(
     """
     if step_source not in STEP_SOURCES:
         raise ValueError(f"apply(): step_source must be one of {STEP_SOURCES}, got {step_source!r}")
-    from attn_kernels import BACKENDS
-
     if kernel_backend not in BACKENDS:
         raise ValueError(f"apply(): kernel_backend must be one of {BACKENDS}, got {kernel_backend!r}")
     if num_steps is not None and (not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1):
@@ -811,8 +782,6 @@ def apply(
 def variant_spec(variant: Variant) -> str:
     """`name:option=value,...` of a variant (options that differ from the defaults), as `--attn` and
     presets write it; a ValueError names an option that has no literal form (e.g. a tensor mask)."""
-    from attn_spec import Spec, SpecError, parse_spec
-
     opts: dict[str, Any] = {}
     for f in dataclasses.fields(variant):  # type: ignore[arg-type]
         if not f.init or f.name.startswith("_"):
@@ -871,10 +840,6 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def config_variants(config: dict[str, Any]) -> tuple[Variant, ...]:
     """The variants of a `load_config` result, built and validated (ValueError naming the option)."""
-    from attn_spec import build, parse_spec
-
-    from . import VARIANTS
-
     where = f"attnplug config {str(config.get('path', ''))!r}"
     return tuple(build(parse_spec(a, where=where), VARIANTS, where=where) for a in config["attn"])
 

@@ -105,11 +105,8 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 
 #: Cycles not yet restructured, each listed so none can be added unseen (remove the entry with the fix): the
-#: diffusion_attn package <-> hooks / guidance / headhunter / softpag, and the world's tiny <-> models and
-#: accuracy <-> evaluate; each is closed by a function-level import that breaks the load order.
+#: world's accuracy <-> evaluate; each is closed by a function-level import that breaks the load order.
 KNOWN_CYCLES = [
-    ["diffusion_attn", "diffusion_attn.guidance", "diffusion_attn.headhunter", "diffusion_attn.hooks",
-     "diffusion_attn.variants", "diffusion_attn.variants.softpag"],
     ["attn_pipelines.world.accuracy", "attn_pipelines.world.evaluate"],
 ]  # fmt: skip
 
@@ -140,10 +137,6 @@ FUNCTION_LEVEL_ALLOWED: dict[str, str] = {
     # optional dependencies: the rule's own exception
     "attn_kernels.ops": "triton is optional (Linux only): the Triton kernel module loads only where it can run",
     # the cycles of KNOWN_CYCLES: the function-level import is what lets those modules load
-    "diffusion_attn.guidance": "cycle with diffusion_attn.hooks (KNOWN_CYCLES)",
-    "diffusion_attn.headhunter": "cycle with diffusion_attn.hooks (KNOWN_CYCLES)",
-    "diffusion_attn.hooks": "cycle with the diffusion_attn package (KNOWN_CYCLES)",
-    "diffusion_attn.variants.softpag": "cycle with diffusion_attn.hooks (KNOWN_CYCLES)",
     "attn_pipelines.world.accuracy": "cycle with attn_pipelines.world.evaluate (KNOWN_CYCLES)",
     "attn_pipelines.world.evaluate": "cycle with attn_pipelines.world.accuracy (KNOWN_CYCLES)",
     "attn_kernels.triton_attention": "modifiers inside the launch functions (kernels rework by another engineer)",

@@ -51,8 +51,10 @@ from typing import Annotated, Any, ClassVar
 import torch
 from diffusers.hooks import ModelHook
 
+from attn_kernels import OutputMix
 from attn_spec import OneOf, Range, require
 
+from ..caches import HOOK_NAME, find_caches
 from .base import AttnContext, AttnPlan, Variant, check_options, register_variant
 
 __all__ = ["SoftPAG", "HEADS_FORMAT", "load_heads_file"]
@@ -174,8 +176,6 @@ class SoftPAG(Variant):
     def _mix(self, ctx: AttnContext) -> Any:
         key = (ctx.layer, ctx.heads, ctx.head_offset)
         if key not in self._mixes:
-            from attn_kernels import OutputMix
-
             total = ctx.head_offset + ctx.heads
             chosen = [h - ctx.head_offset for h in self.selected(ctx.layer, total) if h >= ctx.head_offset]
             if chosen:
@@ -338,8 +338,6 @@ def _cache_context(module: Any, branch: str | None) -> Any:
     perturbed pass then runs in a copy named "<branch>:perturbed"), else None."""
     if branch is None or torch.compiler.is_compiling():
         return None
-    from ..hooks import HOOK_NAME, find_caches
-
     if not find_caches(module):
         return None
     registry = getattr(module, "_diffusers_hook", None)
