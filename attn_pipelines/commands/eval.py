@@ -136,5 +136,6 @@ def run(args: argparse.Namespace) -> int:
         js, png = ev.write_results(results, out)
     except OSError as e:
         raise RunError(f"eval failed: {e}") from e
-    print(f"attnplug: wrote {js} and {png}")
+    print(ev.markdown(results))
+    print(f"attnplug: wrote {js}, {png} and {js.with_suffix('.md')} (docs/world.md's tables)")
     return 0

@@ -41,12 +41,20 @@ from typing import Any
 import numpy as np
 import torch
 
+import diffusion_attn as da
+import vision_attn as va
+from attn_spec import parse_spec
 from diffusion_attn.adapters import family_of_class
 from diffusion_attn.runtime import planner
+from vision_attn.finetune import main as finetune
 
+from ..config import build_variant
+from .accuracy import colour_check
 from .common import Timer, environment, write_json
-from .data import single_prompts
-from .models import CLASSIFIERS, T2V_DIR, VIDEO, world_dir
+from .data import COLORS, DIRECTIONS, SHAPES, parse_caption, single_prompts
+from .models import CLASSIFIERS, VIDEO, load_world_pipeline, world_dir
+from .score import AttributeScorer, color_error, color_mask, crispness, iou_by_color, track
+from .vision import digits_available, load_tensors, write_dataset
 
 __all__ = ["Case", "SUITE", "VISION_SUITE", "EvalSettings", "case_status", "run_diffusion", "run_vision", "plot"]
 
@@ -128,14 +136,9 @@ class EvalSettings:
 # ----------------------------------------------------------------------------------------------- diffusion
 def case_status(case: Case, family: str = WORLD_FAMILY) -> tuple[str, list | None]:
     """("ok", variants) when every variant of `case` exists and applies to `family`, else (reason, None)."""
-    import diffusion_attn
-    from attn_spec import parse_spec
-
-    from ..config import build_variant
-
     if case.kind == "layout":  # structured inputs (masks, boxes): built by the eval through the Python API
         cls = {"regional": "Regional", "boundary": "Boundary"}[case.name]
-        if not hasattr(diffusion_attn, cls):
+        if not hasattr(da, cls):
             return f"not available: diffusion_attn.{cls} does not exist yet", None
         if case.name == "boundary":
             why = "boundary attention guides UNet (SD 1.x/XL) and SD3 pipelines, the world's model is"
@@ -144,7 +147,7 @@ def case_status(case: Case, family: str = WORLD_FAMILY) -> tuple[str, list | Non
     variants = []
     for spec in case.attn:
         name = spec.split(":")[0]
-        if name not in diffusion_attn.VARIANTS:
+        if name not in da.VARIANTS:
             return f"not available: {name!r} not in diffusion_attn.VARIANTS yet", None
         try:
             v = build_variant(parse_spec(spec, where=case.name), where=case.name)
@@ -204,8 +207,6 @@ def generate(pipe: Any, prompt: str, seed: int, s: EvalSettings, variants: list 
              frames: int | None = None, record: list | None = None) -> tuple[np.ndarray, float, float]:  # fmt: skip
     """One video [F, H, W, 3] in [0, 1], its seconds and attention density, with `variants` applied
     (`record`: a list the call's `_Density` is appended to, for its per-call and sparse-call densities)."""
-    import diffusion_attn as da
-
     handle = da.apply(pipe, *variants, num_steps=s.steps) if variants else None
     dens = _Density(handle) if handle is not None else None
     if record is not None and dens is not None:
@@ -261,9 +262,6 @@ def _length_metrics(video: np.ndarray, caption: str, train_frames: int) -> dict[
     """Centroid error along the caption's straight path beyond the training length, and lost / drifting frames
     (`lost_inside_frac`: lost while the straight path is still inside the frame, so a shape that correctly
     left the frame does not count)."""
-    from .data import DIRECTIONS, parse_caption
-    from .score import track
-
     want = parse_caption(caption)[0]
     ux, uy = DIRECTIONS[want["direction"]]
     c = track(video)
@@ -297,16 +295,6 @@ def _length_metrics(video: np.ndarray, caption: str, train_frames: int) -> dict[
             "lost_inside_frac": lost_inside / n, "drift_frac": drift / n}  # fmt: skip
 
 
-def load_world_pipeline(folder: str | Path | None = None) -> Any:
-    """The trained world text-to-video `WanPipeline` (float32, eval mode, progress bar off)."""
-    from diffusers import DiffusionPipeline
-
-    folder = Path(folder) if folder else world_dir() / T2V_DIR
-    pipe = DiffusionPipeline.from_pretrained(str(folder))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def run_diffusion(s: EvalSettings, cases: tuple[Case, ...] = SUITE, log: Any = print) -> dict[str, Any]:
     """Every case of `cases` against the plain model on the same prompts and seeds, each layout through the
     sparse kernel (`layouts_always_sparse`); returns the results dict."""
@@ -316,9 +304,6 @@ def run_diffusion(s: EvalSettings, cases: tuple[Case, ...] = SUITE, log: Any = p
 
 
 def _run_diffusion(s: EvalSettings, cases: tuple[Case, ...], log: Any) -> dict[str, Any]:
-    from .accuracy import colour_check
-    from .score import AttributeScorer, color_error, crispness
-
     pipe = load_world_pipeline()
     scorer = AttributeScorer(world_dir() / "classifier")
     prompts = single_prompts()[: s.prompts]
@@ -371,8 +356,6 @@ def _run_diffusion(s: EvalSettings, cases: tuple[Case, ...], log: Any) -> dict[s
 def regional_jobs(n: int) -> list[tuple[str, str, tuple[float, float, float, float]]]:
     """(global prompt, entity prompt, box in px) for the regional case: colour x shape moving up or down, the
     entity's box the left or the right half of the frame (alternating), so the shape can keep to it all clip."""
-    from .data import COLORS, SHAPES
-
     half = VIDEO["size"] / 2
     jobs = []
     for i, (c, sh) in enumerate((c, sh) for c in COLORS for sh in SHAPES):
@@ -383,8 +366,6 @@ def regional_jobs(n: int) -> list[tuple[str, str, tuple[float, float, float, flo
 
 def _inside_fraction(video: np.ndarray, color: str, box: tuple[float, float, float, float]) -> float:
     """Share of the requested colour's pixels (over every frame) that lie inside `box`."""
-    from .score import color_mask
-
     x0, y0, x1, y1 = (int(round(v)) for v in box)
     got = np.stack([color_mask(f, color) for f in video])
     total = got.sum()
@@ -394,10 +375,6 @@ def _inside_fraction(video: np.ndarray, color: str, box: tuple[float, float, flo
 def _run_regional(pipe: Any, s: EvalSettings, rows: list) -> dict[str, Any]:
     """Regional attention (Wan regional cross-attention): the requested colour's pixels inside the entity's box
     and their IoU with it, plain model vs regional, same prompts and seeds."""
-    import diffusion_attn as da
-
-    from .score import iou_by_color
-
     for prompt, entity, box in regional_jobs(max(2, s.prompts // 4)):
         color = entity.split()[1]
         for seed in s.seeds:
@@ -436,8 +413,6 @@ def _run_length(pipe: Any, s: EvalSettings, variants: list | None, scorer: Any, 
 # ----------------------------------------------------------------------------------------------- vision
 def _finetune(name: str, data: Path, work: Path, steps: int, variant: str | None) -> dict[str, Any]:
     """A short fine-tune (finetune's own loop) of checkpoint `name` with `variant` injected; its val top-1."""
-    from vision_attn.finetune import main as finetune
-
     cfg = json.loads((world_dir() / name / "config.json").read_text())
     out = work / f"{name}_{variant or 'original'}".replace(":", "_").replace(",", "_").replace("=", "")
     argv = ["--model", cfg["model"], "--model-kwargs", json.dumps(cfg.get("model_kwargs") or {}), "--img-size",
@@ -463,10 +438,6 @@ def _top1(model: Any, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def run_vision(s: EvalSettings, names: tuple[str, ...] | None = None, log: Any = print) -> dict[str, Any]:
     """Original / injected / fine-tuned-injected / fine-tuned-original top-1 for every `VISION_SUITE` checkpoint."""
-    import vision_attn as va
-
-    from .vision import digits_available, load_tensors, write_dataset
-
     timer = Timer()
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -543,10 +514,95 @@ def plot(results: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _pct(x: Any) -> str:
+    return "" if x is None else f"{100 * x:.0f}%"
+
+
+def _num(x: Any, fmt: str) -> str:
+    return "" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, fmt)
+
+
+def _top1_of(entry: dict, key: str) -> Any:
+    return (entry.get(key) or {}).get("top1")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The tables of docs/world.md's "Variants on the world" section, from a results dict (`world_eval.json`):
+    the diffusion cases, the length cases, regional, the not-applicable ones and the vision checkpoints."""
+    out: list[str] = []
+    cases = results.get("diffusion", {}).get("cases", {})
+    if cases:
+        out += [
+            "| case | PSNR vs dense (dB) | SSIM | colour | shape | colour+shape | direction | colour present "
+            "| colour moves as named | density | s / video |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, c in cases.items():
+            sm = c.get("summary") or {}
+            if c.get("kind") not in ("baseline", "sparse", "guidance") or c.get("status") != "ok":
+                continue
+            out.append(
+                f"| {name} | {_num(sm.get('psnr'), '.1f')} | {_num(sm.get('ssim'), '.3f')} "
+                f"| {_pct(sm.get('color_acc'))} | {_pct(sm.get('shape_acc'))} | {_pct(sm.get('attr_acc'))} "
+                f"| {_pct(sm.get('direction_acc'))} "
+                f"| {_pct(sm.get('present'))} | {_pct(sm.get('moves'))} | {_num(sm.get('density'), '.3f')} "
+                f"| {_num(sm.get('seconds'), '.2f')} |"
+            )
+        length = [
+            (n, c) for n, c in cases.items() if c.get("kind") in ("length", "length baseline") and c.get("summary")
+        ]
+        if length:
+            out += [
+                "",
+                "| length case | factor | frames | centroid error (px) | lost frames | frames against the caption "
+                "| colour+shape | direction (first 9 frames) |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for name, c in sorted(length, key=lambda nc: nc[1]["kind"] != "length baseline"):
+                for factor, sm in c["summary"].items():
+                    out.append(
+                        f"| {name} | {factor} | {sm.get('frames')} | {_num(sm.get('centroid_error'), '.2f')} "
+                        f"| {_num(sm.get('lost_frac'), '.2f')} | {_num(sm.get('drift_frac'), '.2f')} "
+                        f"| {_pct(sm.get('attr_acc'))} | {_pct(sm.get('direction_acc'))} |"
+                    )
+        for name, c in cases.items():
+            sm = c.get("summary") or {}
+            if c.get("kind") == "layout" and c.get("status") == "ok":
+                inside = f"{_num(sm.get('inside_frac_plain'), '.2f')} plain -> {_num(sm.get('inside_frac'), '.2f')}"
+                iou = f"{_num(sm.get('iou_plain'), '.3f')} -> {_num(sm.get('iou'), '.3f')}"
+                out += ["", f"{name} ({sm.get('videos')} videos): share of the entity colour's pixels inside its box "
+                        f"{inside}; IoU with the box {iou}."]  # fmt: skip
+        soft, dense = cases.get("softpag", {}).get("summary"), cases.get("dense", {}).get("summary")
+        if soft and dense and "crispness" in soft:
+            out += ["", f"SoftPAG vs plain: crispness {soft['crispness']:.4f} vs {dense['crispness']:.4f}, colour "
+                    f"error {soft['color_error']:.3f} vs {dense['color_error']:.3f}."]  # fmt: skip
+        for name, c in cases.items():
+            if c.get("status") != "ok":
+                out += ["", f"{name}: {c['status']}"]
+    models = results.get("vision", {}).get("models", {})
+    if models:
+        out += [
+            "",
+            "| checkpoint | original | fine-tuned original (control) | variant | injected | injected + fine-tuned "
+            "| parameters added |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for ck, m in models.items():
+            for spec, v in m.get("variants", {}).items():
+                out.append(
+                    f"| {ck} | {_num(_top1_of(m, 'original'), '.3f')} "
+                    f"| {_num(_top1_of(m, 'finetuned_original'), '.3f')} "
+                    f"| {spec} | {_num(_top1_of(v, 'injected'), '.3f')} | {_num(_top1_of(v, 'finetuned'), '.3f')} "
+                    f"| {v.get('params_added', 0):,} |"
+                )
+    return "\n".join(out) + "\n"
+
+
 def write_results(results: dict[str, Any], out_dir: str | Path, stem: str = "world_eval") -> tuple[Path, Path]:
-    """`<stem>.json` (with device and versions) and `<stem>.png` into `out_dir`."""
+    """`<stem>.json` (with device and versions), `<stem>.png` and `<stem>.md` (the docs' tables) into `out_dir`."""
     out_dir = Path(out_dir)
     results = {**results, **environment()}
     js = write_json(out_dir / f"{stem}.json", results)
     png = plot(results, out_dir / f"{stem}.png")
+    (out_dir / f"{stem}.md").write_text(markdown(results))
     return js, png

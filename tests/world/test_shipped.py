@@ -105,6 +105,10 @@ def test_eval_smoke_writes_every_case(tmp_path):
     vis = res["vision"]["models"]["classifier"]
     assert vis["status"] == "ok" and set(vis["variants"]) == set(ev.VISION_SUITE["classifier"])
     assert (tmp_path / "world_eval.png").stat().st_size > 0 and res["smoke"] is True
+    assert all("present" in r and "moves" in r for r in cases["radial"]["rows"])  # the colour check on every case
+    assert res["diffusion"]["dense_engine_block_density"] > 1  # every layout measured through the sparse kernel
+    md = (tmp_path / "world_eval.md").read_text()
+    assert md == ev.markdown(res) and "| radial |" in md and "| classifier |" in md
 
 
 def test_eval_smoke_refuses_the_results_folder():
