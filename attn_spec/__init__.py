@@ -31,8 +31,12 @@ __all__ += [
     "coerce",
     "build",
     "describe",
+    "Rule",
     "Range",
     "OneOf",
+    "Length",
+    "Unique",
+    "Ordered",
     "check_range",
     "option_rules",
     "check_options",
@@ -141,18 +145,50 @@ def option_fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
 
 
+class Rule:
+    """An option's declared requirement, on its annotation (`Annotated[tp, rule, ...]`): `check_options` runs the
+    rules of each option in their order, so the constructor and the spec parser refuse a value with the rule's one
+    message, and `attnplug list` shows `text()`. Subclasses: Range, OneOf (values), Length, Unique, Ordered (tuples).
+
+    `message`, where a rule has it: the error as a format string instead of the standard one, for wording that
+    predates the declaration; its fields are the option's `name` (`Class.option`) and `value` (the whole value),
+    and per rule those its docstring lists."""
+
+    message: str = ""
+
+    def check(self, name: str, value: Any, kind: type | tuple) -> None:
+        raise NotImplementedError
+
+    def text(self, kind: type | tuple = (int, float)) -> str:
+        """The requirement as the error message and `attnplug list` write it."""
+        return str(self)
+
+    def _fail(self, standard: str, error: type = ValueError, **fields: Any) -> None:
+        raise error(self.message.format(**fields) if self.message else standard)
+
+
+def _items(value: Any) -> Any:
+    """A list item shown as the tuple the option stores."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 @dataclass(frozen=True)
-class Range:
+class Range(Rule):
     """Bounds of a numeric option, declared on its annotation: `x: Annotated[float, Range(0, 1)] = 0.5`.
 
     lo / hi are inclusive unless `lo_open` / `hi_open` (None: unbounded); NaN is never in range.
     `check_options` enforces it when the object is built, so the Python constructor and the spec parser give
     the same message: `{option} must be in [lo, hi], got {value}`. `words` writes the requirement as
     comparisons instead (`an int >= 1`, `> 0 and <= 1`); `finite` refuses +-inf (`a finite number >= 0`);
-    `odd` asks for an odd int; `note` is appended as written (`(a logit multiplier)`, `or None`); with `words`
-    or `odd` a value of the wrong type gets that message as a ValueError (else a TypeError). A tuple value is
-    checked item by item, each named `option[i]` (with `labels[i]` after it: `kernel_size[1] (height)`; with
-    labels, a scalar stands for every item)."""
+    `odd` asks for an odd int, `pow2` for a power of two; `note` is appended as written (`(a logit multiplier)`,
+    `or None`); with `words` or `odd` a value of the wrong type gets that message as a ValueError (else a
+    TypeError). A tuple value is checked item by item, each named `option[i]` (with `labels[i]` after it:
+    `kernel_size[1] (height)`; with labels, a scalar stands for every item), a nested tuple's values
+    `option[i][j]`. `message` (see Rule) has the fields `where` (the value at fault as the standard message
+    names it, `option[1] (height)`), `index` / `item` (the tuple option's item holding it; for a scalar None and
+    the value), `bad` (the value at fault), `requirement` (the range in words, or the type when `bad` has the
+    wrong one) and `bounds` (the comparisons alone: `>= 0`): `"{name}[{index}] coordinate must be
+    {requirement}, got {bad!r}"`."""
 
     lo: float | None = None
     hi: float | None = None
@@ -161,67 +197,179 @@ class Range:
     words: bool = False
     finite: bool = False
     odd: bool = False
+    pow2: bool = False
     note: str = ""
     labels: tuple[str, ...] = ()
+    message: str = ""
+
+    def bounds(self) -> str:
+        """The bounds as comparisons: `>= 1`, `> 0 and <= 1` (empty when unbounded)."""
+        out = [f"{'>' if self.lo_open else '>='} {self.lo}"] if self.lo is not None else []
+        out += [f"{'<' if self.hi_open else '<='} {self.hi}"] if self.hi is not None else []
+        return " and ".join(out)
 
     def text(self, kind: type | tuple = (int, float), *, finite: bool = False) -> str:
         """The requirement as the error message and `attnplug list` write it: `in [0, 1]`, `an int >= 1`."""
-        if self.words or self.odd or finite:
+        if self.words or self.odd or self.pow2 or finite:
             kinds = kind if isinstance(kind, tuple) else (kind,)
-            subject = "an odd int" if self.odd else "a finite number" if finite else "an int" if kinds == (int,) else ""
-            bounds = [f"{'>' if self.lo_open else '>='} {self.lo}"] if self.lo is not None else []
-            bounds += [f"{'<' if self.hi_open else '<='} {self.hi}"] if self.hi is not None else []
-            out = " ".join(filter(None, (subject, " and ".join(bounds))))
+            subject = (
+                "an odd int" if self.odd else "a power of two" if self.pow2 else "a finite number" if finite
+                else "an int" if kinds == (int,) else ""
+            )  # fmt: skip
+            out = " ".join(filter(None, (subject, self.bounds())))
         else:
             out = f"in {self}"
         return f"{out} {self.note}" if self.note else out
 
     def check(self, name: str, value: Any, kind: type | tuple) -> None:
+        items = value
         if self.labels and not isinstance(value, (tuple, list)):  # a scalar stands for every labelled item
-            value = (value,) * len(self.labels)
-        if isinstance(value, (tuple, list)):  # a tuple option: every item in range
-            for i, item in enumerate(value):
+            items = (value,) * len(self.labels)
+        if isinstance(items, (tuple, list)):  # a tuple option: every item in range
+            for i, item in enumerate(items):
                 label = f" ({self.labels[i]})" if i < len(self.labels) else ""
-                self._check_item(f"{name}[{i}]{label}", item, kind)
+                at = {"name": name, "value": _items(value), "index": i, "item": _items(item)}
+                self._check_item(f"{name}[{i}]{label}", item, kind, at)
             return
-        self._check_item(name, value, kind)
+        self._check_item(name, value, kind, {"name": name, "value": value, "index": None, "item": value})
 
-    def _check_item(self, name: str, value: Any, kind: type | tuple) -> None:
+    def _check_item(self, where: str, value: Any, kind: type | tuple, at: dict) -> None:
         if isinstance(value, (tuple, list)):  # nested: (start, end) pairs
             for i, item in enumerate(value):
-                self._check_item(f"{name}[{i}]", item, kind)
+                self._check_item(f"{where}[{i}]", item, kind, at)
             return
+        fields = {**at, "where": where, "bad": value}
         if isinstance(value, bool) or not isinstance(value, kind):
             if self.words or self.odd:  # the requirement names the type ("an int >= 1"): the same message
-                raise ValueError(f"{name} must be {self.text(kind)}, got {value!r}")
-            check_range(name, value, kind=kind)  # raises the TypeError
+                req = self.text(kind)
+                self._fail(f"{where} must be {req}, got {value!r}", requirement=req, bounds=self.bounds(), **fields)
+            kinds = kind if isinstance(kind, tuple) else (kind,)
+            types_ = " or ".join(k.__name__ for k in kinds)
+            if self.message:
+                self._fail("", TypeError, requirement=types_, bounds=types_, **fields)
+            check_range(where, value, kind=kind)  # raises the TypeError
         lo_bad = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
         hi_bad = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
-        if value != value or lo_bad or hi_bad or (self.odd and value % 2 == 0):
-            raise ValueError(f"{name} must be {self.text(kind)}, got {value!r}")
+        odd_bad = self.odd and value % 2 == 0
+        pow2_bad = self.pow2 and not (isinstance(value, int) and value >= 1 and not value & (value - 1))
+        if value != value or lo_bad or hi_bad or odd_bad or pow2_bad:
+            req = self.text(kind)
+            self._fail(f"{where} must be {req}, got {value!r}", requirement=req, bounds=self.bounds(), **fields)
         if self.finite and value in (math.inf, -math.inf):
-            raise ValueError(f"{name} must be {self.text(kind, finite=True)}, got {value!r}")
+            req = self.text(kind, finite=True)
+            self._fail(f"{where} must be {req}, got {value!r}", requirement=req, bounds=self.bounds(), **fields)
 
     def __str__(self) -> str:
         lo = f"{'(' if self.lo_open else '['}{'-inf' if self.lo is None else self.lo}"
         return f"{lo}, {'inf' if self.hi is None else self.hi}{')' if self.hi_open else ']'}"
 
 
-class OneOf:
-    """The values an option may take, declared on its annotation: `block: Annotated[int, OneOf(16, 32)] = 16`."""
+class OneOf(Rule):
+    """The values an option may take, declared on its annotation: `block: Annotated[int, OneOf(16, 32)] = 16`;
+    `note` is appended to the requirement as written."""
 
-    def __init__(self, *values: Any) -> None:
+    def __init__(self, *values: Any, note: str = "") -> None:
         self.values = tuple(values)
+        self.note = note
 
     def check(self, name: str, value: Any, kind: type | tuple) -> None:
         if not any(value == v and type(value) is type(v) for v in self.values):
-            raise ValueError(f"{name} must be one of {self.values}, got {value!r}")
+            raise ValueError(f"{name} must be {self}, got {value!r}")
 
     def __str__(self) -> str:
-        return f"one of {self.values}"
+        return f"one of {self.values}{f' {self.note}' if self.note else ''}"
 
     def __repr__(self) -> str:
         return f"OneOf{self.values}"
+
+
+@dataclass(frozen=True)
+class Length(Rule):
+    """How many items a tuple option holds, declared on its annotation: `entities: Annotated[tuple,
+    Length(hi=62, noun="entities")] = ()`. lo / hi inclusive (None: unbounded); the message is `{option} must
+    hold at most 62 entities, got 63`; `note` is appended to the requirement as written; `message` (see Rule)
+    has the field `count`. A value that is not a tuple or list is left to the option's type (None: unset)."""
+
+    lo: int | None = None
+    hi: int | None = None
+    noun: str = "items"
+    note: str = ""
+    message: str = ""
+
+    def check(self, name: str, value: Any, kind: type | tuple) -> None:
+        if not isinstance(value, (tuple, list)):
+            return
+        n = len(value)
+        if (self.lo is not None and n < self.lo) or (self.hi is not None and n > self.hi):
+            self._fail(f"{name} must hold {self}, got {n}", name=name, value=_items(value), count=n)
+
+    def __str__(self) -> str:
+        lo, hi, noun = self.lo, self.hi, self.noun
+        out = (
+            f"exactly {lo} {noun}" if lo is not None and lo == hi else f"{lo} to {hi} {noun}" if None not in (lo, hi)
+            else f"at least {lo} {noun}" if lo is not None else f"at most {hi} {noun}" if hi is not None
+            else f"any number of {noun}"
+        )  # fmt: skip
+        return f"{out} {self.note}" if self.note else out
+
+
+@dataclass(frozen=True)
+class Unique(Rule):
+    """A tuple option's items are distinct, declared on its annotation: `blocks: Annotated[tuple[int, ...],
+    Unique()]`; the message is `{option} must hold distinct {noun}, got {value}`; `message` (see Rule) has
+    the field `index` (the first repeat). A value that is not a tuple or list is left to the option's type."""
+
+    noun: str = "items"
+    message: str = ""
+
+    def check(self, name: str, value: Any, kind: type | tuple) -> None:
+        if not isinstance(value, (tuple, list)):
+            return
+        for i, item in enumerate(value):
+            if item in value[:i]:
+                self._fail(f"{name} must hold {self}, got {_items(value)!r}", name=name, value=_items(value), index=i)
+
+    def __str__(self) -> str:
+        return f"distinct {self.noun}"
+
+
+class Ordered(Rule):
+    """Every item of a tuple option is a tuple of `size` values increasing at the given positions, declared on
+    its annotation: `Ordered((0, 2), (1, 3), size=4, text="(x0, y0, x1, y1) with x0 < x1 and y0 < y1")` asks
+    item[0] < item[2] and item[1] < item[3] of each item; the message is `{option}[i] must be {text}, got
+    {item}`; `message` (see Rule) has the fields `index` and `item`. Values are compared only when they are
+    numbers (the option's Range, declared before, refuses the others); a value that is not a tuple or list is
+    left to the option's type."""
+
+    def __init__(self, *less: tuple[int, int], size: int | None = None, text: str = "", message: str = "") -> None:
+        self.less = tuple(less)
+        self.size = size
+        self.message = message
+        self._text = text or " and ".join(f"item[{a}] < item[{b}]" for a, b in self.less)
+
+    def check(self, name: str, value: Any, kind: type | tuple) -> None:
+        if not isinstance(value, (tuple, list)):
+            return
+        for i, item in enumerate(value):
+            if not self._holds(item):
+                fields = {"name": name, "value": _items(value), "index": i, "item": _items(item)}
+                self._fail(f"{name}[{i}] must be {self}, got {_items(item)!r}", **fields)
+
+    def _holds(self, item: Any) -> bool:
+        if not isinstance(item, (tuple, list)) or (self.size is not None and len(item) != self.size):
+            return False
+        for a, b in self.less:
+            x, y = item[a], item[b]
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y))
+            if numbers and not x < y:
+                return False
+        return True
+
+    def __str__(self) -> str:
+        return self._text
+
+    def __repr__(self) -> str:
+        return f"Ordered{self.less}"
 
 
 def check_range(
@@ -245,8 +393,8 @@ def require(ok: bool, name: str, requirement: str, value: Any) -> None:
 
 
 def option_rules(cls: type) -> dict[str, tuple[Any, tuple]]:
-    """{option: (annotation without its metadata, (Range / OneOf, ...))} for the options of `cls` whose
-    annotation is `Annotated[..., Range(...)]` or `Annotated[..., OneOf(...)]`."""
+    """{option: (annotation without its metadata, (Range / OneOf / ..., ...))} for the options of `cls` whose
+    annotation declares rules: `Annotated[..., Range(...)]`, `Annotated[..., OneOf(...)]` (any `Rule`)."""
     try:
         hints = typing.get_type_hints(cls, include_extras=True)
     except Exception as e:  # never skip declared ranges silently
@@ -257,7 +405,7 @@ def option_rules(cls: type) -> dict[str, tuple[Any, tuple]]:
     for name in option_fields(cls):
         tp = hints.get(name)
         if typing.get_origin(tp) is typing.Annotated:
-            rules = tuple(m for m in tp.__metadata__ if isinstance(m, (Range, OneOf)))
+            rules = tuple(m for m in tp.__metadata__ if isinstance(m, Rule))
             if rules:
                 out[name] = (tp.__origin__, rules)
     return out
@@ -414,7 +562,4 @@ def describe(cls: type) -> list[tuple[str, str, Any]]:
 
 def describe_rules(cls: type) -> dict[str, str]:
     """{option: its declared range or choices as text} (`in [0, 1]`, `one of (16, 32)`) for `attnplug list`."""
-    return {
-        name: ", ".join(r.text(_kind(tp)[0]) if isinstance(r, Range) else str(r) for r in rules)
-        for name, (tp, rules) in option_rules(cls).items()
-    }
+    return {name: ", ".join(r.text(_kind(tp)[0]) for r in rules) for name, (tp, rules) in option_rules(cls).items()}
