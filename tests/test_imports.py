@@ -104,11 +104,9 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-#: Cycles not yet restructured, each listed so none can be added unseen (remove the entry with the fix): the
-#: world's accuracy <-> evaluate; each is closed by a function-level import that breaks the load order.
-KNOWN_CYCLES = [
-    ["attn_pipelines.world.accuracy", "attn_pipelines.world.evaluate"],
-]  # fmt: skip
+#: Cycles not yet restructured, each listed so none can be added unseen (remove the entry with the fix); each
+#: would be closed by a function-level import that breaks the load order. None left.
+KNOWN_CYCLES: list[list[str]] = []
 
 
 def test_the_graph_reader_sees_a_cycle_it_is_shown():
@@ -136,9 +134,6 @@ def test_first_party_imports_have_no_cycles():
 FUNCTION_LEVEL_ALLOWED: dict[str, str] = {
     # optional dependencies: the rule's own exception
     "attn_kernels.ops": "triton is optional (Linux only): the Triton kernel module loads only where it can run",
-    # the cycles of KNOWN_CYCLES: the function-level import is what lets those modules load
-    "attn_pipelines.world.accuracy": "cycle with attn_pipelines.world.evaluate (KNOWN_CYCLES)",
-    "attn_pipelines.world.evaluate": "cycle with attn_pipelines.world.accuracy (KNOWN_CYCLES)",
     "attn_kernels.triton_attention": "modifiers inside the launch functions (kernels rework by another engineer)",
     # the `_hook_cls()` class factories and the kernels imported inside the variants: another engineer's
     # rework of diffusion_attn/variants/* when this test was written

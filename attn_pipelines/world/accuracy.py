@@ -30,7 +30,8 @@ import torch
 
 from .common import Timer, environment, setup_threads, write_json
 from .data import COLORS, DIRECTIONS, SHAPES, parse_caption, single_prompts
-from .models import VIDEO
+from .models import VIDEO, load_world_pipeline, world_dir
+from .score import AttributeScorer, color_mask, direction_of
 
 __all__ = ["TRAIN_EVAL_PROMPTS", "two_object_prompts", "generate", "colour_check", "accuracy", "selection_score"]
 
@@ -74,8 +75,6 @@ def generate(pipe: Any, prompt: str, seed: int = 0, steps: int = 20, guidance: f
 
 def colour_check(video: np.ndarray, color: str, direction: str, min_pixels: int = MIN_COLOUR_PIXELS) -> dict:
     """Classifier-free sanity: the named colour is present in most frames and its centroid moves the named way."""
-    from .score import color_mask, direction_of
-
     centers = np.full((len(video), 2), np.nan, dtype=np.float32)
     for t, frame in enumerate(video):
         ys, xs = np.nonzero(color_mask(frame, color))
@@ -161,10 +160,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .evaluate import load_world_pipeline
-    from .models import world_dir
-    from .score import AttributeScorer
-
     a = parser().parse_args(argv)
     if not 1 <= a.prompts <= 72:
         raise SystemExit(f"--prompts must be in 1..72, got {a.prompts}")

@@ -42,6 +42,7 @@ __all__ = [
     "build_text_encoder",
     "build_scheduler",
     "build_pipeline",
+    "load_world_pipeline",
 ]
 
 #: the package the repository's `assets/` ships as (pyproject.toml); its `world/` holds the shipped checkpoints
@@ -198,4 +199,15 @@ def build_pipeline(vae: Any, transformer: Any, text_encoder: Any, tokenizer: Any
     for c in pipe.components.values():
         if hasattr(c, "eval"):
             c.eval()
+    return pipe
+
+
+def load_world_pipeline(folder: str | Path | None = None) -> Any:
+    """The trained world text-to-video `WanPipeline` (float32, eval mode, progress bar off): `folder`, else the
+    shipped one (`world_dir() / T2V_DIR`)."""
+    from diffusers import DiffusionPipeline
+
+    folder = Path(folder) if folder else world_dir() / T2V_DIR
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
     return pipe
