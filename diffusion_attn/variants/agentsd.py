@@ -55,7 +55,7 @@ from typing import Annotated, ClassVar
 
 import torch
 
-from attn_spec import OneOf, Range
+from attn_spec import Length, OneOf, Range
 
 from .base import AttnContext, AttnPlan, FamiliesWhere, Variant, adapter_of, check_options, register_variant
 
@@ -270,7 +270,13 @@ class AgentSD(Variant):
     seed: Annotated[int, Range(0, 2**63 - 1)] = 0
     upcast: bool = False
     dit: bool = False
-    layers: Annotated[tuple[int, ...] | None, Range(0, None)] = None
+    layers: Annotated[
+        tuple[int, ...] | None,
+        Range(0, None),
+        Length(
+            1, None, noun="layer", message="{name} must be a non-empty tuple of layer indices or None, got {value!r}"
+        ),
+    ] = None
 
     def __post_init__(self) -> None:
         check_options(self)  # the ranges declared on the fields above
@@ -278,10 +284,8 @@ class AgentSD(Variant):
             if not isinstance(getattr(self, f), bool):
                 raise TypeError(f"AgentSD.{f} must be bool, got {getattr(self, f)!r}")
         if self.layers is not None:
-            if not isinstance(self.layers, (tuple, list)) or not self.layers:
-                raise ValueError(
-                    f"AgentSD.layers must be a non-empty tuple of layer indices or None, got {self.layers!r}"
-                )
+            if not isinstance(self.layers, (tuple, list)):
+                raise ValueError(f"AgentSD.layers must be a tuple of layer indices or None, got {self.layers!r}")
             self.layers = tuple(self.layers)
         self._gens: dict[str, torch.Generator] = {}
         self._top_downsample: int | None = None

@@ -56,7 +56,7 @@ from typing import Annotated, Any, ClassVar
 import torch
 from diffusers.hooks import ModelHook
 
-from attn_spec import Range, require
+from attn_spec import Length, Ordered, Range
 
 from ._pipes import check_pipeline
 from .base import (
@@ -66,7 +66,6 @@ from .base import (
     Variant,
     adapter_of,
     check_options,
-    check_range,
     register_variant,
 )
 
@@ -129,7 +128,11 @@ class Boundary(Variant):
 
     prompt: str = ""
     phrases: tuple = ()
-    boxes: tuple = ()
+    boxes: Annotated[
+        tuple[tuple[float, float, float, float], ...],
+        Range(0.0, 1.0, message="{name}[{index}] coordinate must be {requirement}, got {bad!r}"),
+        Ordered((0, 2), (1, 3), size=4, text="(x0, y0, x1, y1) with x0 < x1 and y0 < y1"),
+    ] = ()
     loss_scale: Annotated[float, Range(0.0, 1e6)] = 30.0
     guidance_steps: Annotated[int, Range(0, None)] = 10
     max_iterations: Annotated[int, Range(1, None)] = 5
@@ -138,28 +141,30 @@ class Boundary(Variant):
     outside_weight: Annotated[float, Range(0.0, 1e6)] = 0.5
     boundary_weight: Annotated[float, Range(0.0, 1e6)] = 0.5
     topk_ratio: Annotated[float, Range(0.0, 1.0, lo_open=True)] = 0.2
-    downsample: Annotated[int, Range(1, None)] = 4
+    downsample: Annotated[int, Range(1, None, pow2=True, note="(a UNet level)")] = 4
     self_alignment: bool = True
-    layers: Annotated[tuple[int, ...] | None, Range(0, None)] = None
+    layers: Annotated[
+        tuple[int, ...] | None,
+        Range(0, None),
+        Length(
+            1, None, noun="layer", message="{name} must be a non-empty tuple of layer indices or None, got {value!r}"
+        ),
+    ] = None
 
     def __post_init__(self) -> None:
-        check_options(self)  # the ranges declared on the fields above
-        d = self.downsample
-        require(not d & (d - 1), "Boundary.downsample", "a power of two (a UNet level)", d)
+        if not isinstance(self.boxes, (tuple, list)):
+            raise TypeError(f"Boundary.boxes must be a tuple of (x0, y0, x1, y1) boxes, got {self.boxes!r}")
+        check_options(self)  # the ranges, lengths and box order declared on the fields above
         if not isinstance(self.self_alignment, bool):
             raise TypeError(f"Boundary.self_alignment must be bool, got {self.self_alignment!r}")
         if self.layers is not None:
-            if not isinstance(self.layers, (tuple, list)) or not self.layers:
-                raise ValueError(
-                    f"Boundary.layers must be a non-empty tuple of layer indices or None, got {self.layers!r}"
-                )
+            if not isinstance(self.layers, (tuple, list)):
+                raise ValueError(f"Boundary.layers must be a tuple of layer indices or None, got {self.layers!r}")
             self.layers = tuple(self.layers)
         if not isinstance(self.prompt, str):
             raise TypeError(f"Boundary.prompt must be a string, got {self.prompt!r}")
         if isinstance(self.phrases, str) or not isinstance(self.phrases, (tuple, list)):
             raise TypeError(f"Boundary.phrases must be a tuple of strings, got {self.phrases!r}")
-        if not isinstance(self.boxes, (tuple, list)):
-            raise TypeError(f"Boundary.boxes must be a tuple of (x0, y0, x1, y1) boxes, got {self.boxes!r}")
         if len(self.phrases) != len(self.boxes):
             raise ValueError(
                 f"Boundary: {len(self.phrases)} phrases but {len(self.boxes)} boxes; give one box per phrase"
@@ -178,19 +183,8 @@ class Boundary(Variant):
             seen[key] = i
             if key not in self.prompt.casefold():
                 raise ValueError(f"Boundary.phrases[{i}] {ph!r} is not part of the prompt {self.prompt!r}")
-        boxes = []
-        for i, box in enumerate(self.boxes):
-            if not isinstance(box, (tuple, list)) or len(box) != 4:
-                raise ValueError(f"Boundary.boxes[{i}] must be (x0, y0, x1, y1), got {box!r}")
-            for c in box:
-                check_range(f"Boundary.boxes[{i}] coordinate", c, 0.0, 1.0)
-            x0, y0, x1, y1 = (float(c) for c in box)
-            if not (x0 < x1 and y0 < y1):
-                raise ValueError(
-                    f"Boundary.boxes[{i}] = {tuple(box)} must have x0 < x1 and y0 < y1 inside the image [0, 1] x [0, 1]"
-                )
-            boxes.append((x0, y0, x1, y1))
-        self.phrases, self.boxes = tuple(self.phrases), tuple(boxes)
+        boxes = tuple(tuple(float(c) for c in box) for box in self.boxes)  # checked above: 4 numbers each
+        self.phrases, self.boxes = tuple(self.phrases), boxes
         self.history: list[dict] = []  # per guidance iteration: step, iteration, loss, inside mass per phrase
         self._capturing = False
         self._maps: list[torch.Tensor] = []

@@ -41,7 +41,7 @@ from typing import Annotated, Any, ClassVar
 
 import torch
 
-from attn_spec import OneOf, Range, require
+from attn_spec import OneOf, Ordered, Range
 
 from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
 
@@ -50,7 +50,7 @@ __all__ = ["LiteAttention"]
 
 def _check_pairs(name: str, ranges: Any) -> tuple[tuple[int, int], ...]:
     """`ranges` as a tuple of (start, end) int pairs (TypeError naming the option otherwise); their bounds are
-    declared on the field (start >= 0) and checked by `check_options`, start < end by `require`."""
+    declared on the field (start >= 0, start < end: `_Ranges`) and checked by `check_options`."""
     if ranges is None:
         return ()
     if not isinstance(ranges, (tuple, list)):
@@ -59,6 +59,12 @@ def _check_pairs(name: str, ranges: Any) -> tuple[tuple[int, int], ...]:
         if not (isinstance(r, (tuple, list)) and len(r) == 2 and all(isinstance(x, int) for x in r)):
             raise TypeError(f"LiteAttention.{name}[{i}] must be an (start, end) int pair, got {r!r}")
     return tuple((int(a), int(b)) for a, b in ranges)
+
+
+#: LiteAttention.must_do / must_skip: (start, end) key ranges, 0 <= start < end
+_Ranges = Annotated[
+    tuple[tuple[int, int], ...], Range(0, None), Ordered((0, 1), size=2, text="a (start, end) pair with start < end")
+]
 
 
 @register_variant
@@ -79,8 +85,8 @@ class LiteAttention(Variant):
     threshold: Annotated[float, Range(None, -1e-9)] = -10.0
     warmup_steps: Annotated[int, Range(1, None)] = 1
     recalibrate_every: Annotated[int | None, Range(1, None)] = None
-    must_do: Annotated[tuple[tuple[int, int], ...], Range(0, None)] = ()
-    must_skip: Annotated[tuple[tuple[int, int], ...], Range(0, None)] = ()
+    must_do: _Ranges = ()
+    must_skip: _Ranges = ()
     range_unit: Annotated[str, OneOf("frame", "token")] = "frame"
     block_size: BlockSize = 128
 
@@ -88,9 +94,6 @@ class LiteAttention(Variant):
         self.must_do = _check_pairs("must_do", self.must_do)
         self.must_skip = _check_pairs("must_skip", self.must_skip)
         check_options(self)  # the ranges declared on the fields above
-        for name in ("must_do", "must_skip"):
-            for i, (start, end) in enumerate(getattr(self, name)):
-                require(start < end, f"LiteAttention.{name}[{i}]", "a (start, end) pair with start < end", (start, end))
         self._cache: dict = {}  # static masks and layouts per (layout, device); not a dataclass field
 
     # -- static parts -----------------------------------------------------------------------

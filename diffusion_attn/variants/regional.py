@@ -50,7 +50,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
-from attn_spec import Range
+from attn_spec import Length, Range
 
 from ._pipes import check_pipeline
 from .base import (
@@ -161,7 +161,9 @@ class Regional(Variant):
     )
     cross_attention: ClassVar[bool] = True
 
-    entities: tuple = ()
+    entities: Annotated[
+        tuple, Length(hi=_MAX_ENTITIES, noun="entities", note="(membership is a bit mask in an int64)")
+    ] = ()
     height: Annotated[int | None, Range(1, None, words=True, note="or None")] = None
     width: Annotated[int | None, Range(1, None, words=True, note="or None")] = None
     entity_global: bool = True
@@ -178,8 +180,6 @@ class Regional(Variant):
             raise TypeError(
                 f"Regional.entities must be a list of Entity or (prompt, mask) pairs, got {self.entities!r}"
             )
-        if len(self.entities) > _MAX_ENTITIES:
-            raise ValueError(f"Regional.entities: at most {_MAX_ENTITIES} entities, got {len(self.entities)}")
         ents = []
         for i, e in enumerate(self.entities):
             if isinstance(e, (tuple, list)) and len(e) in (2, 3):

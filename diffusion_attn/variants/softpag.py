@@ -93,6 +93,8 @@ def load_heads_file(path: str | Path) -> tuple[tuple[tuple[int, int], ...], dict
 
 
 def _int_pairs(name: str, value: Any) -> tuple[tuple[int, int], ...]:
+    """`value` as a tuple of (layer, head) int pairs (TypeError naming the option otherwise); their range is declared
+    on the field (`SoftPAG.heads`) and checked by `check_options`."""
     if not isinstance(value, (tuple, list)):
         raise TypeError(f"{name} must be a sequence of (layer, head) pairs, got {value!r}")
     out = []
@@ -101,8 +103,6 @@ def _int_pairs(name: str, value: Any) -> tuple[tuple[int, int], ...]:
             isinstance(x, int) and not isinstance(x, bool) for x in pair
         ):
             raise TypeError(f"{name}[{i}] must be a (layer, head) pair of ints, got {pair!r}")
-        if pair[0] < 0 or pair[1] < 0:
-            raise ValueError(f"{name}[{i}] = {tuple(pair)}: layer and head must be >= 0")
         out.append((int(pair[0]), int(pair[1])))
     return tuple(out)
 
@@ -126,7 +126,10 @@ class SoftPAG(Variant):
 
     scale: Annotated[float, Range(0.0, None, finite=True)] = 3.0
     u: Annotated[float, Range(0.0, 1.0)] = 0.5
-    heads: tuple[tuple[int, int], ...] | None = None
+    heads: Annotated[
+        tuple[tuple[int, int], ...] | None,
+        Range(0, None, message="{name}[{index}] = {item}: layer and head must be {bounds}"),
+    ] = None
     layers: Annotated[tuple[int, ...] | None, Range(0, None)] = None
     heads_file: str | None = None
     start: Annotated[float, Range(0.0, 1.0)] = 0.0
@@ -139,15 +142,15 @@ class SoftPAG(Variant):
         for f in ("steps", "layers"):  # sequences: their items' ranges are declared above
             if getattr(self, f) is not None and not isinstance(getattr(self, f), (tuple, list)):
                 raise TypeError(f"SoftPAG.{f} must be a tuple of ints >= 0 or None, got {getattr(self, f)!r}")
+        if self.heads is not None:  # types first: the pairs' range is declared above
+            self.heads = _int_pairs("SoftPAG.heads", self.heads)
         check_options(self)  # the ranges declared on the fields above
         require(self.start < self.stop, "SoftPAG.start", f"< SoftPAG.stop ({self.stop})", self.start)
         if self.steps is not None:
             self.steps = tuple(sorted(set(self.steps)))
         if self.batched_cfg is not None and not isinstance(self.batched_cfg, bool):
             raise TypeError(f"SoftPAG.batched_cfg must be True, False or None, got {self.batched_cfg!r}")
-        pairs = () if self.heads is None else _int_pairs("SoftPAG.heads", self.heads)
-        if self.heads is not None:
-            self.heads = pairs
+        pairs = () if self.heads is None else self.heads
         whole: tuple[int, ...] = ()
         if self.layers is not None:
             whole = self.layers = tuple(self.layers)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn as nn
 from torch.fx import _symbolic_trace as _st
 
 from attn_kernels.backends import BACKEND_NAMES, NoBackendError, choose_backend, resolve_name
+from attn_spec import OneOf
 
 
 class TwoSigmoid(nn.Module):
@@ -18,6 +21,12 @@ class TwoSigmoid(nn.Module):
 
 
 GATE_MODES = ("identity", "original")
+_MODE = OneOf(
+    *GATE_MODES,
+    note="('identity': 2·sigmoid gate, zero-init, output unchanged at injection; 'original': the paper's sigmoid gate)",
+)
+#: the `mode` option of the channel-attention variants, declared once
+GateMode = Annotated[str, _MODE]
 #: the kernel vocabulary (attn_kernels.backends); "eager" is still accepted as a deprecated alias of "reference"
 BACKENDS = BACKEND_NAMES
 
@@ -46,9 +55,6 @@ def use_fused(x: torch.Tensor, backend: str, op: str, dims: tuple[int, ...] = ()
 
 
 def check_mode(owner: str, mode: str) -> str:
-    if mode not in GATE_MODES:
-        raise ValueError(
-            f"{owner}.mode must be one of {GATE_MODES} ('identity': 2·sigmoid gate, zero-init, output unchanged at "
-            f"injection; 'original': the paper's sigmoid gate), got {mode!r}"
-        )
+    """`mode` when it is a gate mode, else the ValueError of the variants' declaration (`GateMode`)."""
+    _MODE.check(f"{owner}.mode", mode, str)
     return mode

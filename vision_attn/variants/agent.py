@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.models.swin_transformer import SwinTransformerBlock
 
-from attn_spec import Range, check_options
+from attn_spec import Range, Unique, check_options
 
 from ._gates import fx_tracing, use_fused
 
@@ -313,20 +313,22 @@ def _qualname(obj: object) -> str:
 
 
 def _indices(owner: str, value: object) -> tuple[int, ...] | None:
+    """Any iterable of indices as a tuple (their range and uniqueness are declared on the field: `_Indices`)."""
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
         raise ValueError(
-            f"{owner} must be a tuple of indices >= 0 or None, got {value!r} (e.g. {owner.split('.')[-1]}=(0, 1))"
+            f"{owner} must be a tuple of indices or None, got {value!r} (e.g. {owner.split('.')[-1]}=(0, 1))"
         )
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{owner} must hold int indices >= 0, got {value!r}")
-        out.append(v)
-    if len(set(out)) != len(out):
-        raise ValueError(f"{owner} has a repeated index: {value!r}")
-    return tuple(out)
+    return tuple(value)
+
+
+#: Agent.blocks / Agent.stages: distinct int indices >= 0, or None
+_Indices = Annotated[
+    tuple[int, ...] | None,
+    Range(0, None, words=True, message="{name} must hold int indices {bounds}, got {value!r}"),
+    Unique(noun="indices", message="{name} has a repeated index: {value!r}"),
+]
 
 
 _SUPPORTED_MODELS = (
@@ -349,14 +351,14 @@ class Agent:
 
     name: ClassVar[str] = "agent"
     num_agents: Annotated[int, Range(1, None, words=True)] = 49
-    blocks: tuple[int, ...] | None = None
+    blocks: _Indices = None
     dwc_kernel: Annotated[int, Range(1, None, odd=True)] = 3
-    stages: tuple[int, ...] | None = None
+    stages: _Indices = None
 
     def __post_init__(self) -> None:
-        check_options(self)  # the ranges declared on the fields above
         self.blocks = _indices("Agent.blocks", self.blocks)
         self.stages = _indices("Agent.stages", self.stages)
+        check_options(self)  # the ranges declared on the fields above
 
     def inject(self, model: nn.Module, handle) -> None:
         from timm.layers import Attention

@@ -18,7 +18,7 @@ from timm.layers.coord_attn import CoordAttn
 
 from attn_spec import Range, check_options
 
-from ._gates import TwoSigmoid, check_mode, use_fused
+from ._gates import GateMode, TwoSigmoid, check_mode, use_fused
 
 __all__ = ["CoordAttention", "make_coord"]
 
@@ -86,11 +86,10 @@ class CoordAttention:
 
     name: ClassVar[str] = "coord"
     reduction: Annotated[int, Range(1, None, words=True)] = 32
-    mode: str = "identity"
+    mode: GateMode = "identity"
 
     def __post_init__(self) -> None:
-        check_options(self)  # the ranges declared on the fields above
-        check_mode("CoordAttention", self.mode)
+        check_options(self)  # the ranges and modes declared on the fields above
 
     def build(self, channels: int) -> nn.Module:
         return make_coord(channels, self.reduction, self.mode)

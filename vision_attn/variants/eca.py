@@ -19,7 +19,7 @@ from timm.layers.activations import Sigmoid as _TimmSigmoid
 
 from attn_spec import Range, check_options
 
-from ._gates import TwoSigmoid, check_mode, use_fused
+from ._gates import GateMode, TwoSigmoid, check_mode, use_fused
 
 __all__ = ["ECA", "make_eca", "eca_kernel_size"]
 
@@ -86,11 +86,10 @@ class ECA:
 
     name: ClassVar[str] = "eca"
     kernel_size: Annotated[int | None, Range(1, None, odd=True, note="or None (paper rule)")] = None
-    mode: str = "identity"
+    mode: GateMode = "identity"
 
     def __post_init__(self) -> None:
-        check_options(self)  # the ranges declared on the fields above
-        check_mode("ECA", self.mode)
+        check_options(self)  # the ranges and modes declared on the fields above
 
     def build(self, channels: int) -> nn.Module:
         return make_eca(channels, self.kernel_size, self.mode)
