@@ -44,7 +44,11 @@ _FP16_CPU = "Pipelines loaded with `dtype=torch.float16` cannot run with `cpu` d
 
 def add_parser(sub: Any) -> None:
     g = sub.add_parser("generate", help="run a diffusers pipeline with attention variants and write PNG/GIF/MP4")
-    g.add_argument("--model", help="Hub id or local diffusers pipeline directory (default: embedded tiny pipeline)")
+    g.add_argument(
+        "--model",
+        help="Hub id or local diffusers pipeline directory (default: the embedded world model, text-to-video, or "
+        "text-to-image for an image --out, as `attnplug headhunt`; the tiny pipeline where it is not installed)",
+    )
     g.add_argument(
         "--config",
         help="preset name (see `attnplug list`), path to a preset YAML, or an attnplug config saved with the weights "
@@ -457,6 +461,7 @@ def run(args: argparse.Namespace) -> int:
     world_label = None
     world_image = None
     if model is None:
+        from ..embedded import image_default
         from ..tiny import (
             NO_TRAINED_IMAGE_MODEL,
             TINY_DEFAULTS,
@@ -465,26 +470,25 @@ def run(args: argparse.Namespace) -> int:
             WORLD_NOTICE,
             world_t2v_dir,
         )
-        from ..world.t2i import T2I_DEFAULTS, T2I_NOTICE, world_t2i_dir
 
         png = args.out is not None and Path(args.out).suffix.lower() == ".png"
         embedded = "flux" if args.frames == 1 or (png and args.frames is None) else "wan"
         world = world_t2v_dir() if embedded == "wan" else None
-        world_image = world_t2i_dir() if embedded == "flux" else None
-        if world is not None:  # the trained world model: a real pipeline directory, loaded like --model
+        if embedded == "flux":  # the CLI's image default, which `attnplug headhunt` searches too
+            image = image_default()
+            pcfg = {**image.defaults, **pcfg}
+            print(image.notice, file=sys.stderr)
+            if image.model is not None:  # the trained world text-to-image model (StableDiffusion3Pipeline)
+                embedded, model, world_label, world_image = None, image.model, image.label, image.model
+            else:
+                print(NO_TRAINED_IMAGE_MODEL, file=sys.stderr)
+        elif world is not None:  # the trained world model: a real pipeline directory, loaded like --model
             embedded, model, world_label = None, str(world), f"<embedded world t2v, trained: {world}>"
             pcfg = {**WORLD_DEFAULTS, **pcfg}
             print(WORLD_NOTICE.format(path=world), file=sys.stderr)
-        elif world_image is not None:  # the trained world text-to-image model (StableDiffusion3Pipeline)
-            embedded, model = None, str(world_image)
-            world_label = f"<embedded world t2i, trained: {world_image}>"
-            pcfg = {**T2I_DEFAULTS, **pcfg}
-            print(T2I_NOTICE.format(path=world_image), file=sys.stderr)
         else:
             pcfg = {**TINY_DEFAULTS[embedded], **pcfg}
             print(UNTRAINED_NOTICE.format(kind=embedded), file=sys.stderr)
-            if embedded == "flux":
-                print(NO_TRAINED_IMAGE_MODEL, file=sys.stderr)
         if png and args.frames is None and world_image is None:
             print(
                 f"note: --out {args.out} is an image, so the embedded default is the tiny FLUX text-to-image "

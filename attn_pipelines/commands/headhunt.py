@@ -6,7 +6,9 @@
     attnplug generate --model ... --attn softpag:heads_file=out/headhunt.json,u=0.25
 
 The JSON (`--out`) is rewritten after every evaluation; running the same command again continues the search
-(`--restart` starts over). Without --model it searches the embedded tiny FLUX pipeline (untrained: a smoke run).
+(`--restart` starts over). Without --model it searches the CLI's image default, the model `attnplug generate
+--out x.png` uses without --model (`attn_pipelines.embedded`), so the two accept each other's heads file: the world's
+trained text-to-image model, or the untrained tiny FLUX pipeline (a smoke run) where it is not installed.
 Objectives: `clip[:MODEL]` (torchmetrics CLIP score; MODEL a local directory or a cached Hub id, never
 downloaded) or `tv` (total variation, model-free; a sanity objective, not a quality score). Bad input fails
 before any weight is loaded.
@@ -41,7 +43,11 @@ def parse_int_list(text: str) -> list[int]:
 
 def add_parser(sub: Any) -> None:
     h = sub.add_parser("headhunt", help="search the attention heads SoftPAG should perturb (resumable JSON)")
-    h.add_argument("--model", help="Hub id or local diffusers pipeline directory (default: embedded tiny FLUX)")
+    h.add_argument(
+        "--model",
+        help="Hub id or local diffusers pipeline directory (default: the image default of `attnplug generate "
+        "--out x.png`: the world's text-to-image model, or the tiny FLUX where it is not installed)",
+    )
     h.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable): the M prompt/seed pairs")
     h.add_argument("--prompts-file", help="a text file with one prompt per line")
     h.add_argument("--seeds", type=parse_int_list, default=None, help="a seed per prompt, e.g. 0,1,2 (default 0..M-1)")
@@ -132,19 +138,24 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..embedded import image_default
     from ..loading import load_pipeline
-    from ..tiny import TINY_DEFAULTS, UNTRAINED_NOTICE, build_tiny_pipeline
+    from ..tiny import build_tiny_pipeline
 
     defaults: dict[str, Any] = {}
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    if args.model is None:
-        print(UNTRAINED_NOTICE.format(kind="flux"), file=sys.stderr)
-        pipe = build_tiny_pipeline("flux")
-        defaults = {k: TINY_DEFAULTS["flux"][k] for k in ("height", "width", "steps", "guidance_scale")}
+    model = args.model
+    if model is None:  # the CLI's image default, with generate's defaults for it
+        image = image_default()
+        print(image.notice, file=sys.stderr)
+        model = image.model
+        defaults = {k: image.defaults[k] for k in ("height", "width", "steps", "guidance_scale", "dtype")}
+    dtype = getattr(torch, args.dtype or defaults.get("dtype") or ("bfloat16" if device.type == "cuda" else "float32"))
+    if model is None:
+        pipe = build_tiny_pipeline(image.tiny)
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
-        pipe = load_pipeline(args.model, dtype)
+        pipe = load_pipeline(model, dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     call: dict[str, Any] = {}

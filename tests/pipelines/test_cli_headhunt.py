@@ -1,4 +1,5 @@
-"""`attnplug headhunt` (issue 11): search on the embedded tiny FLUX, resume from --out, feed the result to generate."""
+"""`attnplug headhunt` (issue 11): search on the CLI's image default (the world's text-to-image model, the tiny FLUX
+without it), resume from --out, feed the result to generate."""
 
 from __future__ import annotations
 
@@ -11,11 +12,17 @@ from attn_pipelines.cli import main
 SMALL = ["--steps", "1", "--height", "32", "--width", "32", "--no-progress"]
 
 
-def test_headhunt_resumes_and_its_result_drives_generate(tmp_path, capsys, monkeypatch):
-    # headhunt's embedded default is the tiny FLUX; generate's image default is the world's text-to-image model
-    # when installed: point the world at an empty folder so both use the tiny FLUX (the fallback)
+@pytest.fixture
+def tiny_default(tmp_path, monkeypatch):
+    """The CLI's image default without the world's text-to-image model: the tiny FLUX (the world points at an
+    empty folder)."""
     (tmp_path / "no_world").mkdir()
     monkeypatch.setenv("ATTNPLUG_WORLD_DIR", str(tmp_path / "no_world"))
+
+
+def test_headhunt_resumes_and_its_result_drives_generate(tmp_path, capsys, tiny_default):
+    # without the world's text-to-image model both commands fall back to the tiny FLUX: `tiny_default` runs that
+    # fallback (the installed model: test_headhunt_default_is_generates_image_default)
     out = tmp_path / "hh.json"
     args = ["headhunt", "--prompt", "a fox", "--prompt", "a cat", "--out", str(out), *SMALL]
     assert main([*args, "--max-evaluations", "2"]) == 0
@@ -47,7 +54,7 @@ def test_headhunt_resumes_and_its_result_drives_generate(tmp_path, capsys, monke
         (["--layers", "5"], "HeadHunter.layers must be layer indices in [0, 1], got [5]"),
     ],
 )
-def test_headhunt_bad_input_is_one_line(extra, needle, tmp_path, capsys):
+def test_headhunt_bad_input_is_one_line(extra, needle, tmp_path, capsys, tiny_default):  # --layers: tiny FLUX's 2
     assert main(["headhunt", "--prompt", "a fox", "--out", str(tmp_path / "h.json"), *SMALL, *extra]) == 2
     err = capsys.readouterr().err.splitlines()
     assert needle in err[-1] and err[-1].startswith("attnplug: error: ")
@@ -57,12 +64,14 @@ def test_headhunt_bad_input_is_one_line(extra, needle, tmp_path, capsys):
 def test_headhunt_refuses_an_out_of_other_settings_before_loading(tmp_path, capsys, monkeypatch):
     out = tmp_path / "hh.json"
     assert main(["headhunt", "--prompt", "a fox", "--out", str(out), "--max-evaluations", "1", *SMALL]) == 0
+    import attn_pipelines.loading
     import attn_pipelines.tiny
 
     def no_load(*a, **k):
         raise AssertionError("loaded a pipeline")
 
-    monkeypatch.setattr(attn_pipelines.tiny, "build_tiny_pipeline", no_load)
+    monkeypatch.setattr(attn_pipelines.tiny, "build_tiny_pipeline", no_load)  # either image default
+    monkeypatch.setattr(attn_pipelines.loading, "load_pipeline", no_load)
     assert main(["headhunt", "--prompt", "a fox", "--top-k", "2", "--out", str(out), *SMALL]) == 2
     assert "holds a search with other settings (top_k differ)" in capsys.readouterr().err
     (tmp_path / "x.json").write_text("[]")
@@ -70,3 +79,25 @@ def test_headhunt_refuses_an_out_of_other_settings_before_loading(tmp_path, caps
     assert "is not a HeadHunter file" in capsys.readouterr().err
     assert main(["headhunt", "--out", str(tmp_path / "x.txt"), *SMALL]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_headhunt_default_is_generates_image_default(tmp_path, capsys):
+    """Without --model, headhunt searches the model `attnplug generate --out x.png` uses without --model (the
+    world's text-to-image model when installed), so generate accepts the heads file it writes."""
+    from attn_pipelines.world.t2i import world_t2i_dir
+
+    if world_t2i_dir() is None:
+        pytest.skip("the world's text-to-image model is not installed (assets/world/t2i)")
+    out = tmp_path / "hh.json"
+    prompt = ["--prompt", "a red circle at the top left"]
+    assert main(["headhunt", *prompt, "--layers", "0", "--out", str(out), *SMALL]) == 0
+    std = capsys.readouterr()
+    assert "EMBEDDED DEFAULT is attnplug's world text-to-image model" in std.err
+    assert "headhunt complete after" in std.out
+    state = json.loads(out.read_text())
+    assert state["model"]["class"] == "SD3Transformer2DModel" and state["selected"]
+    png = tmp_path / "x.png"
+    assert main(["generate", *prompt, "--attn", f"softpag:heads_file={out},u=0.5", *SMALL[:-1], "--out", str(png)]) == 0
+    std = capsys.readouterr()
+    assert "EMBEDDED DEFAULT is attnplug's world text-to-image model" in std.err
+    assert "attention calls through attnplug]" in std.out and png.is_file()
