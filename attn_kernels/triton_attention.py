@@ -42,6 +42,7 @@ import triton.language as tl
 from .backends import SizeRule, register_backend
 from .launch_config import LaunchConfig
 from .layout import BlockLayout, KernelLayout
+from .modifiers import prepare_modifiers
 
 __all__ = [
     "CANDIDATES",
@@ -940,8 +941,6 @@ def triton_attention_forward(
     tile_stats=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`forward` from a `BlockLayout` and modifier objects (prepared once and cached on them)."""
-    from .modifiers import prepare_modifiers
-
     check_inputs(q, v)
     B, H, nq, d = q.shape
     nk = k.shape[2]
@@ -972,8 +971,6 @@ def triton_attention_backward(
     modifiers: tuple = (),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`backward` from a `BlockLayout` and modifier objects."""
-    from .modifiers import prepare_modifiers
-
     check_inputs(q, v)
     B, H, nq, d = q.shape
     nk = k.shape[2]

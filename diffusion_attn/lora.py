@@ -51,7 +51,10 @@ from typing import Any
 
 import torch
 
+from .adapters import find_adapter
+from .hooks import apply
 from .registry import ADAPTERS
+from .variants.base import check_range
 
 __all__ = ["FAMILIES", "VIDEO_EXTENSIONS", "TrainLoRAConfig", "find_clips", "train_lora", "lora_loss"]
 
@@ -118,8 +121,6 @@ class TrainLoRAConfig:
 
     def check(self) -> None:
         """Refuse bad settings with the parameter and its allowed range."""
-        from .variants.base import check_range
-
         for name in ("rank", "steps", "batch_size", "gradient_accumulation_steps", "save_every", "seed"):
             check_range(f"TrainLoRAConfig.{name}", getattr(self, name), 0 if name == "seed" else 1, None, kind=int)
         check_range("TrainLoRAConfig.warmup_steps", self.warmup_steps, 0, None, kind=int)
@@ -201,8 +202,6 @@ def read_video(path: Path, height: int | None, width: int | None, num_frames: in
 
 # ---------------------------------------------------------------------------------------------- families
 def _family(pipe: Any) -> str:
-    from .adapters import find_adapter
-
     name = find_adapter(pipe.transformer).name
     if name not in FAMILIES:
         raise ValueError(
@@ -338,8 +337,6 @@ def train_lora(pipe: Any, cfg: TrainLoRAConfig) -> Path:
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from tqdm.auto import tqdm
-
-    from . import apply
 
     cfg.check()
     family = _family(pipe)

@@ -43,10 +43,14 @@ from typing import Any
 
 import numpy as np
 
+import diffusion_attn.lora as lora_module
+from diffusion_attn.lora import TrainLoRAConfig, train_lora
+
 from .common import environment, setup_threads, write_json
 from .data import single_prompts, video_sample
 from .evaluate import SUITE, Case, EvalSettings, _length_metrics, _mean_finite, case_status, generate
-from .models import T2V_DIR, VIDEO, world_dir
+from .models import T2V_DIR, VIDEO, load_world_pipeline, world_dir
+from .score import AttributeScorer
 
 __all__ = ["LengthSettings", "CASES", "LORAS", "eval_prompts", "render_clips", "train", "evaluate_case", "run", "main"]
 
@@ -186,8 +190,6 @@ def render_clips(folder: Path, s: LengthSettings) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- training
 def _load_pipe(s: LengthSettings) -> Any:
-    from .evaluate import load_world_pipeline
-
     return load_world_pipeline(s.model or None)
 
 
@@ -202,8 +204,6 @@ def _variants(specs: tuple[str, ...], name: str) -> list:
 
 def train(name: str, s: LengthSettings, data: Path, checkpoint: dict) -> dict[str, Any]:
     """Train (or resume, or skip when finished) the LoRA `name` of `LORAS`; returns its record."""
-    from diffusion_attn.lora import TrainLoRAConfig, train_lora
-
     out = Path(s.work) / f"lora_{name}"
     record_file = out / "attnplug_record.json"
     fingerprint = {
@@ -282,16 +282,14 @@ class _FirstStepClock:
     `lora_loss` for the duration of the block."""
 
     def __enter__(self) -> list[float]:
-        import diffusion_attn.lora as lora
-
-        self.mod, self.orig, self.first = lora, lora.lora_loss, []
+        self.mod, self.orig, self.first = lora_module, lora_module.lora_loss, []
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             if not self.first:
                 self.first.append(time.perf_counter())
             return self.orig(*args, **kwargs)
 
-        lora.lora_loss = timed
+        lora_module.lora_loss = timed
         return self.first
 
     def __exit__(self, *exc: Any) -> None:
@@ -470,8 +468,6 @@ def _write(results: dict[str, Any], s: LengthSettings) -> tuple[Path, Path]:
 # ---------------------------------------------------------------------------------------------- driver
 def run(s: LengthSettings) -> dict[str, Any]:
     """All four stages (each skipped when done); returns the results dict (also written to `s.results`)."""
-    from .score import AttributeScorer
-
     s.check()
     setup_threads(s.threads)
     work = Path(s.work)

@@ -55,6 +55,7 @@ from typing import Annotated, ClassVar
 
 import torch
 
+import attn_kernels
 from attn_spec import Length, OneOf, Range
 
 from .base import AttnContext, AttnPlan, FamiliesWhere, Variant, adapter_of, check_options, register_variant
@@ -381,15 +382,11 @@ class AgentSD(Variant):
                 out_m = agent_attention_call(qm, kk, vv, tm.agents(qi), scale, exponent, backend, upcast)
                 out_m = out_m + shortcut * vm
             else:
-                from attn_kernels import attention
-
-                out_m = attention(qm, kk, vv, None, backend=backend)
+                out_m = attn_kernels.attention(qm, kk, vv, None, backend=backend)
             out_i = tm.unmerge(out_m)
             if not lay.text_len:
                 return out_i
-            from attn_kernels import attention
-
-            out_t = attention(q[:, :, txt], k, v, None, backend=backend)  # text queries: exact, all keys
+            out_t = attn_kernels.attention(q[:, :, txt], k, v, None, backend=backend)  # text queries: exact, all keys
             parts = [out_t, out_i] if lay.text_first else [out_i, out_t]
             return torch.cat(parts, dim=2)
 

@@ -41,6 +41,7 @@ from typing import Annotated, Any, ClassVar
 
 import torch
 
+from attn_kernels import BlockLayout, TileStats
 from attn_spec import OneOf, Ordered, Range
 
 from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
@@ -138,8 +139,6 @@ class LiteAttention(Variant):
         key = (layout, str(device))
         hit = self._cache.get(key)
         if hit is None:
-            from attn_kernels import BlockLayout
-
             always, never, _ = self.static_masks(layout)
             n, b = layout.seq_len, self.block_size
             full = (~never | always)[None, None]  # [1, 1, nqb, nkb]: shared by every sample and head
@@ -179,8 +178,6 @@ class LiteAttention(Variant):
         return None
 
     def plan(self, ctx: AttnContext, plan: AttnPlan) -> AttnPlan:
-        from attn_kernels import BlockLayout, TileStats
-
         layout = ctx.layout
         static = self._static(layout, ctx.device)
         key = ("lite", layout, ctx.batch, ctx.heads, self.block_size)

@@ -36,6 +36,8 @@ from typing import Annotated, Any, ClassVar
 
 import torch
 
+from attn_kernels import BlockLayout
+from attn_kernels.layout import _pack_bits
 from attn_spec import Range
 
 from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
@@ -148,9 +150,6 @@ def separable_block_layout(
     matrix product, and a key block's count is the sum of T_Q over its keys (text pairs are all visible).
     A block is visited when the count is > 0 and full when it equals its valid pairs; only partial blocks
     get element masks. HunyuanVideo's 30 x 48 x 80 grid: seconds instead of evaluating 1.3e10 pairs."""
-    from attn_kernels import BlockLayout
-    from attn_kernels.layout import _pack_bits
-
     n, b = layout.seq_len, block_size
     f, h, w = layout.grid
     nv, v0 = layout.num_visual, layout.visual_slice.start

@@ -48,6 +48,7 @@ from typing import Annotated, Any, ClassVar
 
 import torch
 
+from attn_kernels import BlockLayout
 from attn_spec import Range
 
 from .base import AttnContext, AttnPlan, BlockSize, TokenLayout, Variant, check_options, register_variant
@@ -280,8 +281,6 @@ class Radial(Variant):
         key = (layout, cfg["decay_factor"], cfg["attention_sink"], self.block_size, str(device))
         hit = self._cache.get(key)
         if hit is None:
-            from attn_kernels import BlockLayout
-
             bm = self.block_mask(layout)
             n = layout.seq_len
             bl = BlockLayout.from_block_mask(bm[None, None], n, n, block_q=self.block_size, block_k=self.block_size).to(

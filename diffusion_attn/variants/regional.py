@@ -50,6 +50,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from attn_kernels import BlockLayout
 from attn_spec import Length, Range
 
 from ._pipes import check_pipeline
@@ -326,8 +327,6 @@ class Regional(Variant):
 
     def _build(self, lay: TokenLayout, cur: dict, neg: tuple, device: torch.device) -> Any:
         """The BlockLayout of one call kind (host work, once per key)."""
-        from attn_kernels import BlockLayout
-
         lens = cur["lens"]
         n_ent, ent_total = len(lens), sum(lens)
         n_text = lay.cross_len if lay.cross_len else lay.text_len

@@ -28,6 +28,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from attn_spec import Range
 
+from ..registry import ADAPTERS
 from .base import AttnContext, AttnPlan, FamiliesWhere, Variant, check_options, register_variant
 
 __all__ = ["RIFLEx", "rope_axis"]
@@ -35,8 +36,6 @@ __all__ = ["RIFLEx", "rope_axis"]
 
 def _rope_adapter(family: str) -> Any:
     """The adapter class of `family`, which knows where its temporal RoPE lives; ValueError when it knows none."""
-    from ..adapters import ADAPTERS
-
     adapter = ADAPTERS.get(family)
     if adapter is None or getattr(adapter, "temporal_rope", None) is None:
         known = [n for n, a in ADAPTERS.items() if getattr(a, "temporal_rope", None) is not None]
@@ -190,12 +189,10 @@ class RIFLExHook(ModelHook):
         site = self.adapter.rope_site
         if site == "module":
             return args, kwargs
-        from ..adapters.base import Adapter
-
-        emb = Adapter.forward_arg(module, args, kwargs, site)
+        emb = self.adapter.forward_arg(module, args, kwargs, site)
         if emb is None:
             return args, kwargs
-        hs = Adapter.forward_arg(module, args, kwargs, "hidden_states")
+        hs = self.adapter.forward_arg(module, args, kwargs, "hidden_states")
         frames, per_frame, grid = self.adapter.rope_frames(module, tuple(hs.shape))
         cols = self.cols(frames, per_frame, emb[0].device, grid)
         if cols is None:
@@ -204,6 +201,6 @@ class RIFLExHook(ModelHook):
         if site in kwargs:
             kwargs = {**kwargs, site: new}
         else:
-            i = Adapter._params[type(module)][site]
+            i = self.adapter._params[type(module)][site]
             args = (*args[:i], new, *args[i + 1 :])
         return args, kwargs

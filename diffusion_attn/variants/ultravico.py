@@ -38,6 +38,7 @@ from typing import Annotated, Any, ClassVar
 
 import torch
 
+from attn_kernels import BlockLayout, LogitDecay
 from attn_spec import Range, require
 
 from .base import (
@@ -94,8 +95,6 @@ def band_layouts(layout: TokenLayout, bands: list[tuple[int, int]], block: int) 
     """(main, band) BlockLayouts on the canonical sequence: `band` holds the visual pairs whose token distance
     lies in `bands`, `main` every other pair. Blocks are classified from their distance ranges; element masks
     are computed only for blocks that straddle a band edge or the text."""
-    from attn_kernels import BlockLayout
-
     n = layout.seq_len
     nb = -(-n // block)
     v0, nv = layout.visual_slice.start, layout.num_visual
@@ -245,8 +244,6 @@ class UltraViCo(Variant):
         for p, entry in self._cache.get(key, ()):
             if p is perm:
                 return entry
-        from attn_kernels import LogitDecay
-
         pos = ultravico_positions(lay)
         if perm is not None:
             pos = pos[perm.cpu()]
