@@ -609,6 +609,11 @@ def _generate(
             if key not in s.params:
                 raise CLIError(f"{type(pipe).__name__} does not take {key!r}")
             kwargs[key] = val
+    from ..world.t2i import t2i_call_kwargs
+
+    for key, val in t2i_call_kwargs(pipe).items():  # a world t2i model's trained max_sequence_length (its folder)
+        if key in s.params:
+            kwargs[key] = val
     timer.start()
     try:
         result = pipe(**kwargs)

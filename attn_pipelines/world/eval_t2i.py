@@ -15,8 +15,9 @@
   colour+shape accuracy on the requested quadrant, shape crispness (edge gradient) and colour error of the
   foreground, plain vs SoftPAG.
 
-Generation: seed per job, 20 steps, guidance 5, 32 x 32 px (the CLI's defaults for this model), one
-image per call, exactly as `attnplug generate --prompt P --seed S` draws it.
+Generation: seed per job, 20 steps, guidance 5, 32 x 32 px (the CLI's defaults for this model) and the
+model's own `max_sequence_length` (`t2i.t2i_call_kwargs`), one image per call, exactly as
+`attnplug generate --prompt P --seed S` draws it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,15 @@ import torch
 
 from .common import environment, setup_threads, write_json
 from .data import COLORS, PLACES, SHAPES
-from .t2i import IMAGE_SIZE, T2I_DEFAULTS, load_t2i_pipeline, one_object_prompts, quadrant_box, score_image
+from .t2i import (
+    IMAGE_SIZE,
+    T2I_DEFAULTS,
+    load_t2i_pipeline,
+    one_object_prompts,
+    quadrant_box,
+    score_image,
+    t2i_call_kwargs,
+)
 
 __all__ = ["layout_jobs", "object_box", "mass_inside", "markdown", "main"]
 
@@ -80,6 +89,7 @@ def _generate(pipe: Any, prompt: str, seed: int, a: argparse.Namespace, variants
     t0 = time.process_time()
     try:
         kw = {"callback_on_step_end": callback} if callback is not None else {}
+        kw.update(t2i_call_kwargs(pipe))  # the zero T5 positions the model was trained with
         img = pipe(prompt=prompt, num_inference_steps=a.steps, guidance_scale=a.guidance, height=IMAGE_SIZE,
                    width=IMAGE_SIZE, generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
                    **kw).images[0]  # fmt: skip
@@ -226,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
     res: dict[str, Any] = {"model": str(a.model or "assets/world/t2i"), "settings": settings, "box_side_px": BOX_SIDE,
-                           "softpag": SOFTPAG}  # fmt: skip
+                           "softpag": SOFTPAG, "pipeline_call": t2i_call_kwargs(pipe)}  # fmt: skip
     for part in parts:
         if part == "single":
             res.update(_single(pipe, scorer, a))

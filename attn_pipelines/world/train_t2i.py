@@ -6,11 +6,16 @@
 Phase 1 (`--vae-steps`): the one-level `AutoencoderKL` learns to reconstruct scene images (MSE on the
 posterior mean's decoding plus a small KL); its latent statistics become `shift_factor` / `scaling_factor`.
 Phase 2: flow matching as SD3 is trained, x_t = (1 - s) x0 + s noise, the transformer predicts noise - x0
-at timestep 1000 s (s logit-normal), on the normalised posterior means of `--scenes` scene images
-(encoded once, cached in `--out`). Both CLIP text encoders train with the transformer; their embeddings
+at timestep 1000 s (s logit-normal, shifted towards noise by `--sigma-shift` as the sampler's `shift` moves its
+steps: the sampler's first steps, where a 32 px image's layout is decided, lie above s = 0.9, where the
+unshifted logit-normal puts 1.4% of the training samples), on the normalised posterior means of `--scenes`
+scene images (encoded once, cached in `--out`). Both CLIP text encoders train with the transformer; their embeddings
 are built exactly as `StableDiffusion3Pipeline.encode_prompt` builds them, and 10% of captions are
 dropped to "" (the pipeline's default negative prompt), so classifier-free guidance works. The saved
-weights are an EMA of the trained ones.
+weights are an EMA of the trained ones. `--max-sequence-length N` is the number of zero T5 positions the
+pipeline appends (its `max_sequence_length`; 256 is its default): training computes them as one position
+weighted N times (`ZeroTokenJointAttn`; none at 0), and N is saved with the model (`t2i.T2I_SETTINGS_FILE`),
+so every caller generates with it.
 
 Every `--eval-every` steps the EMA pipeline draws `t2i.TRAIN_EVAL_PROMPTS` (24 one-object prompts,
 seed 0, the CLI's defaults) and the attribute classifier reads the requested quadrant of each: the
@@ -36,6 +41,7 @@ from .common import ModuleEMA, Timer, cosine_lr, cosine_schedule, environment, s
 from .data import scene_sample
 from .models import world_dir
 from .t2i import (
+    PIPELINE_T5_POSITIONS,
     T2I_SCHEDULER_CONFIG,
     T2I_TEXT_ENCODER_CONFIG,
     T2I_TRANSFORMER_CONFIG,
@@ -52,7 +58,7 @@ from .t2i import (
 
 __all__ = ["ZeroTokenJointAttn", "clip_embeddings", "check_zero_token_weighting", "main"]
 
-T5_POSITIONS = 256  # StableDiffusion3Pipeline.__call__'s max_sequence_length: zeros when text_encoder_3 is None
+T5_POSITIONS = PIPELINE_T5_POSITIONS  # StableDiffusion3Pipeline's default max_sequence_length (zeros without a T5)
 
 
 def _images(seed: int, start: int, n: int) -> tuple[torch.Tensor, list[str]]:
@@ -75,17 +81,19 @@ def clip_embeddings(tokenizer: Any, encoders: list[Any], captions: list[str], de
 
 
 class ZeroTokenJointAttn:
-    """Training-only SD3 joint attention: the pipeline's 256 zero T5 positions, computed as one.
+    """Training-only SD3 joint attention: the pipeline's N zero T5 positions (256 by default), computed as one.
 
-    Without a T5 the pipeline appends 256 zero vectors to the prompt embeddings. They are identical
-    through every block (no positional embedding on text, the same weights), so attention over the
-    256 equals attention over ONE of them whose logit carries + log(256); the queries of the 255
+    Without a T5 the pipeline appends N = `max_sequence_length` zero vectors to the prompt embeddings. They
+    are identical through every block (no positional embedding on text, the same weights), so attention
+    over the N equals attention over ONE of them whose logit carries + log(N); the queries of the N - 1
     others only repeat its output, which nothing reads after the last block. Training feeds the 24
-    CLIP positions plus one zero position and adds log(256) to that key's logit: the same function
-    as diffusers' `JointAttnProcessor2_0` on 280 positions (checked by `check_zero_token_weighting`)."""
+    CLIP positions plus one zero position and adds log(N) to that key's logit: the same function
+    as diffusers' `JointAttnProcessor2_0` on 24 + N positions (checked by `check_zero_token_weighting`)."""
 
-    def __init__(self) -> None:
-        self.bias: torch.Tensor | None = None
+    def __init__(self, positions: int = T5_POSITIONS) -> None:
+        if positions < 1:
+            raise ValueError(f"positions must be >= 1 (0 zero positions need no weighting), got {positions}")
+        self.positions = positions
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:  # fmt: skip
@@ -104,7 +112,7 @@ class ZeroTokenJointAttn:
             cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
         q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
         bias = torch.zeros(k.shape[2], dtype=q.dtype, device=q.device)
-        bias[-1] = math.log(T5_POSITIONS)
+        bias[-1] = math.log(self.positions)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias.view(1, 1, 1, -1))
         out = out.transpose(1, 2).reshape(b, -1, q.shape[-1] * attn.heads).to(q.dtype)
         img, ctx = out[:, :n], out[:, n:]
@@ -113,31 +121,36 @@ class ZeroTokenJointAttn:
         return attn.to_out[1](attn.to_out[0](img)), ctx
 
 
-def use_zero_token_weighting(transformer: Any) -> None:
-    """Install `ZeroTokenJointAttn` on every joint block (training)."""
+def use_zero_token_weighting(transformer: Any, positions: int = T5_POSITIONS) -> None:
+    """Install `ZeroTokenJointAttn` for `positions` zero positions on every joint block (training); with none,
+    diffusers' own processor."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
     for block in transformer.transformer_blocks:
-        block.attn.set_processor(ZeroTokenJointAttn())
+        block.attn.set_processor(ZeroTokenJointAttn(positions) if positions else JointAttnProcessor2_0())
 
 
-def _short_context(emb: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.pad(emb, (0, 0, 0, 1))  # the CLIP positions + one zero (T5) position
+def _short_context(emb: torch.Tensor, positions: int = T5_POSITIONS) -> torch.Tensor:
+    """The CLIP positions + one zero (T5) position standing for `positions` of them (none when 0)."""
+    return torch.nn.functional.pad(emb, (0, 0, 0, 1)) if positions else emb
 
 
 @torch.no_grad()
 def check_zero_token_weighting(transformer: Any, tokenizer: Any, encoders: list[Any], latents: torch.Tensor,
-                               captions: list[str]) -> float:  # fmt: skip
-    """Max abs difference between the training forward (one weighted zero position) and diffusers' own (256)."""
+                               captions: list[str], positions: int = T5_POSITIONS) -> float:  # fmt: skip
+    """Max abs difference between the training forward (one weighted zero position) and diffusers' own
+    (`positions` zero positions)."""
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
     t = torch.full((len(captions),), 500.0)
     emb, pooled = clip_embeddings(tokenizer, encoders, captions)
     for block in transformer.transformer_blocks:
         block.attn.set_processor(JointAttnProcessor2_0())
-    full = torch.nn.functional.pad(emb, (0, 0, 0, T5_POSITIONS))
+    full = torch.nn.functional.pad(emb, (0, 0, 0, positions))
     ref = transformer(hidden_states=latents, timestep=t, encoder_hidden_states=full, pooled_projections=pooled,
                       return_dict=False)[0]  # fmt: skip
-    use_zero_token_weighting(transformer)
-    out = transformer(hidden_states=latents, timestep=t, encoder_hidden_states=_short_context(emb),
+    use_zero_token_weighting(transformer, positions)
+    out = transformer(hidden_states=latents, timestep=t, encoder_hidden_states=_short_context(emb, positions),
                       pooled_projections=pooled, return_dict=False)[0]  # fmt: skip
     return float((out - ref).abs().max())
 
@@ -201,11 +214,29 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--text-lr",
+        type=float,
+        default=None,
+        help="learning rate of both text encoders (default: --lr; 0 keeps them as initialised)",
+    )
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--scenes", type=int, default=12000, help="training scenes (encoded once)")
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument(
+        "--sigma-shift",
+        type=float,
+        default=1.0,
+        help="training noise levels s (logit-normal) shifted as the sampler shifts them: shift s / (1 + (shift - 1) s)",
+    )
+    p.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=PIPELINE_T5_POSITIONS,
+        help="zero T5 positions the pipeline appends (its max_sequence_length), saved with the model",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-minutes", type=float, default=None, help="stop early (the schedule is kept)")
@@ -226,6 +257,10 @@ def _check_args(a: argparse.Namespace) -> None:
         raise SystemExit(f"--vae-steps must be >= 1 (no trained VAE in {a.out}/vae), got {a.vae_steps}")
     if not 0 <= a.eval_prompts <= len(TRAIN_EVAL_PROMPTS):
         raise SystemExit(f"--eval-prompts must be in 0..{len(TRAIN_EVAL_PROMPTS)}, got {a.eval_prompts}")
+    if not 0 <= a.max_sequence_length <= 512:
+        raise SystemExit(f"--max-sequence-length must be in 0..512, got {a.max_sequence_length}")
+    if a.sigma_shift <= 0:
+        raise SystemExit(f"--sigma-shift must be > 0, got {a.sigma_shift}")
     if not 0 <= a.caption_dropout < 1:
         raise SystemExit(f"--caption-dropout must be in [0, 1), got {a.caption_dropout}")
 
@@ -256,15 +291,22 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = t2i_tokenizer()
     transformer = build_t2i_transformer()
     encoders = [build_t2i_text_encoder(tokenizer), build_t2i_text_encoder(tokenizer)]
-    diff = check_zero_token_weighting(transformer.eval(), tokenizer, encoders, latents[:3], captions[:2] + [""])
-    say(f"one weighted zero position vs diffusers' JointAttnProcessor2_0 on 256: max abs diff {diff:.2e}")
+    msl = a.max_sequence_length
+    diff = check_zero_token_weighting(transformer.eval(), tokenizer, encoders, latents[:3], captions[:2] + [""], msl)
+    say(f"one weighted zero position vs diffusers' JointAttnProcessor2_0 on {msl}: max abs diff {diff:.2e}")
     if diff > 1e-4:
         raise SystemExit(f"ZeroTokenJointAttn differs from JointAttnProcessor2_0 by {diff}")
     transformer.train()
+    text_lr = a.lr if a.text_lr is None else a.text_lr
     for e in encoders:
         e.train()
-    params = list(transformer.parameters()) + [p for e in encoders for p in e.parameters()]
-    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay)
+        e.requires_grad_(text_lr > 0)
+    text_params = [p for e in encoders for p in e.parameters()] if text_lr > 0 else []
+    params = list(transformer.parameters()) + text_params
+    groups: list[Any] = [{"params": list(transformer.parameters()), "lr": a.lr}, {"params": text_params, "lr": text_lr}]
+    if a.text_lr is None or not text_params:  # one group: what a state.pt of before --text-lr holds
+        groups = [{"params": params, "lr": a.lr}] if a.text_lr is None else groups[:1]
+    opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.99), weight_decay=a.weight_decay)
     sched = cosine_schedule(opt, a.steps, a.warmup)
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
@@ -320,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         if scorer is None or any(e["step"] == step for e in evals):
             return
         t0 = timer.elapsed
-        pipe = build_t2i_pipeline(vae, ema_t.current, ema_e[0].current, ema_e[1].current)
+        pipe = build_t2i_pipeline(vae, ema_t.current, ema_e[0].current, ema_e[1].current, msl)
         pipe.set_progress_bar_config(disable=True)
         res = t2i_accuracy(pipe, scorer, TRAIN_EVAL_PROMPTS[: a.eval_prompts], steps=a.eval_steps)
         row = {"step": step, **{k: round(res[k], 4) for k in ("color", "shape", "color_shape", "place")},
@@ -341,11 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         x0 = latents[idx]
         caps = [captions[i] if torch.rand((), generator=gen) >= a.caption_dropout else "" for i in idx.tolist()]
         sigma = torch.sigmoid(torch.randn(a.batch_size, generator=gen))
+        sigma = a.sigma_shift * sigma / (1 + (a.sigma_shift - 1) * sigma)  # 1: SD3's logit-normal as it is
         noise = torch.randn(x0.shape, generator=gen)
         s = sigma.view(-1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         emb, pooled = clip_embeddings(tokenizer, encoders, caps)
-        pred = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=_short_context(emb),
+        pred = transformer(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=_short_context(emb, msl),
                            pooled_projections=pooled, return_dict=False)[0]  # fmt: skip
         loss = (pred.float() - (noise - x0)).pow(2).mean()
         loss.backward()
@@ -374,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.eval_every:
         evaluate(done)
     save_state(done)
-    pipe = build_t2i_pipeline(vae, ema_t.current, ema_e[0].current, ema_e[1].current)
+    pipe = build_t2i_pipeline(vae, ema_t.current, ema_e[0].current, ema_e[1].current, msl)
     save_t2i_pipeline(pipe, out / "pipeline")
     write_records(done)
     say(f"t2i: step {done} of {a.steps}, {timer.elapsed:.0f} s this run -> {out / 'pipeline'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -89,6 +90,78 @@ def test_training_embeddings_equal_the_pipelines():
         pe, _, ppe, _ = pipe.encode_prompt(caps, caps, caps, do_classifier_free_guidance=False)
     assert torch.allclose(pe[:, :24], emb, atol=1e-6) and torch.count_nonzero(pe[:, 24:]) == 0
     assert pe.shape[1] == 24 + 256 and torch.allclose(ppe, pooled, atol=1e-6)
+
+
+@pytest.mark.parametrize("positions", [256, 1, 0])
+def test_training_loss_equals_the_loss_through_the_pipelines_encoding(positions):
+    """The trainer's batch loss (its CLIP encoding, one weighted zero position or none, the dropped caption "")
+    equals the loss of the same batch through `pipe.encode_prompt` with `max_sequence_length=positions` and the
+    pipeline's own negative prompt for guidance, on diffusers' processor: no train / inference mismatch."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from attn_pipelines.world.train_t2i import _short_context, use_zero_token_weighting
+
+    torch.manual_seed(0)
+    tok = t2i.t2i_tokenizer()
+    tr = t2i.build_t2i_transformer().eval()
+    encs = [t2i.build_t2i_text_encoder(tok).eval() for _ in range(2)]
+    pipe = t2i.build_t2i_pipeline(t2i.build_t2i_vae(), tr, *encs, positions)
+    assert t2i.t2i_call_kwargs(pipe) == {"max_sequence_length": positions}
+    caps = ["a red circle at the top left and a blue square at the bottom right", ""]  # "": a dropped caption
+    x0, noise = torch.randn(2, 4, 32, 32), torch.randn(2, 4, 32, 32)
+    sigma = torch.tensor([0.3, 0.8])
+    xt = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
+    with torch.no_grad():
+        emb, pooled = clip_embeddings(tok, encs, caps)
+        use_zero_token_weighting(tr, positions)
+        pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=_short_context(emb, positions),
+                  pooled_projections=pooled).sample  # fmt: skip
+        train_loss = (pred - (noise - x0)).pow(2).mean()
+        pe, npe, ppe, nppe = pipe.encode_prompt(caps[:1], caps[:1], caps[:1], do_classifier_free_guidance=True,
+                                                **t2i.t2i_call_kwargs(pipe))  # fmt: skip
+        assert pe.shape[1] == 24 + positions
+        for b in tr.transformer_blocks:
+            b.attn.set_processor(JointAttnProcessor2_0())
+        pred2 = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=torch.cat([pe, npe]),
+                   pooled_projections=torch.cat([ppe, nppe])).sample  # fmt: skip
+        pipe_loss = (pred2 - (noise - x0)).pow(2).mean()
+    assert abs(float(train_loss - pipe_loss)) < 1e-5 and (pred - pred2).abs().max() < 1e-4
+
+
+def test_saved_folder_keeps_its_max_sequence_length_and_every_caller_passes_it(tmp_path, monkeypatch):
+    """A model trained with N zero positions is saved with N (`t2i_settings.json`) and `t2i.generate`, the
+    eval's generator and `attnplug generate` call the pipeline with `max_sequence_length=N`; a folder without
+    the file gets the pipeline's default (256)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from attn_pipelines.world import eval_t2i
+
+    tok = t2i.t2i_tokenizer()
+    pipe = t2i.build_t2i_pipeline(t2i.build_t2i_vae(), t2i.build_t2i_transformer(),
+                                  t2i.build_t2i_text_encoder(tok), t2i.build_t2i_text_encoder(tok), 3)  # fmt: skip
+    folder = t2i.save_t2i_pipeline(pipe, tmp_path / "world" / "t2i")
+    assert json.loads((folder / t2i.T2I_SETTINGS_FILE).read_text()) == {"max_sequence_length": 3}
+    seen: list[dict] = []
+    real = StableDiffusion3Pipeline.__call__
+
+    @functools.wraps(real)  # the CLI reads the call's parameters from its signature
+    def spy(self, *args, **kw):
+        seen.append(kw)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(StableDiffusion3Pipeline, "__call__", spy)
+    loaded = t2i.load_t2i_pipeline(folder)
+    loaded.set_progress_bar_config(disable=True)
+    t2i.generate(loaded, ["a red circle at the top left"], steps=1)
+    args = eval_t2i.parser().parse_args(["--steps", "1"])
+    eval_t2i._generate(loaded, "a red circle at the top left", 0, args)
+    monkeypatch.setenv("ATTNPLUG_WORLD_DIR", str(tmp_path / "world"))
+    from attn_pipelines.cli import main as cli
+
+    assert cli(["generate", "--out", str(tmp_path / "x.png"), "--steps", "1"]) == 0
+    assert [kw.get("max_sequence_length") for kw in seen] == [3, 3, 3]
+    (folder / t2i.T2I_SETTINGS_FILE).unlink()
+    assert t2i.t2i_call_kwargs(t2i.load_t2i_pipeline(folder)) == {}
 
 
 def test_saved_folder_loads_through_the_cli_loader(tmp_path):
