@@ -166,6 +166,7 @@ _STILL_NAMING = {
     "attn_pipelines/tiny.py": "builds the embedded tiny Wan and FLUX pipelines (its kinds are those models)",
     "attn_pipelines/commands/generate.py": "the embedded tiny pipeline kinds",
     "attn_pipelines/commands/headhunt.py": "the embedded tiny FLUX pipeline",
+    "attn_pipelines/embedded.py": "the CLI's image default falls back to the embedded tiny FLUX (a tiny.py kind)",
     "diffusion_attn/hooks.py": 'the pipeline component "unet" (an attribute name, not the family)',
     "attn_pipelines/loading.py": 'the model_index.json component "unet" (not the family)',
 }
