@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from vision_attn.finetune import cosine_schedule as finetune_cosine_schedule
 
 __all__ = [
     "setup_threads", "cosine_lr", "cosine_schedule", "environment", "git_commit", "write_json", "model_card", "Timer",
-    "ModuleEMA",
+    "ModuleEMA", "atomic_save", "RunRecords",
 ]  # fmt: skip
 
 
@@ -163,3 +164,75 @@ class Timer:
 
     def over(self, minutes: float | None) -> bool:
         return minutes is not None and self.elapsed > 60 * minutes
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """`torch.save` to a temporary file beside `path`, then renamed over it: a run killed while saving leaves the
+    previous file whole."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+    return path
+
+
+class RunRecords:
+    """What the world's training scripts (`train_t2i`, `train_t2v`) keep across a run and its resumptions.
+
+    The loss `history`, the accuracy curve `evals` and its `best` row, the seconds of earlier runs, the running
+    loss; `save` writes them with the modules' states to `OUT/state.pt` (atomically), `load` reads a state.pt
+    back (the same keys the scripts wrote before this class, so old files resume), `write` rewrites
+    `train_config.json` and `metrics.json` (what the publish scripts read, also mid-run), and `add_eval`
+    appends an accuracy row and says whether it is the new best."""
+
+    def __init__(self, out: str | Path, timer: Timer, eval_prompts: list[str]) -> None:
+        self.out, self.timer, self.eval_prompts = Path(out), timer, list(eval_prompts)
+        self.state_file = self.out / "state.pt"
+        self.step, self.before = 0, 0.0
+        self.history: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {}
+        self.run_loss: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        """Training seconds of every run so far (earlier runs' and this one's)."""
+        return self.before + self.timer.elapsed
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state (None when there is none): restores step, history, curve, best, seconds and the RNG;
+        the caller loads its modules from the returned dict."""
+        if not self.state_file.is_file():
+            return None
+        st = torch.load(self.state_file, weights_only=False)
+        self.step, self.history, self.before = st["step"], st["history"], st.get("seconds", 0.0)
+        self.evals, self.best = st.get("evals", []), st.get("best", {})
+        torch.set_rng_state(st["rng"])
+        return st
+
+    def save(self, step: int, states: dict[str, Any]) -> Path:
+        """`states` (the modules', the optimiser's, ...) with the records at `step`, atomically to state.pt."""
+        st = {**states, "step": step, "history": self.history, "rng": torch.get_rng_state(), "seconds": self.seconds,
+              "evals": self.evals, "best": self.best}  # fmt: skip
+        return atomic_save(st, self.state_file)
+
+    def write(self, step: int, config: dict[str, Any]) -> None:
+        """`train_config.json` (`config`) and `metrics.json` as they stand at `step`."""
+        write_json(self.out / "train_config.json", config)
+        write_json(self.out / "metrics.json", {"steps": step, "seconds": round(self.seconds, 1),
+                                               "loss_avg_last": self.run_loss, "evals": self.evals, "best": self.best,
+                                               "eval_prompts": self.eval_prompts, "history": self.history})  # fmt: skip
+
+    def evaluated(self, step: int) -> bool:
+        return any(e["step"] == step for e in self.evals)
+
+    def add_eval(self, row: dict[str, Any], better: Callable[[dict[str, Any], dict[str, Any]], bool] | None = None,
+                 ) -> bool:  # fmt: skip
+        """Append an accuracy row; True when it becomes `best` (a higher "score", or `better(row, best)`): the
+        caller then saves its weights as best/."""
+        self.evals.append(row)
+        if self.best and not (better(row, self.best) if better else row["score"] > self.best["score"]):
+            return False
+        self.best.clear()
+        self.best.update(row)
+        return True

@@ -37,7 +37,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import ModuleEMA, Timer, cosine_lr, cosine_schedule, environment, setup_threads, write_json
+from .common import (
+    ModuleEMA,
+    RunRecords,
+    Timer,
+    cosine_lr,
+    cosine_schedule,
+    environment,
+    setup_threads,
+    write_json,
+)
 from .data import scene_sample
 from .models import world_dir
 from .t2i import (
@@ -315,10 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         block.attn.set_processor(JointAttnProcessor2_0())
     ema_t = ModuleEMA(ema_copy, a.ema)
     ema_e = [ModuleEMA(copy.deepcopy(e).eval(), a.ema) for e in encoders]
-    start, history, before, evals, best = 0, [], 0.0, [], {}
-    state_file = out / "state.pt"
-    if state_file.is_file():
-        st = torch.load(state_file, weights_only=False)
+    rec = RunRecords(out, timer, list(TRAIN_EVAL_PROMPTS[: a.eval_prompts]))
+    st = rec.load()
+    if st is not None:
         transformer.load_state_dict(st["transformer"])
         ema_t.load_state_dict(st["ema_transformer"], st["step"])
         for i in range(2):
@@ -326,56 +334,41 @@ def main(argv: list[str] | None = None) -> int:
             ema_e[i].load_state_dict(st["ema_text_encoders"][i], st["step"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
-        start, history, before = st["step"], st["history"], st.get("seconds", 0.0)
-        evals, best = st.get("evals", []), st.get("best", {})
-        torch.set_rng_state(st["rng"])
-        say(f"resumed at step {start}")
+        say(f"resumed at step {rec.step}")
+    start = rec.step
     gen = torch.Generator().manual_seed(a.seed * 1000 + start)
     scorer = None
     if a.eval_every and a.eval_prompts:
         from .score import AttributeScorer
 
         scorer = AttributeScorer(a.classifier or world_dir() / "classifier")
-    run_loss: float | None = history[-1]["loss_avg"] if history else None
+    rec.run_loss = rec.history[-1]["loss_avg"] if rec.history else None
+    config = {"args": vars(a), "vae_config": T2I_VAE_CONFIG, "transformer_config": T2I_TRANSFORMER_CONFIG,
+              "text_encoder_config": T2I_TEXT_ENCODER_CONFIG, "scheduler_config": T2I_SCHEDULER_CONFIG,
+              "threads": threads, **environment()}  # fmt: skip
 
     def save_state(step: int) -> None:
-        st = {"transformer": transformer.state_dict(), "ema_transformer": ema_t.state_dict(),
-              "text_encoders": [e.state_dict() for e in encoders],
-              "ema_text_encoders": [e.state_dict() for e in ema_e], "opt": opt.state_dict(),
-              "sched": sched.state_dict(), "step": step, "history": history, "rng": torch.get_rng_state(),
-              "seconds": before + timer.elapsed, "evals": evals, "best": best}  # fmt: skip
-        torch.save(st, state_file.with_suffix(".tmp"))
-        state_file.with_suffix(".tmp").replace(state_file)
-
-    def write_records(step: int) -> None:
-        cfg = {"args": vars(a), "vae_config": T2I_VAE_CONFIG, "transformer_config": T2I_TRANSFORMER_CONFIG,
-               "text_encoder_config": T2I_TEXT_ENCODER_CONFIG, "scheduler_config": T2I_SCHEDULER_CONFIG,
-               "threads": threads, **environment()}  # fmt: skip
-        write_json(out / "train_config.json", cfg)
-        write_json(out / "metrics.json", {"steps": step, "seconds": round(before + timer.elapsed, 1),
-                                          "loss_avg_last": run_loss, "evals": evals, "best": best,
-                                          "eval_prompts": list(TRAIN_EVAL_PROMPTS[: a.eval_prompts]),
-                                          "history": history})  # fmt: skip
+        rec.save(step, {"transformer": transformer.state_dict(), "ema_transformer": ema_t.state_dict(),
+                        "text_encoders": [e.state_dict() for e in encoders],
+                        "ema_text_encoders": [e.state_dict() for e in ema_e], "opt": opt.state_dict(),
+                        "sched": sched.state_dict()})  # fmt: skip
 
     def evaluate(step: int) -> None:
         """Accuracy of the EMA pipeline on the fixed prompts; saved as best/ when it beats the best so far."""
-        if scorer is None or any(e["step"] == step for e in evals):
+        if scorer is None or rec.evaluated(step):
             return
         t0 = timer.elapsed
         pipe = build_t2i_pipeline(vae, ema_t.current, ema_e[0].current, ema_e[1].current, msl)
         pipe.set_progress_bar_config(disable=True)
         res = t2i_accuracy(pipe, scorer, TRAIN_EVAL_PROMPTS[: a.eval_prompts], steps=a.eval_steps)
         row = {"step": step, **{k: round(res[k], 4) for k in ("color", "shape", "color_shape", "place")},
-               "loss_avg": run_loss and round(run_loss, 4), "s": round(before + t0, 1),
+               "loss_avg": rec.run_loss and round(rec.run_loss, 4), "s": round(rec.before + t0, 1),
                "eval_s": round(timer.elapsed - t0, 1)}  # fmt: skip
         row["score"] = round(row["color_shape"] + 0.1 * row["place"], 4)
-        evals.append(row)
-        if not best or row["score"] > best["score"]:
+        if rec.add_eval(row):
             save_t2i_pipeline(pipe, out / "best")
-            best.clear()
-            best.update(row)
-        say({"eval": row, "best_step": best["step"]})
-        write_records(step)
+        say({"eval": row, "best_step": rec.best["step"]})
+        rec.write(step, config)
 
     done = start
     for step in range(start, a.steps):
@@ -399,12 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         ema_t.update(transformer)
         for e, m in zip(ema_e, encoders):
             e.update(m)
-        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        rec.run_loss = loss.item() if rec.run_loss is None else 0.98 * rec.run_loss + 0.02 * loss.item()
         if step % 25 == 0 or step == a.steps - 1:
-            row = {"step": step, "loss": round(loss.item(), 4), "loss_avg": round(run_loss, 4),
+            row = {"step": step, "loss": round(loss.item(), 4), "loss_avg": round(rec.run_loss, 4),
                    "grad_norm": round(float(grad), 3), "lr": opt.param_groups[0]["lr"],
-                   "s": round(before + timer.elapsed, 1)}  # fmt: skip
-            history.append(row)
+                   "s": round(rec.seconds, 1)}  # fmt: skip
+            rec.history.append(row)
             say(row)
         done = step + 1
         if a.eval_every and done % a.eval_every == 0:
@@ -419,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     save_state(done)
     pipe = build_t2i_pipeline(vae, ema_t.current, ema_e[0].current, ema_e[1].current, msl)
     save_t2i_pipeline(pipe, out / "pipeline")
-    write_records(done)
+    rec.write(done, config)
     say(f"t2i: step {done} of {a.steps}, {timer.elapsed:.0f} s this run -> {out / 'pipeline'}")
     return 0
 

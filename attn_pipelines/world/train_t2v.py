@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .accuracy import TRAIN_EVAL_PROMPTS, accuracy, selection_score
-from .common import ModuleEMA, Timer, cosine_schedule, environment, setup_threads, write_json
+from .common import ModuleEMA, RunRecords, Timer, cosine_schedule, environment, setup_threads
 from .data import video_sample
 from .models import (
     SCHEDULER_CONFIG,
@@ -287,35 +287,26 @@ def main(argv: list[str] | None = None) -> int:
     if diff > 1e-4:
         raise SystemExit(f"PadWeightedCrossAttn differs from WanAttnProcessor by {diff}")
     procs = use_pad_weighting(transformer)
-    start, history, before = 0, [], 0.0  # before: training seconds of earlier runs (resume)
-    evals: list[dict] = []  # the accuracy curve
-    best: dict[str, Any] = {}
-    state_file = out / "state.pt"
-    if state_file.is_file():
-        st = torch.load(state_file)
+    rec = RunRecords(out, timer, list(TRAIN_EVAL_PROMPTS[: a.eval_prompts]))  # history, curve, best, state.pt
+    st = rec.load()
+    if st is not None:
         transformer.load_state_dict(st["transformer"])
         text_encoder.load_state_dict(st["text_encoder"])
         ema_t.load_state_dict(st["ema_transformer"], st["step"])
         ema_e.load_state_dict(st["ema_text_encoder"], st["step"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
-        start, history, before = st["step"], st["history"], st.get("seconds", 0.0)
-        evals, best = st.get("evals", []), st.get("best", {})
-        torch.set_rng_state(st["rng"])
-        say(f"resumed at step {start}")
+        say(f"resumed at step {rec.step}")
+    start = rec.step
     transformer, text_encoder, opt = accelerator.prepare(transformer, text_encoder, opt)
     dev = accelerator.device
     gen = torch.Generator().manual_seed(a.seed * 1000 + start)
 
     def save_state(step: int) -> None:
-        st = {"transformer": accelerator.unwrap_model(transformer).state_dict(),
-              "text_encoder": accelerator.unwrap_model(text_encoder).state_dict(),
-              "ema_transformer": ema_t.state_dict(), "ema_text_encoder": ema_e.state_dict(),
-              "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step, "history": history,
-              "rng": torch.get_rng_state(), "seconds": before + timer.elapsed, "evals": evals,
-              "best": best}  # fmt: skip
-        torch.save(st, state_file.with_suffix(".tmp"))
-        state_file.with_suffix(".tmp").replace(state_file)
+        rec.save(step, {"transformer": accelerator.unwrap_model(transformer).state_dict(),
+                        "text_encoder": accelerator.unwrap_model(text_encoder).state_dict(),
+                        "ema_transformer": ema_t.state_dict(), "ema_text_encoder": ema_e.state_dict(),
+                        "opt": opt.state_dict(), "sched": sched.state_dict()})  # fmt: skip
 
     decoder = _DecoderVae(vae, a.decoder_vae)
     decoder.get()  # refuse a mismatched decoder VAE before training
@@ -325,19 +316,13 @@ def main(argv: list[str] | None = None) -> int:
 
         scorer = AttributeScorer(a.classifier or world_dir() / "classifier")
 
-    def write_records(step: int) -> None:
-        """train_config.json and metrics.json as they stand at `step` (what `publish` reads; also mid-run)."""
-        cfg = {"args": vars(a), "transformer_config": TRANSFORMER_CONFIG, "text_encoder_config": TEXT_ENCODER_CONFIG,
-               "scheduler_config": SCHEDULER_CONFIG, "video": VIDEO, "threads": threads, **environment()}  # fmt: skip
-        write_json(out / "train_config.json", cfg)
-        write_json(out / "metrics.json", {"steps": step, "seconds": round(before + timer.elapsed, 1),
-                                          "loss_avg_last": run_loss, "evals": evals, "best": best,
-                                          "eval_prompts": list(TRAIN_EVAL_PROMPTS[: a.eval_prompts]),
-                                          "history": history})  # fmt: skip
+    # train_config.json and metrics.json (what `publish` reads; also mid-run): rec.write
+    config = {"args": vars(a), "transformer_config": TRANSFORMER_CONFIG, "text_encoder_config": TEXT_ENCODER_CONFIG,
+              "scheduler_config": SCHEDULER_CONFIG, "video": VIDEO, "threads": threads, **environment()}  # fmt: skip
 
     def evaluate(step: int) -> None:
         """Accuracy of the EMA pipeline on the fixed prompts; saves it as best/ when it beats the best so far."""
-        if scorer is None or any(e["step"] == step for e in evals):
+        if scorer is None or rec.evaluated(step):
             return
         t0 = timer.elapsed
         eval_vae, vae_name = decoder.get()
@@ -345,18 +330,17 @@ def main(argv: list[str] | None = None) -> int:
         pipe.set_progress_bar_config(disable=True)
         res = accuracy(pipe, scorer, TRAIN_EVAL_PROMPTS[: a.eval_prompts], steps=a.eval_steps)
         row = {"step": step, **{k: round(v, 4) for k, v in res["one_object"].items() if k != "videos"},
-               "score": round(selection_score(res["one_object"]), 4), "loss_avg": run_loss and round(run_loss, 4),
-               "s": round(before + t0, 1), "eval_s": round(timer.elapsed - t0, 1), "vae": vae_name}  # fmt: skip
-        evals.append(row)
-        if not best or row["score"] > best["score"] or best.get("vae") != vae_name:  # scores of one decoder only
+               "score": round(selection_score(res["one_object"]), 4),
+               "loss_avg": rec.run_loss and round(rec.run_loss, 4), "s": round(rec.before + t0, 1),
+               "eval_s": round(timer.elapsed - t0, 1), "vae": vae_name}  # fmt: skip
+        # scores of one decoder only: a row of another decoder than the best's replaces it
+        if rec.add_eval(row, lambda r, b: r["score"] > b["score"] or b.get("vae") != r["vae"]):
             pipe.save_pretrained(out / "best", safe_serialization=True)
-            best.clear()
-            best.update(row)
-        say({"eval": row, "best_step": best["step"]}, flush=True)
-        write_records(step)
+        say({"eval": row, "best_step": rec.best["step"]}, flush=True)
+        rec.write(step, config)
 
     done = start  # steps completed
-    run_loss = None
+    rec.run_loss = None
     for step in range(start, a.steps):
         idx = torch.randint(len(captions), (a.batch_size,), generator=gen)
         x0 = latents[idx].to(dev)
@@ -377,12 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         opt.zero_grad()
         ema_t.update(accelerator.unwrap_model(transformer))
         ema_e.update(accelerator.unwrap_model(text_encoder))
-        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        rec.run_loss = loss.item() if rec.run_loss is None else 0.98 * rec.run_loss + 0.02 * loss.item()
         if step % 25 == 0 or step == a.steps - 1:
-            row = {"step": step, "loss": round(loss.item(), 4), "loss_avg": round(run_loss, 4),
+            row = {"step": step, "loss": round(loss.item(), 4), "loss_avg": round(rec.run_loss, 4),
                    "grad_norm": round(float(grad), 3), "lr": opt.param_groups[0]["lr"],
                    "s": round(timer.elapsed, 1)}  # fmt: skip
-            history.append(row)
+            rec.history.append(row)
             say(row, flush=True)
         done = step + 1
         if a.eval_every and done % a.eval_every == 0:
@@ -396,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     save_state(done)
     pipe = build_pipeline(decoder.get()[0], ema_t.current, ema_e.current, tokenizer)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
-    write_records(done)
+    rec.write(done, config)
     say(f"t2v: step {done} of {a.steps}, {timer.elapsed:.0f} s this run -> {out / 'pipeline'}")
     return 0
 

@@ -108,3 +108,31 @@ def test_a_decoder_vae_must_encode_like_the_training_vae():
     c = copy.deepcopy(a)
     c.register_to_config(latents_std=[1.0, 2.0, 3.0, 4.5])
     assert not same_encoder(a, c)
+
+
+def test_run_records_resume_a_state_file_written_before_them(tmp_path):
+    """`common.RunRecords` (train_t2i and train_t2v's state.pt, curve and records) reads a state.pt as the
+    scripts wrote it before it existed (their own torch.save of the same keys), and writes the same keys."""
+    from attn_pipelines.world.common import RunRecords, Timer
+
+    torch.manual_seed(3)
+    rng = torch.get_rng_state()
+    best = {"step": 5, "score": 0.25}
+    old = {"transformer": {"w": torch.ones(2)}, "opt": {}, "step": 7, "history": [{"step": 0, "loss_avg": 0.5}],
+           "rng": rng, "seconds": 12.5, "evals": [dict(best)], "best": dict(best)}  # fmt: skip
+    torch.save(old, tmp_path / "state.pt")
+    torch.manual_seed(99)
+    rec = RunRecords(tmp_path, Timer(), ["a red circle"])
+    st = rec.load()
+    assert torch.equal(st["transformer"]["w"], torch.ones(2)) and rec.step == 7 and rec.before == 12.5
+    assert rec.history == old["history"] and rec.best == {"step": 5, "score": 0.25}
+    assert torch.equal(torch.get_rng_state(), rng)  # the RNG is restored
+    assert not rec.add_eval({"step": 7, "score": 0.2}) and rec.add_eval({"step": 8, "score": 0.3})
+    assert rec.evaluated(8) and rec.best["step"] == 8
+    rec.save(8, {"transformer": {"w": torch.zeros(2)}})
+    again = torch.load(tmp_path / "state.pt", weights_only=False)
+    assert set(old) - {"opt"} <= set(again) and again["step"] == 8 and again["seconds"] >= 12.5
+    assert not (tmp_path / "state.tmp").exists()
+    rec.write(8, {"args": {}})
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["steps"] == 8 and [e["step"] for e in m["evals"]] == [5, 7, 8] and m["eval_prompts"] == ["a red circle"]
