@@ -26,6 +26,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 
 from attn_spec import Range, Unique, check_options
 
+from ..inject import make_view
 from ._gates import fx_tracing, use_fused
 
 __all__ = ["Agent", "AgentAttention", "AgentSwinBlock", "EvaAgentAttention", "agent_grid"]
@@ -402,8 +403,6 @@ class Agent:
 
     def _inject_swin(self, model: nn.Module, handle) -> None:
         """Each block of the chosen stages: one global window (no shift) and agent attention over it."""
-        from ..inject import make_view
-
         if self.blocks is not None:
             raise ValueError("Agent.blocks applies to ViT-family models; for SwinTransformer use Agent.stages")
         stages = (0, 1) if self.stages is None else self.stages

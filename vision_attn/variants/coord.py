@@ -18,6 +18,7 @@ from timm.layers.coord_attn import CoordAttn
 
 from attn_spec import Range, check_options
 
+from ..adapters.cnn import inject_channel_attention
 from ._gates import GateMode, TwoSigmoid, check_mode, use_fused
 
 __all__ = ["CoordAttention", "make_coord"]
@@ -95,6 +96,4 @@ class CoordAttention:
         return make_coord(channels, self.reduction, self.mode)
 
     def inject(self, model: nn.Module, handle) -> None:
-        from ..adapters.cnn import inject_channel_attention
-
         inject_channel_attention(model, handle, self, kind="coord")

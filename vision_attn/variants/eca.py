@@ -19,6 +19,7 @@ from timm.layers.activations import Sigmoid as _TimmSigmoid
 
 from attn_spec import Range, check_options
 
+from ..adapters.cnn import inject_channel_attention
 from ._gates import GateMode, TwoSigmoid, check_mode, use_fused
 
 __all__ = ["ECA", "make_eca", "eca_kernel_size"]
@@ -95,6 +96,4 @@ class ECA:
         return make_eca(channels, self.kernel_size, self.mode)
 
     def inject(self, model: nn.Module, handle) -> None:
-        from ..adapters.cnn import inject_channel_attention
-
         inject_channel_attention(model, handle, self, kind="eca")
