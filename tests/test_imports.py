@@ -142,9 +142,6 @@ FUNCTION_LEVEL_ALLOWED: dict[str, str] = {
     # a variant cannot import diffusion_attn.adapters at its top: adapters.base imports variants.base, whose
     # package __init__ imports every variant, so the variant would meet a half-initialised adapters.base
     "diffusion_attn.variants.regional": "Adapter.forward_arg from diffusion_attn.adapters.base (load order above)",
-    # calls attn_kernels.attention through the package attribute at call time (a wrapped / patched attention is
-    # reached); a module-level `import attn_kernels` changes its call sites, in a file another engineer edits
-    "diffusion_attn.variants.boundary": "attn_kernels.attention read at call time (call sites not yet rewritten)",
     # the CLI: each command imports its heavy stack (diffusers, the world, the trainers) only when it runs,
     # so `attnplug --help` / `attnplug list` start without loading the others
     "attn_pipelines.commands.eval": "CLI command: loads the world only when run",

@@ -56,6 +56,7 @@ from typing import Annotated, Any, ClassVar
 import torch
 from diffusers.hooks import ModelHook
 
+import attn_kernels
 from attn_spec import Length, Ordered, Range
 
 from ._pipes import check_pipeline
@@ -266,10 +267,10 @@ class Boundary(Variant):
 
     def _self_capture(self, layer: int, inner: Any) -> Any:
         def compute(q, k, v, backend):
-            from attn_kernels import attention
-
             self._qk[layer] = (q, k)
-            return inner(q, k, v, backend) if inner is not None else attention(q, k, v, None, backend=backend)
+            return (
+                inner(q, k, v, backend) if inner is not None else attn_kernels.attention(q, k, v, None, backend=backend)
+            )
 
         return compute
 
@@ -284,9 +285,7 @@ class Boundary(Variant):
     ) -> torch.Tensor:
         """Heads-averaged maps [B, N, P], aligned with the self-attention S·A when q, k are given."""
         if q is not None and self.self_alignment:
-            from attn_kernels import attention
-
-            maps = attention(q, k, maps.to(q.dtype).contiguous(), None, backend=backend)
+            maps = attn_kernels.attention(q, k, maps.to(q.dtype).contiguous(), None, backend=backend)
         return maps.float().mean(1)
 
     def _cross_capture(self, pair: int, grid: tuple, tokens: list) -> Any:
@@ -301,13 +300,13 @@ class Boundary(Variant):
 
     def _joint_capture(self, lay: Any, tokens: list, inner: Any) -> Any:
         def compute(q, k, v, backend):
-            from attn_kernels import attention
-
             vis, txt = lay.visual_slice, lay.text_slice
             _, maps = self._phrase_maps(q[:, :, vis], k[:, :, txt], tokens)
             self._maps.append(self._aligned(maps, q[:, :, vis], k[:, :, vis], backend))
             self._grids.add(lay.grid[1:])
-            return inner(q, k, v, backend) if inner is not None else attention(q, k, v, None, backend=backend)
+            return (
+                inner(q, k, v, backend) if inner is not None else attn_kernels.attention(q, k, v, None, backend=backend)
+            )
 
         return compute
 
