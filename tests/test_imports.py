@@ -139,9 +139,6 @@ FUNCTION_LEVEL_ALLOWED: dict[str, str] = {
     "vision_attn.variants.agent": "triton is optional: attn_kernels.agent_attn (fused kernel) imports it at its top",
     "vision_attn.variants.coord": "triton is optional: attn_kernels.channel_attn (fused kernel) imports it at its top",
     "vision_attn.variants.eca": "triton is optional: attn_kernels.channel_attn (fused kernel) imports it at its top",
-    # a variant cannot import diffusion_attn.adapters at its top: adapters.base imports variants.base, whose
-    # package __init__ imports every variant, so the variant would meet a half-initialised adapters.base
-    "diffusion_attn.variants.regional": "Adapter.forward_arg from diffusion_attn.adapters.base (load order above)",
     # the CLI: each command imports its heavy stack (diffusers, the world, the trainers) only when it runs,
     # so `attnplug --help` / `attnplug list` start without loading the others
     "attn_pipelines.commands.eval": "CLI command: loads the world only when run",

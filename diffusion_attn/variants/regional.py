@@ -396,22 +396,20 @@ class RegionalHook(ModelHook):
         self.branches = StateManager(_NoState)
 
     def pre_forward(self, module, *args, **kwargs):
-        from ..adapters.base import Adapter
-
         v = self.variant
         v._current = None
         context = self.branches._context
         branch = None if context is None else context.name
         if branch == "uncond" and not v.on_negative:
             return args, kwargs
-        ehs = Adapter.forward_arg(module, args, kwargs, "encoder_hidden_states")
+        ehs = self.adapter.forward_arg(module, args, kwargs, "encoder_hidden_states")
         if not isinstance(ehs, torch.Tensor):
             return args, kwargs
         embeds = v.embeddings(self.pipe, self.family, ehs.device, ehs.dtype)
         B = ehs.shape[0]
         ent = torch.cat(embeds, dim=1).expand(B, -1, -1)
         kwargs = dict(kwargs)
-        args = Adapter.set_forward_arg(module, args, kwargs, "encoder_hidden_states", torch.cat([ent, ehs], dim=1))
+        args = self.adapter.set_forward_arg(module, args, kwargs, "encoder_hidden_states", torch.cat([ent, ehs], dim=1))
         args = self.adapter.prepend_text(module, args, kwargs, ent.shape[1])  # e.g. FLUX's txt_ids
         cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
         v._current = {"lens": tuple(e.shape[1] for e in embeds), "cfg": cfg, "ppt": v._ppt[id(self.runtime)]}
