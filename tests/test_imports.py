@@ -149,17 +149,11 @@ FUNCTION_LEVEL_ALLOWED: dict[str, str] = {
     "attn_pipelines.commands.train_lora": "CLI command: loads peft / the trainer only when run",
     "attn_pipelines.config": "presets are read without loading diffusers",
     # world scripts: each loads the classifiers / trainers it needs only on its path
-    "attn_pipelines.world.publish": "world script",
-    "attn_pipelines.world.score": "world script",
     "attn_pipelines.world.train_t2v": "world script",
-    "attn_pipelines.world.train_vae": "world script",
-    "attn_pipelines.world.train_vision": "world script",
-    "attn_pipelines.world.vision": "world script",
     "attn_pipelines.world.train_t2i": "world script",
     "attn_pipelines.world.t2i": "world script",
     "attn_pipelines.world.eval_t2i": "world script",
     "attn_pipelines.world.publish_t2i": "world script",
-    "vision_attn.calibrate": "script: loads the fine-tuning stack only when run",
 }
 
 

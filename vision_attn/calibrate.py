@@ -38,7 +38,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .finetune import UsageError, _model_kwargs, build_model, data_config, make_transform
 from .inject import InjectionHandle, inject
+from .spec import SpecError, parse_variant, variant_spec
 from .variants.agent import Agent
 
 __all__ = ["BlockReport", "Calibration", "calibrate", "main"]
@@ -313,9 +315,6 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_file
     from torchvision.datasets import ImageFolder
-
-    from .finetune import UsageError, _model_kwargs, build_model, data_config, make_transform
-    from .spec import SpecError, parse_variant, variant_spec
 
     args = parser().parse_args(argv)
     try:

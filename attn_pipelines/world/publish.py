@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .accuracy import confusion_markdown
 from .common import environment, model_card, setup_threads, write_json
-from .models import T2V_DIR, TRANSFORMER_CONFIG, VAE_CONFIG, VIDEO, world_dir
+from .models import T2V_DIR, TRANSFORMER_CONFIG, VAE_CONFIG, VIDEO, load_world_pipeline, world_dir
 
 __all__ = ["SAMPLE_PROMPTS", "MAX_FILE_MB", "publish", "render_samples"]
 
@@ -48,8 +49,6 @@ def render_samples(dest: Path, steps: int = 20, seed: int = 0) -> list[Path]:
     """GIFs (4x nearest-neighbour upscaled) and one PNG grid of `SAMPLE_PROMPTS` from the shipped pipeline."""
     import torch
     from PIL import Image
-
-    from .evaluate import load_world_pipeline
 
     pipe = load_world_pipeline()
     dest.mkdir(parents=True, exist_ok=True)
@@ -90,8 +89,6 @@ def _curve(evals: list[dict]) -> str:
 
 
 def _accuracy_section(path: Path) -> str:
-    from .accuracy import confusion_markdown
-
     r = json.loads(path.read_text())
     one, two = r["one_object"], r.get("two_object", {})
     text = (

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+import vision_attn as va
+
 from .data import BACKGROUND, COLORS, DIRECTIONS, parse_caption
 
 __all__ = ["AttributeScorer", "foreground", "track", "direction_of", "iou_by_color", "crispness", "color_error"]
@@ -29,8 +31,6 @@ class AttributeScorer:
     """The attribute classifier applied to generated videos (`video` [F, H, W, 3] floats in [0, 1])."""
 
     def __init__(self, folder: str | Path) -> None:
-        import vision_attn as va
-
         self.model = va.load_finetuned(folder)
         cfg = self.model.attnplug_config
         self.classes: list[str] = list(cfg["classes"])

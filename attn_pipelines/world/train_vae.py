@@ -32,6 +32,7 @@ import torch
 from .common import Timer, cosine_schedule, environment, setup_threads, write_json
 from .data import BACKGROUND, video_sample
 from .models import VAE_CONFIG, VIDEO, build_vae, world_dir
+from .score import AttributeScorer
 
 __all__ = ["clips", "foreground_weight", "main", "psnr", "vae_report"]
 
@@ -69,8 +70,6 @@ def vae_report(vae: Any, seed: int = 1, n: int = 64, scorer_dir: str | Path | No
       by its mean: how much the decoder reads it;
     * `psnr_db`, and the attribute classifier's colour / shape / both accuracy on the reconstructions (and
       on the originals, the classifier's own ceiling on these clips)."""
-    from .score import AttributeScorer
-
     vae = vae.eval()
     x = clips(seed, 0, n, two_object_prob=0.0)
     mus, sds, recs = [], [], []

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vision_attn.finetune import main as finetune
+
 from .common import Timer, environment, model_card, setup_threads, write_json
 from .models import CLASSIFIERS, world_dir
 from .vision import digits_available, write_dataset
@@ -38,8 +40,6 @@ EPOCHS = {"vit_digits": "60", "cnn_digits": "30"}
 
 def train_one(name: str, data: Path, dest: Path, *, smoke: bool = False, seed: int = 0) -> dict:
     """Train checkpoint `name` of `CLASSIFIERS` on the ImageFolder `data`; copy it to `dest/name`."""
-    from vision_attn.finetune import main as finetune
-
     spec = CLASSIFIERS[name]
     recipe = list(RECIPES[spec["model"]])
     if name in EPOCHS:

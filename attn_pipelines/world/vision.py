@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vision_attn.finetune import make_transform
+
 from .data import CLASSES, class_sample
 
 __all__ = ["SHAPES_SPLIT", "write_shapes", "write_digits", "write_dataset", "load_tensors", "digits_available"]
@@ -89,8 +91,6 @@ def load_tensors(folder: str | Path, model) -> tuple:
     """(images [N, 3, H, W] normalised for `model`, labels [N]) of an ImageFolder split, like finetune's eval."""
     import torch
     from torchvision.datasets import ImageFolder
-
-    from vision_attn.finetune import make_transform
 
     cfg = model.pretrained_cfg
     ds = ImageFolder(str(folder), transform=make_transform(cfg, "simple", training=False))
