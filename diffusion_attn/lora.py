@@ -43,6 +43,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -328,6 +329,14 @@ def _checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _usual_permissions(path: Path) -> None:
+    """The permissions the umask allows (0666 & ~umask), like any file the user writes: safetensors >= 0.8 (under
+    diffusers' `save_lora_weights`) writes through a temporary file and leaves 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def train_lora(pipe: Any, cfg: TrainLoRAConfig) -> Path:
     """Train a LoRA on `pipe.transformer` with `cfg.variants` applied; returns the output directory holding
     `pytorch_lora_weights.safetensors` (diffusers' `load_lora_weights` format), `README.md` (model card),
@@ -436,6 +445,7 @@ def train_lora(pipe: Any, cfg: TrainLoRAConfig) -> Path:
     if accelerator.is_main_process:
         state = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(unwrapped).items()}
         type(pipe).save_lora_weights(str(out), transformer_lora_layers=state, safe_serialization=True)
+        _usual_permissions(out / "pytorch_lora_weights.safetensors")
         (out / "metrics.json").write_text(json.dumps(metrics))
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("variants", "extra_card")}
         settings["variants"] = [repr(v) for v in cfg.variants]

@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import usual_permissions
 from .finetune import UsageError, _model_kwargs, build_model, data_config, make_transform
 from .inject import InjectionHandle, inject
 from .spec import SpecError, parse_variant, variant_spec
@@ -343,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    usual_permissions(out / "model.safetensors")
     spec = variant_spec(result.variant)
     config = {
         "model": args.model, "num_classes": args.num_classes, "img_size": args.img_size, "model_kwargs": kwargs,

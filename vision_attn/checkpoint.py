@@ -11,6 +11,7 @@ else missing, unexpected or of another shape is an error naming the keys.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-__all__ = ["LoadReport", "load_checkpoint"]
+__all__ = ["LoadReport", "load_checkpoint", "usual_permissions"]
 
 _log = logging.getLogger("vision_attn")
 
@@ -122,3 +123,12 @@ def load_checkpoint(
         _log.warning(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
     return report
+
+
+def usual_permissions(path: str | os.PathLike) -> Path:
+    """Give a file this package wrote the permissions the umask allows (0666 & ~umask), like any file the user
+    writes: safetensors >= 0.8 writes through a temporary file and leaves 0600, unreadable to a shared group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+    return Path(path)

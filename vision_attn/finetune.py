@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .build import UsageError, build_model, load_finetuned, new_parameter_names
+from .checkpoint import usual_permissions
 from .spec import SpecError, variant_spec
 
 __all__ = [
@@ -300,6 +301,7 @@ def train(args: argparse.Namespace) -> dict:
         unwrapped = accelerator.unwrap_model(model)
         state = {k: v.detach().cpu().contiguous() for k, v in unwrapped.state_dict().items()}
         save_file(state, str(out / "model.safetensors"))
+        usual_permissions(out / "model.safetensors")
         variant = None
         for h in getattr(unwrapped, "_attnplug_handles", []):
             if not h.removed and args.variant:

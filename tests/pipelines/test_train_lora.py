@@ -257,3 +257,21 @@ def test_family_losses_train_the_lora_through_the_kernel(family):
     assert torch.isfinite(loss) and loss > 0
     b_grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
     assert b_grads and all(g is not None and g.abs().max() > 0 for n, g in b_grads.items() if ".attn" in n)
+
+
+@pytest.mark.skipif(__import__("os").name != "posix", reason="POSIX permissions")
+def test_written_lora_files_have_the_umask_permissions(tiny_setup, tmp_path):
+    """Audit class 4 found again: safetensors >= 0.8 writes 0600 files; the LoRA a user trains (and hands to a
+    shared model folder) gets 0666 & ~umask like every other file the run writes."""
+    import os
+    import stat
+
+    out = tmp_path / "perm"
+    old = os.umask(0o027)
+    try:
+        assert _train(tiny_setup, out, 1) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    assert "pytorch_lora_weights.safetensors" in modes
+    assert set(modes.values()) == {0o640}, modes

@@ -5,6 +5,8 @@ parameters, `--eval-only`, `load_finetuned` round trip, transforms, clear errors
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -65,6 +67,9 @@ def test_injected_modules_learn_alone(data, tmp_path, variant):
     losses = [h["loss"] for h in metrics["history"]]
     assert losses[-1] < 0.93 * losses[0] and losses[-1] < min(losses[:5]), losses
     state = load_file(out / "model.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~umask  # not safetensors' 0600
     torch.manual_seed(0)
     fresh = timm.create_model("resnet10t", num_classes=3, **RESNET)
     h = va.inject(fresh, parse_variant(variant))
