@@ -180,9 +180,6 @@ GENERATED |= {"runs/world/t2v/accuracy.json", "runs/world/vae0/vae_training.json
 #: references to files that should exist but do not yet: each entry must still be missing (remove it when added)
 KNOWN_MISSING = {
     "benchmarks/results/digits_agent.json": "README.md: 'digits figures in' (vision owner; results not committed yet)",
-    "benchmarks/results/world_lora_length.json": "docs/world.md: the LoRA run did not finish (issue 22)",
-    "world_lora_length.png": "docs/world.md: written with world_lora_length.json",
-    "assets/world/lora/dense/": "docs/world.md: the dense-trained LoRA, still training (issue 22)",
 }
 
 

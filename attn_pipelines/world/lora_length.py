@@ -54,7 +54,6 @@ from .score import AttributeScorer
 
 __all__ = ["LengthSettings", "CASES", "LORAS", "eval_prompts", "render_clips", "train", "evaluate_case", "run", "main"]
 
-ROOT = Path(__file__).resolve().parents[2]
 #: the radial options of `attnplug eval` (16-token blocks, layer 0 dense, 5 dense warm-up steps at inference)
 RADIAL = next(c for c in SUITE if c.name == "radial").attn
 #: the trained LoRAs: name -> variant specs applied in every training forward (() = the model's dense attention)
@@ -77,8 +76,8 @@ class LengthSettings:
     """Everything one run does; the defaults are the run in docs/world.md."""
 
     work: str = "runs/world/lora_length"  # data, cache, LoRA runs, per-case evaluations
-    results: str = str(ROOT / "benchmarks" / "results")
-    assets: str = str(ROOT / "assets" / "world" / "lora")  # published LoRAs ("" = do not publish)
+    results: str = "benchmarks/results"  # of the checkout the command runs in (its root)
+    assets: str = "assets/world/lora"  # published LoRAs, in the checkout ("" = do not publish)
     stem: str = "world_lora_length"
     model: str = ""  # the t2v pipeline folder ("" = the shipped world model)
     frames: tuple[int, ...] = (17, 33)  # clip / generation lengths (1 + 4k: see the module docstring)
@@ -143,7 +142,11 @@ def t2v_checkpoint(folder: Path) -> dict[str, str | None]:
     except (OSError, subprocess.SubprocessError):
         out = ""
     commit, _, subject = out.partition("\t")
-    return {"path": str(folder), "commit": commit or None, "subject": subject or None}
+    try:  # a path in the checkout the command runs in, for the cards and results, not this machine's
+        path = folder.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        path = str(folder)
+    return {"path": path, "commit": commit or None, "subject": subject or None}
 
 
 def _sha(path: Path) -> str:
