@@ -141,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from ..embedded import image_default
     from ..loading import load_pipeline
     from ..tiny import build_tiny_pipeline
+    from ..world.t2i import t2i_call_kwargs
 
     defaults: dict[str, Any] = {}
     model = args.model
@@ -158,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
         pipe = load_pipeline(model, dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    call: dict[str, Any] = {}
+    # what the model needs on every call, as generate passes it (the world t2i model's trained zero T5 positions)
+    call: dict[str, Any] = dict(t2i_call_kwargs(pipe))
     for key, flag in (("height", "height"), ("width", "width"), ("num_inference_steps", "steps"),
                       ("guidance_scale", "guidance_scale"), ("num_frames", "frames")):  # fmt: skip
         value = getattr(args, flag)

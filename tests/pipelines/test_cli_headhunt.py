@@ -101,3 +101,32 @@ def test_headhunt_default_is_generates_image_default(tmp_path, capsys):
     std = capsys.readouterr()
     assert "EMBEDDED DEFAULT is attnplug's world text-to-image model" in std.err
     assert "attention calls through attnplug]" in std.out and png.is_file()
+
+
+def test_headhunt_calls_the_model_as_generate_does(tmp_path, capsys, monkeypatch):
+    """A world text-to-image model trained with N zero T5 positions is searched with max_sequence_length=N, the
+    value `attnplug generate` passes (t2i_settings.json beside the model): heads found under another conditioning
+    would be the heads of another model."""
+    import shutil
+
+    import diffusion_attn.headhunter
+    from attn_pipelines.world.t2i import T2I_SETTINGS_FILE, world_t2i_dir
+
+    if world_t2i_dir() is None:
+        pytest.skip("the world's text-to-image model is not installed (assets/world/t2i)")
+    world = tmp_path / "world"
+    shutil.copytree(world_t2i_dir(), world / "t2i")
+    (world / "t2i" / T2I_SETTINGS_FILE).write_text(json.dumps({"max_sequence_length": 3}))
+    monkeypatch.setenv("ATTNPLUG_WORLD_DIR", str(world))
+    seen = {}
+
+    class Recorder:
+        def __init__(self, pipe, *args, call_kwargs=None, **kwargs):
+            seen.update(call_kwargs)
+            raise ValueError("recorded")
+
+    monkeypatch.setattr(diffusion_attn.headhunter, "HeadHunter", Recorder)
+    out = tmp_path / "hh.json"
+    assert main(["headhunt", "--prompt", "a red circle at the top left", "--out", str(out), *SMALL]) == 2
+    assert "recorded" in capsys.readouterr().err
+    assert seen["max_sequence_length"] == 3 and seen["num_inference_steps"] >= 1
