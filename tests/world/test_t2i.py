@@ -185,6 +185,10 @@ def test_train_t2i_refuses_bad_arguments(tmp_path):
         main(["--out", str(tmp_path), "--eval-prompts", "25"])
     with pytest.raises(SystemExit, match="--batch-size must be >= 1"):
         main(["--out", str(tmp_path), "--batch-size", "0"])
+    with pytest.raises(SystemExit, match="--max-sequence-length must be in 0..512"):
+        main(["--out", str(tmp_path), "--max-sequence-length", "513"])  # StableDiffusion3Pipeline refuses > 512
+    with pytest.raises(SystemExit, match="--sigma-shift must be > 0"):
+        main(["--out", str(tmp_path), "--sigma-shift", "0"])
 
 
 @pytest.mark.slow
