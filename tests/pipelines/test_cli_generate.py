@@ -115,8 +115,8 @@ def test_embedded_default_says_it_is_untrained(tmp_path, capsys, monkeypatch):
 
 def test_embedded_default_image_is_the_world_t2i_model(tmp_path, capsys):
     """An image without --model: the world's TRAINED text-to-image model (assets/world/t2i), said so; it draws
-    in the default prompt's colour (red: more red pixels than of any other world colour). Where it draws is
-    not checked: the shipped model rarely follows the place (docs/world.md)."""
+    in the default prompt's colour (red: more red pixels than of any other world colour). Where and what it
+    draws is scored in tests/world/test_t2i.py (against benchmarks/results/world_t2i_accuracy.json)."""
     out = tmp_path / "default.png"
     assert main(["generate", "--out", str(out)]) == 0
     err = capsys.readouterr().err
