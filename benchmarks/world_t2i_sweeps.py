@@ -154,8 +154,8 @@ def plot(res: dict[str, Any]) -> None:
     for ax, (key, members) in zip(axes[0], groups.items()):
         refs = []  # the run each member differs from in `key` only (the centre, or the first centre for text_frozen)
         for run in members:
-            want = {**runs[run]["settings"], key: CENTRE[key]}
-            refs += [o for o, r in runs.items() if r["settings"] == want and o not in refs]
+            want = {**{k: runs[run]["settings"][k] for k in CENTRE}, key: CENTRE[key]}  # steps follow the batch
+            refs += [o for o, r in runs.items() if {k: r["settings"][k] for k in CENTRE} == want and o not in refs]
         for i, run in enumerate(refs + members):
             r = runs[run]
             x = [e["step"] * r["settings"]["batch_size"] for e in r["curve"]]
