@@ -59,6 +59,14 @@ LARGE_SUITE: tuple[tuple[Case, int | None], ...] = (
           "every frame, 5 x 5 spatial neighbourhood; no dense warm-up"), None),
     (Case("lite", "sparse", ("lite:threshold=-1.0,warmup_steps=5,block_size=64",),
           "tiles skipped from step 5 on, threshold -1 (log2); reference backend on CPU (slow): fewer prompts"), 2),
+    (Case("lite_b32", "sparse", ("lite:threshold=-1.0,warmup_steps=5,block_size=32",),
+          "as lite, 32-token blocks (half a frame): finer tiles to skip"), 2),
+    (Case("lite_t05", "sparse", ("lite:threshold=-0.5,warmup_steps=5,block_size=64",),
+          "as lite, threshold -0.5: keeps only tiles within 2^-0.5 of a row's running maximum"), 2),
+    (Case("lite_b16", "sparse", ("lite:threshold=-1.0,warmup_steps=5,block_size=16",),
+          "as lite, 16-token blocks (a quarter frame)"), 2),
+    (Case("lite_b32_t05", "sparse", ("lite:threshold=-0.5,warmup_steps=5,block_size=32",),
+          "32-token blocks and threshold -0.5"), 2),
 )  # fmt: skip
 
 
@@ -162,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0")
     p.add_argument("--model", default=None, help="text-to-video pipeline folder (default: the shipped world t2v)")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="benchmarks/results", help="folder for world_large_grid.{json,png}")
+    p.add_argument("--out", default="benchmarks/results", help="folder for <stem>.{json,png}")
+    p.add_argument("--stem", default="world_large_grid", help="file name stem of the results (default %(default)s)")
     a = p.parse_args(argv)
     known = [c.name for c, _ in LARGE_SUITE]
     cases = tuple(a.cases.split(",")) if a.cases else None
@@ -183,16 +192,16 @@ def main(argv: list[str] | None = None) -> int:
            "threads": threads, "steps": a.steps, "seeds": list(seeds), "guidance": s.guidance,
            "dense_engine_block_density": os.environ.get("ATTNPLUG_DENSE_ENGINE_DENSITY"), **environment(),
            **res}  # fmt: skip
-    js, png = write(res, Path(a.out))
+    js, png = write(res, Path(a.out), a.stem)
     for name, e in res["cases"].items():
         print(f"{name:>11}: {json.dumps(e['summary'])}")
     print(f"wrote {js} and {png}")
     return 0
 
 
-def write(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    """world_large_grid.json and its plot in `out`."""
-    return write_json(out / "world_large_grid.json", results), plot(results, out / "world_large_grid.png")
+def write(results: dict[str, Any], out: Path, stem: str = "world_large_grid") -> tuple[Path, Path]:
+    """`<stem>.json` and its plot in `out`."""
+    return write_json(out / f"{stem}.json", results), plot(results, out / f"{stem}.png")
 
 
 if __name__ == "__main__":
