@@ -148,12 +148,9 @@ FUNCTION_LEVEL_ALLOWED: dict[str, str] = {
     "attn_pipelines.commands.show_mask": "CLI command: loads the variants only when run",
     "attn_pipelines.commands.train_lora": "CLI command: loads peft / the trainer only when run",
     "attn_pipelines.config": "presets are read without loading diffusers",
-    # world scripts: each loads the classifiers / trainers it needs only on its path
-    "attn_pipelines.world.train_t2v": "world script",
-    "attn_pipelines.world.train_t2i": "world script",
-    "attn_pipelines.world.t2i": "world script",
-    "attn_pipelines.world.eval_t2i": "world script",
-    "attn_pipelines.world.publish_t2i": "world script",
+    # the CLI's image default (attn_pipelines.embedded) imports world.t2i when generate / headhunt run: its one
+    # late import, world.score, loads vision_attn and timm, which only scoring needs
+    "attn_pipelines.world.t2i": "imported on the CLI's image path: world.score (vision_attn, timm) only to score",
 }
 
 

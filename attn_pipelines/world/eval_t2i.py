@@ -31,8 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+import diffusion_attn as da
+
 from .common import environment, setup_threads, write_json
 from .data import COLORS, PLACES, SHAPES
+from .models import world_dir
+from .score import AttributeScorer, color_error, color_mask, crispness, iou_by_color
 from .t2i import (
     IMAGE_SIZE,
     T2I_DEFAULTS,
@@ -73,7 +77,6 @@ def layout_jobs(n: int) -> list[tuple[str, list[tuple[str, str, str]]]]:
 
 def mass_inside(image: np.ndarray, color: str, box: tuple[float, float, float, float]) -> float:
     """Share of the pixels of `color` that lie inside `box` (NaN when the colour is absent)."""
-    from .score import color_mask
 
     m = color_mask(image, color)
     x0, y0, x1, y1 = (int(round(v)) for v in box)
@@ -83,7 +86,6 @@ def mass_inside(image: np.ndarray, color: str, box: tuple[float, float, float, f
 def _generate(pipe: Any, prompt: str, seed: int, a: argparse.Namespace, variants: list | None = None,
               callback: Any = None) -> tuple[np.ndarray, float]:  # fmt: skip
     """One image [H, W, 3] in [0, 1] with `variants` applied, and its CPU seconds (this process)."""
-    import diffusion_attn as da
 
     handle = da.apply(pipe, *variants, num_steps=a.steps) if variants else None
     t0 = time.process_time()
@@ -106,9 +108,6 @@ def _mean(values: list[float]) -> float | None:
 
 def _layout(pipe: Any, a: argparse.Namespace, which: str) -> dict[str, Any]:
     """Plain vs `which` ("regional" / "boundary") on the two-object prompts: per object IoU and mass inside its box."""
-    import diffusion_attn as da
-
-    from .score import iou_by_color
 
     rows = []
     for prompt, objs in layout_jobs(a.layout_prompts):
@@ -144,9 +143,6 @@ def _image_metrics(img: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 def _single(pipe: Any, scorer: Any, a: argparse.Namespace) -> dict[str, Any]:
     """Dense, AgentSD and SoftPAG on the one-object prompts (same prompts and seeds)."""
-    import diffusion_attn as da
-
-    from .score import color_error, crispness
 
     prompts = one_object_prompts()[:: max(1, len(one_object_prompts()) // a.prompts)][: a.prompts]
     rows: dict[str, list[dict]] = {"dense": [], "agentsd": [], "softpag": []}
@@ -227,8 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not parts:
         raise SystemExit(f"--parts must be a comma list of regional, boundary, single; got {a.parts!r}")
     setup_threads(a.threads)
-    from .models import world_dir
-    from .score import AttributeScorer
 
     pipe = load_t2i_pipeline(a.model)
     pipe.set_progress_bar_config(disable=True)

@@ -20,9 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from . import train_t2i
 from .accuracy import confusion_markdown
 from .common import environment, model_card, setup_threads, write_json
 from .data import COLORS, PLACES, SHAPES
+from .models import world_dir
+from .score import AttributeScorer
 from .t2i import load_t2i_pipeline, one_object_prompts, t2i_accuracy, t2i_call_kwargs
 
 __all__ = ["curve_table", "train_command", "sample_grid", "main"]
@@ -39,9 +42,8 @@ def curve_table(evals: list[dict[str, Any]]) -> str:
 
 def train_command(args: dict[str, Any]) -> str:
     """The `train_t2i` command of a run's recorded arguments (`--out` and every argument off its default)."""
-    from .train_t2i import parser
 
-    defaults = vars(parser().parse_args(["--out", "x"]))
+    defaults = vars(train_t2i.parser().parse_args(["--out", "x"]))
     parts = ["python -m attn_pipelines.world.train_t2i", f"--out {args['out']}"]
     for k, v in args.items():
         if k != "out" and k in defaults and v != defaults[k] and v is not None:
@@ -78,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     if not (ckpt / "model_index.json").is_file():
         raise SystemExit(f"--checkpoint {ckpt}: not a pipeline folder (no model_index.json)")
     setup_threads(a.threads)
-    from .models import world_dir
-    from .score import AttributeScorer
 
     metrics = json.loads((a.run / "metrics.json").read_text())
     cfg = json.loads((a.run / "train_config.json").read_text())

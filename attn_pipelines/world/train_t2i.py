@@ -49,6 +49,7 @@ from .common import (
 )
 from .data import scene_sample
 from .models import world_dir
+from .score import AttributeScorer
 from .t2i import (
     PIPELINE_T5_POSITIONS,
     T2I_SCHEDULER_CONFIG,
@@ -339,8 +340,6 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(a.seed * 1000 + start)
     scorer = None
     if a.eval_every and a.eval_prompts:
-        from .score import AttributeScorer
-
         scorer = AttributeScorer(a.classifier or world_dir() / "classifier")
     rec.run_loss = rec.history[-1]["loss_avg"] if rec.history else None
     config = {"args": vars(a), "vae_config": T2I_VAE_CONFIG, "transformer_config": T2I_TRANSFORMER_CONFIG,

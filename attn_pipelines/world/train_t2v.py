@@ -45,6 +45,7 @@ from .models import (
     world_dir,
     world_tokenizer,
 )
+from .score import AttributeScorer
 
 __all__ = ["encode_captions", "latent_dataset", "main"]
 
@@ -312,8 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     decoder.get()  # refuse a mismatched decoder VAE before training
     scorer = None
     if a.eval_every and a.eval_prompts:
-        from .score import AttributeScorer
-
         scorer = AttributeScorer(a.classifier or world_dir() / "classifier")
 
     # train_config.json and metrics.json (what `publish` reads; also mid-run): rec.write
