@@ -67,6 +67,13 @@ def _wait_for(proc: subprocess.Popen, path: Path, text: str, timeout: float = 30
     raise AssertionError(f"{text!r} never appeared in {path}")
 
 
+def _sigint_as_timeout_gives_it() -> None:
+    """The children get SIGINT's default disposition, as run_gpu.sh's `timeout -s INT` gives its sections: a suite
+    started in the background of a non-interactive shell (`nohup pytest &`) runs with SIGINT ignored, which its
+    children would inherit, and Python keeps an inherited SIG_IGN instead of raising KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigint_leaves_partial_json_and_pytest_report(tmp_path):
     """What run_gpu.sh's section limit sends (SIGINT) makes kernel_bench write what it measured and
@@ -80,10 +87,12 @@ def test_sigint_leaves_partial_json_and_pytest_report(tmp_path):
         kb = subprocess.Popen(
             [sys.executable, str(ROOT / "benchmarks" / "kernel_bench.py"), "--smoke", "--out", str(tmp_path / "kb"),
              "--backend", "reference"], cwd=ROOT, env=env, stdout=f1, stderr=subprocess.STDOUT,
+            preexec_fn=_sigint_as_timeout_gives_it,
         )  # fmt: skip
         pt = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", str(slow),
              f"--junitxml={tmp_path / 'junit.xml'}"], cwd=tmp_path, env=env, stdout=f2, stderr=subprocess.STDOUT,
+            preexec_fn=_sigint_as_timeout_gives_it,
         )  # fmt: skip
         try:
             _wait_for(kb, log_kb, "wan_dense ours")
