@@ -215,16 +215,19 @@ class Adapter:
         """(heads, head dim) of one self-attention call of the model built from `config` (its config.json)."""
         return int(config["num_attention_heads"]), int(config["attention_head_dim"])
 
+    #: the config keys that count hooked blocks, one per kind (FLUX / HunyuanVideo: dual- and single-stream)
+    layer_keys: ClassVar[tuple[str, ...]] = ("num_layers",)
+
     @classmethod
     def config_layers(cls, config: Any) -> int:
-        """Hooked self-attention layers of the model built from `config`."""
-        return int(config["num_layers"])
+        """Hooked self-attention layers of the model built from `config`: the blocks of every `layer_keys` kind."""
+        return sum(int(config[k]) for k in cls.layer_keys)
 
     @classmethod
     def config_with_layers(cls, config: Any, num_layers: int) -> dict:
         """`config` with `num_layers` blocks of each kind (the real class at a small size)."""
         c = dict(config)
-        c["num_layers"] = num_layers
+        c.update(dict.fromkeys(cls.layer_keys, num_layers))
         return c
 
     @classmethod

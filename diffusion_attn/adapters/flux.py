@@ -210,18 +210,7 @@ class FluxAdapter(Adapter):
     grid_inputs = ("hidden_states", "img_ids")
     pipelines = ("FluxPipeline",)
     official_checkpoints = _FLUX_CHECKPOINTS
-
-    @classmethod
-    def config_layers(cls, config):
-        """Dual- plus single-stream blocks."""
-        return int(config["num_layers"]) + int(config["num_single_layers"])
-
-    @classmethod
-    def config_with_layers(cls, config, num_layers):
-        """`num_layers` dual- and single-stream blocks."""
-        c = dict(config)
-        c.update(num_layers=num_layers, num_single_layers=num_layers)
-        return c
+    layer_keys = ("num_layers", "num_single_layers")  # dual- and single-stream blocks
 
     @classmethod
     def config_grid(cls, config, latent_frames, height, width, vae_spatial):

@@ -131,19 +131,12 @@ class HunyuanVideoAdapter(Adapter):
     processors = {"HunyuanVideoAttnProcessor2_0": HunyuanVideoSparseProcessor}
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     official_checkpoints = _HUNYUAN_CHECKPOINTS
-
-    @classmethod
-    def config_layers(cls, config):
-        """Dual- plus single-stream blocks."""
-        return int(config["num_layers"]) + int(config["num_single_layers"])
+    layer_keys = ("num_layers", "num_single_layers")  # dual- and single-stream blocks
 
     @classmethod
     def config_with_layers(cls, config, num_layers):
         """`num_layers` dual- and single-stream blocks, one token-refiner block."""
-        c = dict(config)
-        c.update(num_layers=num_layers, num_single_layers=num_layers)
-        c["num_refiner_layers"] = 1
-        return c
+        return {**super().config_with_layers(config, num_layers), "num_refiner_layers": 1}
 
     @classmethod
     def tiny_inputs(cls, checkpoint, model, grid, *, batch, text_len, rnd):
