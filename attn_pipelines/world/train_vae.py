@@ -4,19 +4,22 @@
     python -m attn_pipelines.world.train_vae --init old/vae --out runs/world/vae --decoder-steps 400
     python -m attn_pipelines.world.train_vae --out /tmp/vae --steps 5 --smoke
 
-Clips are `data.video_sample(seed, i)` drawn afresh every step (never repeated). Loss: L1 + MSE on
-pixels in [-1, 1], each pixel weighted 1 + `--fg-weight` where the clip shows a shape (the shape is
-a few percent of the frame, and its colour is what the attribute classifier reads), on the
-posterior mean (`--latent mode`, the noise-free latent the transformer is trained on) or on a
-posterior sample plus a small KL term (`--latent sample`). A VAE trained on samples can leave
-channels whose posterior noise swamps their signal (the decoder then learns to ignore them): the
-first `--decoder-steps` steps train the decoder alone on the noise-free latent, so it learns to
-read every channel, then the whole VAE trains. After training, the per-channel mean and std of the
-posterior means over 512 clips become `latents_mean` / `latents_std` in the config, which
-`WanPipeline` uses to un-normalise the transformer's latents, and `vae_report` measures each
-channel's signal-to-noise, what the decoder loses without it, and the attribute classifier's
-colour / shape accuracy on reconstructed held-out clips. Writes `vae/` (diffusers
-`save_pretrained`), `train_config.json` and `metrics.json` to `--out`.
+Clips are `data.video_sample(seed, i)` drawn afresh every step (never repeated). Loss: L1 + MSE on pixels in
+[-1, 1], each pixel weighted 1 + `--fg-weight` where the clip shows a shape (the shape is a few percent of the
+frame, and its colour is what the attribute classifier reads), on the posterior mean (`--latent mode`, the
+noise-free latent the transformer is trained on), on a posterior sample plus a small KL term (`--latent
+sample`), or on the posterior mean plus Gaussian noise of `--latent-noise` times each channel's spread over
+the batch (`--latent noisy`). A VAE trained on samples can leave channels whose posterior noise swamps their
+signal (the decoder then learns to ignore them, and a noise-free retrain keeps ignoring them). `noisy` gives
+every channel the same signal-to-noise (1 / `--latent-noise`, whatever the encoder's scale), so a channel the
+decoder does not read is capacity thrown away and the encoder moves content into it; the saved posterior's std
+is then set to that noise (`noisy_posterior`), so a sampled latent is what the decoder was trained on and the
+reported signal-to-noise is the one it was trained at. The first `--decoder-steps` steps train the decoder
+alone, then the whole VAE trains. After training, the per-channel mean and std of the posterior means over 512
+clips become `latents_mean` / `latents_std` in the config, which `WanPipeline` uses to un-normalise the
+transformer's latents, and `vae_report` measures each channel's signal-to-noise, what the decoder loses
+without it, and the attribute classifier's colour / shape accuracy on reconstructed held-out clips. Writes
+`vae/` (diffusers `save_pretrained`), `train_config.json` and `metrics.json` to `--out`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from .data import BACKGROUND, video_sample
 from .models import VAE_CONFIG, VIDEO, build_vae, world_dir
 from .score import AttributeScorer
 
-__all__ = ["clips", "foreground_weight", "main", "psnr", "vae_report"]
+__all__ = ["channel_noise", "clips", "foreground_weight", "main", "noisy_posterior", "psnr", "vae_report"]
 
 
 def clips(seed: int, start: int, n: int, frames: int = VIDEO["frames"], size: int = VIDEO["size"],
@@ -52,6 +55,28 @@ def foreground_weight(x: torch.Tensor, weight: float, threshold: float = 0.05) -
     fg = ((x + 1) / 2 - bg).norm(dim=1, keepdim=True) > threshold
     w = 1 + weight * fg.to(x.dtype)
     return w / w.mean()
+
+
+def channel_noise(mu: torch.Tensor, scale: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`mu` [n, z, f, h, w] plus Gaussian noise of `scale` times each channel's std over the batch and positions.
+
+    The std is not detached: scaling a channel up scales its noise with it, so every channel is read at the same
+    signal-to-noise 1 / `scale` and the encoder cannot buy a clean channel by making it large."""
+    spread = mu.std(dim=(0, 2, 3, 4), keepdim=True)
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype).to(mu.device)
+    return mu + scale * spread * eps
+
+
+@torch.no_grad()
+def noisy_posterior(vae: Any, latents_std: list[float], scale: float) -> None:
+    """Make `vae`'s posterior std the noise `--latent noisy` trained it with: `scale` x the channel's latent std,
+    whatever the input (the log-variance half of `quant_conv` becomes a constant). `latent_dist.sample()` then
+    draws what the decoder learned to read, and `vae_report`'s signal-to-noise is the trained one."""
+    z = len(latents_std)
+    conv = vae.quant_conv
+    conv.weight[z:].zero_()
+    logvar = 2 * torch.log(scale * torch.tensor(latents_std, dtype=conv.bias.dtype))
+    conv.bias[z:] = logvar
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -115,9 +140,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-steps", type=int, default=0, help="first steps train the decoder alone")
     p.add_argument(
         "--latent",
-        choices=("mode", "sample"),
+        choices=("mode", "sample", "noisy"),
         default="mode",
-        help="decode the posterior mean (noise-free, as the transformer sees it) or a sample (+ KL)",
+        help="decode the posterior mean (noise-free, as the transformer sees it), a sample (+ KL), or the mean "
+        "plus --latent-noise x each channel's spread (every channel at the same signal-to-noise)",
+    )
+    p.add_argument(
+        "--latent-noise", type=float, default=0.25, help="noise / spread of each channel with --latent noisy, in (0, 1]"
     )
     p.add_argument("--fg-weight", type=float, default=4.0, help="extra loss weight on the shapes' pixels")
     p.add_argument("--batch-size", type=int, default=4)
@@ -138,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
 
     a = parser().parse_args(argv)
+    if not 0 < a.latent_noise <= 1:
+        raise SystemExit(f"--latent-noise must be in (0, 1], got {a.latent_noise}")
     threads = setup_threads(a.threads)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     set_seed(a.seed)
@@ -175,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         x = clips(a.seed, step * a.batch_size, a.batch_size).to(accelerator.device)
         with torch.set_grad_enabled(not decoder_only):
             post = vae.encode(x).latent_dist
-        rec = vae.decode(post.mode() if a.latent == "mode" else post.sample()).sample
+        if a.latent == "noisy":
+            z = channel_noise(post.mode(), a.latent_noise)
+        else:
+            z = post.mode() if a.latent == "mode" else post.sample()
+        rec = vae.decode(z).sample
         w = foreground_weight(x, a.fg_weight)
         l1 = ((rec - x).abs() * w).mean()
         mse = ((rec - x).pow(2) * w).mean()
@@ -209,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         held_psnr = psnr(rec.clamp(-1, 1), held)
     seconds = round(timer.elapsed, 1)
     vae.register_to_config(latents_mean=mean, latents_std=std)
+    if a.latent == "noisy":
+        noisy_posterior(vae, std, a.latent_noise)
     vae.save_pretrained(out / "vae", safe_serialization=True)
     cfg = {"args": vars(a), "vae_config": VAE_CONFIG, "video": VIDEO, "threads": threads, **environment()}
     write_json(out / "train_config.json", cfg)

@@ -136,3 +136,47 @@ def test_run_records_resume_a_state_file_written_before_them(tmp_path):
     rec.write(8, {"args": {}})
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["steps"] == 8 and [e["step"] for e in m["evals"]] == [5, 7, 8] and m["eval_prompts"] == ["a red circle"]
+
+
+def test_channel_noise_reads_every_channel_at_one_signal_to_noise():
+    """`--latent noisy`: the noise follows each channel's spread, so scaling a channel up buys it no clean signal,
+    and the gradient reaches the spread (it is not detached)."""
+    from attn_pipelines.world.train_vae import channel_noise
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(4, 4, 5, 16, 16, generator=g) * torch.tensor([3.0, 1.0, 0.1, 0.01]).view(1, 4, 1, 1, 1)
+    noise = channel_noise(mu, 0.25, generator=torch.Generator().manual_seed(1)) - mu
+    ratio = noise.std(dim=(0, 2, 3, 4)) / mu.std(dim=(0, 2, 3, 4))
+    torch.testing.assert_close(ratio, torch.full((4,), 0.25), atol=0.01, rtol=0)
+    mu.requires_grad_(True)
+    channel_noise(mu, 0.25).pow(2).sum().backward()
+    assert not torch.allclose(mu.grad, 2 * mu.detach())  # d/dmu includes the spread's term
+
+
+def test_noisy_posterior_samples_what_the_decoder_was_trained_on():
+    from attn_pipelines.world.train_vae import noisy_posterior
+
+    vae = models.build_vae().eval()
+    std = [2.0, 1.0, 0.5, 0.25]
+    noisy_posterior(vae, std, 0.25)
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.rand(1, 3, 9, 32, 32, generator=g) * 2 - 1, -torch.ones(2, 3, 9, 32, 32)):
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+        want = (0.25 * torch.tensor(std)).view(1, 4, 1, 1, 1).expand_as(post.std)
+        torch.testing.assert_close(post.std, want, rtol=1e-5, atol=0)
+
+
+def test_train_vae_noisy_smoke_and_bad_noise(tmp_path):
+    import json as _json
+
+    from attn_pipelines.world import train_vae
+
+    with pytest.raises(SystemExit, match=r"--latent-noise must be in \(0, 1\], got 0.0"):
+        train_vae.main(["--out", str(tmp_path / "bad"), "--latent", "noisy", "--latent-noise", "0", "--smoke"])
+    assert not (tmp_path / "bad").exists()
+    argv = ["--out", str(tmp_path / "vae"), "--steps", "2", "--batch-size", "1", "--smoke", "--latent", "noisy"]
+    assert train_vae.main(argv) == 0
+    m = _json.loads((tmp_path / "vae" / "metrics.json").read_text())
+    # the saved posterior's std is the trained noise: 0.25 x the latent std, so every channel's SNR is near 4
+    assert all(2.5 < v < 6 for v in m["report"]["snr"]), m["report"]["snr"]
