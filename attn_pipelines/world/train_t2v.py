@@ -47,7 +47,7 @@ from .models import (
 )
 from .score import AttributeScorer
 
-__all__ = ["encode_captions", "latent_dataset", "main"]
+__all__ = ["encode_captions", "latent_cache", "latent_dataset", "main"]
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
 
@@ -158,6 +158,12 @@ def latent_dataset(vae: Any, seed: int, n: int, two_object_prob: float, batch: i
     return torch.cat(lat), caps
 
 
+def latent_cache(out: str | Path, seed: int, clips: int, two_object_prob: float) -> Path:
+    """Where a run in `out` keeps its encoded clips (a run finding the file there skips the encoding; sweeps share
+    one file, linked into each run's folder)."""
+    return Path(out) / f"latents_{seed}_{clips}_{two_object_prob}.pt"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m attn_pipelines.world.train_t2v", description=__doc__.split("\n\n")[0])
     p.add_argument("--vae", required=True, help="trained VAE folder (train_vae's out/vae)")
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer()
 
     vae = AutoencoderKLWan.from_pretrained(a.vae).eval()
-    cache = out / f"latents_{a.seed}_{a.clips}_{a.two_object_prob}.pt"
+    cache = latent_cache(out, a.seed, a.clips, a.two_object_prob)
     if cache.is_file():
         data = torch.load(cache)
     else:
