@@ -200,13 +200,15 @@ class RunRecords:
         return self.before + self.timer.elapsed
 
     def load(self) -> dict[str, Any] | None:
-        """The saved state (None when there is none): restores step, history, curve, best, seconds and the RNG;
-        the caller loads its modules from the returned dict."""
+        """The saved state (None when there is none): restores step, history, curve, best, seconds, the running
+        loss and the RNG; the caller loads its modules from the returned dict."""
         if not self.state_file.is_file():
             return None
         st = torch.load(self.state_file, weights_only=False)
         self.step, self.history, self.before = st["step"], st["history"], st.get("seconds", 0.0)
         self.evals, self.best = st.get("evals", []), st.get("best", {})
+        # the running loss goes on from its last logged value (a resume with no step left keeps the final one)
+        self.run_loss = self.history[-1].get("loss_avg") if self.history else None
         torch.set_rng_state(st["rng"])
         return st
 

@@ -2,6 +2,7 @@
 
     python -m attn_pipelines.world.publish --vae-run runs/world/vae --t2v-run runs/world/t2v
     python -m attn_pipelines.world.publish --samples-only          # re-render assets/world/samples/
+    python -m attn_pipelines.world.publish --vae-run ... --t2v-run ... --dest assets/world/t2v_next   # a candidate
 
 The pipeline folder the training run chose by accuracy (`best/`: the EMA weights with the best
 colour+shape and direction accuracy on the fixed training-time prompts; `--which final` ships the
@@ -233,6 +234,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=("best", "final"), default="best", help="the run's best/ or last pipeline")
     p.add_argument("--accuracy", type=Path, default=None, help="accuracy JSON of this model for the card")
     p.add_argument("--note", default="", help="a paragraph for the model card (how this pipeline was put together)")
+    p.add_argument(
+        "--dest",
+        type=Path,
+        default=None,
+        help="publish here instead of the shipped folder (a candidate that is not the CLI's default yet: no samples)",
+    )
     p.add_argument("--samples-only", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     return p
@@ -241,8 +248,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     setup_threads(a.threads)
+    if a.dest is not None and a.samples_only:
+        raise SystemExit("--dest publishes a candidate without samples: it cannot go with --samples-only")
     if not a.samples_only:
-        print(f"published {publish(a.vae_run, a.t2v_run, world_dir() / T2V_DIR, a.which, a.accuracy, a.note)}")
+        dest = a.dest or world_dir() / T2V_DIR
+        print(f"published {publish(a.vae_run, a.t2v_run, dest, a.which, a.accuracy, a.note)}")
+        if a.dest is not None:
+            return 0  # the samples show the shipped model, which this is not (yet)
     for f in render_samples(world_dir() / "samples"):
         print(f"wrote {f}")
     return 0

@@ -341,7 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     scorer = None
     if a.eval_every and a.eval_prompts:
         scorer = AttributeScorer(a.classifier or world_dir() / "classifier")
-    rec.run_loss = rec.history[-1]["loss_avg"] if rec.history else None
     config = {"args": vars(a), "vae_config": T2I_VAE_CONFIG, "transformer_config": T2I_TRANSFORMER_CONFIG,
               "text_encoder_config": T2I_TEXT_ENCODER_CONFIG, "scheduler_config": T2I_SCHEDULER_CONFIG,
               "threads": threads, **environment()}  # fmt: skip

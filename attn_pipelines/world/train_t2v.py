@@ -345,7 +345,6 @@ def main(argv: list[str] | None = None) -> int:
         rec.write(step, config)
 
     done = start  # steps completed
-    rec.run_loss = None
     for step in range(start, a.steps):
         idx = torch.randint(len(captions), (a.batch_size,), generator=gen)
         x0 = latents[idx].to(dev)

@@ -48,20 +48,34 @@ def test_pad_weighted_cross_attention_equals_diffusers_on_512_positions():
     assert diff < 1e-5
 
 
-def test_train_scripts_smoke_to_a_loadable_pipeline(tmp_path):
-    from diffusers import DiffusionPipeline
+def _t2v_argv(root):
+    return ["--vae", str(root / "vae" / "vae"), "--out", str(root / "t2v"), "--steps", "2", "--clips", "4",
+            "--batch-size", "2", "--eval-every", "0"]  # fmt: skip
 
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """A VAE and a text-to-video run of 2 steps each (train_vae, then train_t2v on its latents)."""
     from attn_pipelines.world import train_t2v, train_vae
 
-    assert train_vae.main(["--out", str(tmp_path / "vae"), "--steps", "2", "--batch-size", "1", "--smoke"]) == 0
-    argv = ["--vae", str(tmp_path / "vae" / "vae"), "--out", str(tmp_path / "t2v"), "--steps", "2", "--clips", "4",
-            "--batch-size", "2", "--eval-every", "0"]  # fmt: skip
-    assert train_t2v.main(argv) == 0
+    root = tmp_path_factory.mktemp("smoke_run")
+    assert train_vae.main(["--out", str(root / "vae"), "--steps", "2", "--batch-size", "1", "--smoke"]) == 0
+    assert train_t2v.main(_t2v_argv(root)) == 0
+    return root
+
+
+def test_train_scripts_smoke_to_a_loadable_pipeline(smoke_run):
+    from diffusers import DiffusionPipeline
+
+    from attn_pipelines.world import train_t2v
+
+    tmp_path, argv = smoke_run, _t2v_argv(smoke_run)
     pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "t2v" / "pipeline"))
     assert type(pipe).__name__ == "WanPipeline" and pipe.vae_scale_factor_spatial == 2
     assert json.loads((tmp_path / "t2v" / "metrics.json").read_text())["steps"] == 2
     assert train_t2v.main(argv) == 0  # resumes from state.pt: nothing left to do
-    assert json.loads((tmp_path / "t2v" / "metrics.json").read_text())["steps"] == 2
+    m = json.loads((tmp_path / "t2v" / "metrics.json").read_text())
+    assert m["steps"] == 2 and m["loss_avg_last"] is not None  # the final loss survives the empty resume
 
 
 @pytest.mark.slow
@@ -180,3 +194,23 @@ def test_train_vae_noisy_smoke_and_bad_noise(tmp_path):
     m = _json.loads((tmp_path / "vae" / "metrics.json").read_text())
     # the saved posterior's std is the trained noise: 0.25 x the latent std, so every channel's SNR is near 4
     assert all(2.5 < v < 6 for v in m["report"]["snr"]), m["report"]["snr"]
+
+
+def test_publish_a_candidate_elsewhere_leaves_the_shipped_model_and_samples(smoke_run, tmp_path, monkeypatch):
+    """`publish --dest`: the pipeline, its training records and card go to the candidate folder; the shipped
+    folder and the samples (which show the shipped model) are not touched."""
+    from diffusers import DiffusionPipeline
+
+    from attn_pipelines.world import publish
+
+    world = tmp_path / "world"  # the shipped folders, as publish sees them
+    monkeypatch.setenv("ATTNPLUG_WORLD_DIR", str(world))
+    dest = tmp_path / "candidate"
+    argv = ["--vae-run", str(smoke_run / "vae"), "--t2v-run", str(smoke_run / "t2v"), "--which", "final"]
+    assert publish.main([*argv, "--dest", str(dest)]) == 0
+    assert type(DiffusionPipeline.from_pretrained(str(dest))).__name__ == "WanPipeline"
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "VAE stage 1" in card and "python -m attn_pipelines.world.train_t2v" in card
+    assert not world.exists()  # neither world/t2v nor world/samples
+    with pytest.raises(SystemExit, match="--dest publishes a candidate without samples"):
+        publish.main([*argv, "--dest", str(dest), "--samples-only"])
