@@ -24,6 +24,7 @@ from attn_pipelines.world.models import load_world_pipeline, world_dir  # noqa: 
 from attn_pipelines.world.score import AttributeScorer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CLI_GUIDANCE = 5.0  # `attnplug generate`'s default
 KEYS = ("attr_acc", "color_acc", "shape_acc", "direction_acc", "moves")
 
 
@@ -73,6 +74,20 @@ def plot(res: dict, path: Path) -> Path:
     return path
 
 
+def best_scale(scales: list[dict], default: float = CLI_GUIDANCE) -> tuple[float, list[float]]:
+    """The scale with the most one-object videos right on colour+shape plus direction, counted in videos (so float
+    rounding cannot split a tie), and every scale tied with it. A tie keeps the CLI's `default` when it is among
+    them: changing the default takes a strict win."""
+
+    def count(r: dict) -> int:
+        one = r["one_object"]
+        return round((one["attr_acc"] + one["direction_acc"]) * one["videos"])
+
+    top = max(count(r) for r in scales)
+    tied = [r["guidance"] for r in scales if count(r) == top]
+    return (default if default in tied else tied[0]), tied
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     setup_threads(a.threads)
@@ -91,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"guidance {g:g}: " + ", ".join(f"{k} {100 * one.get(k, 0):.0f}%" for k in KEYS)
               + (f", two-object moves {100 * r['two_object']['moves_acc']:.0f}%" if "two_object" in r else "")
               + f" ({r['seconds']:.0f} s)", flush=True)  # fmt: skip
-        best = max(res["scales"], key=lambda x: x["one_object"]["attr_acc"] + x["one_object"]["direction_acc"])
-        res["best_guidance"] = best["guidance"]  # by colour+shape + direction over the one-object prompts
+        res["best_guidance"], res["tied_best"] = best_scale(res["scales"])
         a.out.mkdir(parents=True, exist_ok=True)
         write_json(a.out / "world_t2v_guidance.json", res)  # partial results after every scale
     plot(res, a.out / "world_t2v_guidance.png")

@@ -31,3 +31,20 @@ def test_bad_settings_are_refused_by_name(argv, needle, capsys):
 def test_defaults_are_the_cli_scale_and_its_neighbours():
     a = sweep.parse_args([])
     assert a.scales == (1.0, 3.0, 5.0, 8.0) and a.prompts == 72 and a.steps == 20 and a.seeds == (0,)
+
+
+def _scale(g, attr, direction, videos=72):
+    return {
+        "guidance": g,
+        "one_object": {"attr_acc": attr / videos, "direction_acc": direction / videos, "videos": videos},
+    }
+
+
+def test_best_scale_counts_videos_and_a_tie_keeps_the_cli_default():
+    # 64 + 61 and 65 + 60 videos: a tie, whatever the float sums say; the default (5) stays
+    tied = [_scale(1.0, 54, 59), _scale(3.0, 64, 61), _scale(5.0, 65, 60), _scale(8.0, 55, 59)]
+    assert sweep.best_scale(tied) == (5.0, [3.0, 5.0])
+    # a strict win changes it
+    assert sweep.best_scale([_scale(3.0, 64, 62), _scale(5.0, 65, 60)]) == (3.0, [3.0])
+    # without the default among the tied, the first tied scale
+    assert sweep.best_scale([_scale(2.0, 60, 60), _scale(4.0, 60, 60)]) == (2.0, [2.0, 4.0])
