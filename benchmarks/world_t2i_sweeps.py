@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -89,18 +88,11 @@ def prepare(work: Path, run: str, vae: Path, latents: Path | None) -> None:
 
 
 def train(a: argparse.Namespace) -> None:
-    for run in a.runs or list(RUNS):
-        if run not in RUNS:
-            raise SystemExit(f"unknown run {run!r}; known: {', '.join(RUNS)}")
-        m = a.work / run / "metrics.json"
-        if m.is_file() and json.loads(m.read_text())["steps"] >= settings(run)["steps"]:
-            print(f"{run}: done", flush=True)
-            continue
-        prepare(a.work, run, a.vae, a.latents)
-        cmd = command(a.work, run)
-        print(" ".join(cmd[1:]), flush=True)
-        with open(a.work / run / "log.txt", "a") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    sys.path.insert(0, str(ROOT))
+    from attn_pipelines.world.common import run_sweep
+
+    run_sweep(a.work, a.runs, RUNS, lambda run: settings(run)["steps"],
+              lambda run: prepare(a.work, run, a.vae, a.latents), lambda run: command(a.work, run), ROOT)  # fmt: skip
 
 
 def _load() -> dict[str, Any]:

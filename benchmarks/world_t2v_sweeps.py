@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,39 +67,29 @@ def command(work: Path, run: str, vae: Path, init: Path) -> list[str]:
 def shared_latents(work: Path, vae: Path) -> Path:
     """The 5,000 clips encoded once by `vae` (what train_t2v would encode in each run's folder)."""
     sys.path.insert(0, str(ROOT))
-    import torch
-    from diffusers import AutoencoderKLWan
-
     from attn_pipelines.world.common import setup_threads
-    from attn_pipelines.world.train_t2v import latent_cache, latent_dataset
+    from attn_pipelines.world.train_t2v import cached_latents, latent_cache
 
     path = latent_cache(work, SEED, CLIPS, TWO_OBJECT_PROB)
     if not path.is_file():
         setup_threads(1)
-        work.mkdir(parents=True, exist_ok=True)
-        lat, caps = latent_dataset(AutoencoderKLWan.from_pretrained(vae).eval(), SEED, CLIPS, TWO_OBJECT_PROB)
-        torch.save({"latents": lat, "captions": caps, "vae": str(vae)}, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        cached_latents(path, vae, SEED, CLIPS, TWO_OBJECT_PROB)
     return path
 
 
 def train(a: argparse.Namespace) -> None:
-    for run in a.runs or list(RUNS):
-        if run not in RUNS:
-            raise SystemExit(f"unknown run {run!r}; known: {', '.join(RUNS)}")
-        m = a.work / run / "metrics.json"
-        if m.is_file() and json.loads(m.read_text())["steps"] >= settings(run)["steps"]:
-            print(f"{run}: done", flush=True)
-            continue
+    sys.path.insert(0, str(ROOT))
+    from attn_pipelines.world.common import run_sweep
+
+    def prepare(run: str) -> None:  # the shared encoded clips, linked into the run's folder
         latents = shared_latents(a.work, a.vae)
         link = a.work / run / latents.name
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to(latents.resolve())
-        cmd = command(a.work, run, a.vae, a.init)
-        print(" ".join(cmd[1:]), flush=True)
-        with open(a.work / run / "log.txt", "a") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    run_sweep(a.work, a.runs, RUNS, lambda run: settings(run)["steps"], prepare,
+              lambda run: command(a.work, run, a.vae, a.init), ROOT)  # fmt: skip
 
 
 def collect(a: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from vision_attn.finetune import cosine_schedule as finetune_cosine_schedule
 
 __all__ = [
     "setup_threads", "cosine_lr", "cosine_schedule", "environment", "git_commit", "write_json", "model_card", "Timer",
-    "ModuleEMA", "atomic_save", "RunRecords",
+    "ModuleEMA", "atomic_save", "run_sweep", "RunRecords",
 ]  # fmt: skip
 
 
@@ -174,6 +174,28 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     torch.save(obj, tmp)
     tmp.replace(path)
     return path
+
+
+def run_sweep(work: Path, runs: list[str], known: Iterable[str], steps: Callable[[str], int],
+              prepare: Callable[[str], None], command: Callable[[str], list[str]], cwd: Path) -> None:  # fmt: skip
+    """Train the named sweep runs (all `known` ones when none is named) one after another, each in `work/<run>`:
+    an unknown name is refused before anything runs; a run whose metrics.json reached `steps(run)` is only read;
+    otherwise `prepare(run)`, then `command(run)` with its output appended to `work/<run>/log.txt` (the trainers
+    resume from their state.pt)."""
+    known = list(known)
+    for run in runs:
+        if run not in known:
+            raise SystemExit(f"unknown run {run!r}; known: {', '.join(known)}")
+    for run in runs or known:
+        m = work / run / "metrics.json"
+        if m.is_file() and json.loads(m.read_text())["steps"] >= steps(run):
+            print(f"{run}: done", flush=True)
+            continue
+        prepare(run)
+        cmd = command(run)
+        print(" ".join(cmd[1:]), flush=True)
+        with open(work / run / "log.txt", "a") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
 
 
 class RunRecords:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .accuracy import TRAIN_EVAL_PROMPTS, accuracy, selection_score
-from .common import ModuleEMA, RunRecords, Timer, cosine_schedule, environment, setup_threads
+from .common import ModuleEMA, RunRecords, Timer, atomic_save, cosine_schedule, environment, setup_threads
 from .data import video_sample
 from .models import (
     SCHEDULER_CONFIG,
@@ -47,7 +47,7 @@ from .models import (
 )
 from .score import AttributeScorer
 
-__all__ = ["encode_captions", "latent_cache", "latent_dataset", "main"]
+__all__ = ["cached_latents", "encode_captions", "latent_cache", "latent_dataset", "main"]
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
 
@@ -164,6 +164,22 @@ def latent_cache(out: str | Path, seed: int, clips: int, two_object_prob: float)
     return Path(out) / f"latents_{seed}_{clips}_{two_object_prob}.pt"
 
 
+def cached_latents(cache: Path, vae: Any, seed: int, clips: int, two_object_prob: float) -> dict[str, Any]:
+    """{"latents", "captions"} of `latent_dataset` from `cache`, or encoded by `vae` (a model, or a VAE folder loaded
+    only when there is something to encode) and saved there atomically, so an interrupted encoding leaves no file."""
+    if cache.is_file():
+        return torch.load(cache)
+    if isinstance(vae, (str, Path)):
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan.from_pretrained(vae).eval()
+    lat, caps = latent_dataset(vae, seed, clips, two_object_prob)
+    data = {"latents": lat, "captions": caps}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(data, cache)
+    return data
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m attn_pipelines.world.train_t2v", description=__doc__.split("\n\n")[0])
     p.add_argument("--vae", required=True, help="trained VAE folder (train_vae's out/vae)")
@@ -257,13 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer()
 
     vae = AutoencoderKLWan.from_pretrained(a.vae).eval()
-    cache = latent_cache(out, a.seed, a.clips, a.two_object_prob)
-    if cache.is_file():
-        data = torch.load(cache)
-    else:
-        lat, caps = latent_dataset(vae, a.seed, a.clips, a.two_object_prob)
-        data = {"latents": lat, "captions": caps}
-        torch.save(data, cache)
+    data = cached_latents(latent_cache(out, a.seed, a.clips, a.two_object_prob), vae, a.seed, a.clips,
+                          a.two_object_prob)  # fmt: skip
     latents, captions = data["latents"], data["captions"]
     say(f"{len(captions)} clips, latents {tuple(latents.shape)} ({timer.elapsed:.0f} s)")
 

@@ -214,3 +214,39 @@ def test_publish_a_candidate_elsewhere_leaves_the_shipped_model_and_samples(smok
     assert not world.exists()  # neither world/t2v nor world/samples
     with pytest.raises(SystemExit, match="--dest publishes a candidate without samples"):
         publish.main([*argv, "--dest", str(dest), "--samples-only"])
+
+
+def test_cached_latents_encode_once_then_read(tmp_path):
+    """train_t2v and the t2v sweep share one cache: encoded (atomically) on the first call, read on the next
+    without loading the VAE (a folder that does not exist is never opened)."""
+    from attn_pipelines.world.train_t2v import cached_latents, latent_cache
+
+    cache = latent_cache(tmp_path / "run", 0, 2, 0.0)
+    first = cached_latents(cache, models.build_vae().eval(), 0, 2, 0.0)
+    assert cache.is_file() and not cache.with_suffix(".tmp").exists()
+    again = cached_latents(cache, tmp_path / "no_such_vae", 0, 2, 0.0)
+    torch.testing.assert_close(again["latents"], first["latents"])
+    assert again["captions"] == first["captions"] and first["latents"].shape == (2, 4, 5, 16, 16)
+
+
+def test_run_sweep_runs_what_is_unfinished_and_reads_what_is_done(tmp_path):
+    import sys
+
+    from attn_pipelines.world.common import run_sweep
+
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "metrics.json").write_text(json.dumps({"steps": 10}))
+    prepared = []
+
+    def prepare(run):
+        prepared.append(run)
+        (tmp_path / run).mkdir(exist_ok=True)
+
+    def command(run):
+        return [sys.executable, "-c", f"print('trained {run}')"]
+
+    run_sweep(tmp_path, [], ["done", "todo"], lambda run: 10, prepare, command, tmp_path)
+    assert prepared == ["todo"] and (tmp_path / "todo" / "log.txt").read_text() == "trained todo\n"
+    with pytest.raises(SystemExit, match="unknown run 'nope'; known: done, todo"):
+        run_sweep(tmp_path, ["todo", "nope"], ["done", "todo"], lambda run: 10, prepare, command, tmp_path)
+    assert prepared == ["todo"]  # refused before anything ran
